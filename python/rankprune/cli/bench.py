@@ -1,0 +1,264 @@
+"""`rankprune bench`: latency of a whole model or of a single layer, dense against compressed variants.
+
+``rankprune bench model`` times a built-in network dense, channel-pruned and low-rank decomposed (or with a
+saved plan applied); ``rankprune bench layer`` times one convolution dense, with fewer channels, and as a
+low-rank pair of convolutions (unfused: two ``F.conv2d`` calls; fused: rankprune's fused op when the build
+has it). Timing uses ``rankprune.benchmark.measure``: warm-up, many repeats, median and p10-p90 spread; CUDA
+events (optionally CUDA graphs) on GPU, ``torch.utils.benchmark`` on CPU. Prints a table with speed-ups
+against the dense variant and writes ``<out>/<name>-<device>-<stamp>.{json,md,png}``.
+"""
+import json
+import os
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from . import UsageError
+from .common import add_common_options, check_output_dir, check_ratio, resolve_device, resolve_dtype, seed_everything
+
+OUT_DEFAULT = "rankprune-bench"
+MODEL_VARIANTS = ("dense", "pruned", "decomposed")
+LAYER_VARIANTS = ("dense", "pruned", "lowrank", "lowrank-fused")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="latency of a model or a layer: dense vs pruned vs decomposed",
+                       description="Latency of a model or a single layer, dense against compressed variants "
+                                   "(median and p10-p90 of many timed runs after warm-up).")
+    kinds = p.add_subparsers(dest="target", metavar="TARGET", required=True)
+
+    m = kinds.add_parser("model", help="time a built-in network dense, pruned and decomposed (or with a plan)",
+                         description="Time a built-in network: dense, channel-pruned (--ratio) and low-rank "
+                                     "decomposed (--rank-ratio), or dense against a saved plan (--plan).")
+    m.add_argument("--model", default="resnet20", help="built-in model name (see rankprune.models; default resnet20)")
+    m.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
+    m.add_argument("--input-size", type=int, default=32, help="input height = width in pixels (default 32)")
+    m.add_argument("--variants", default=",".join(MODEL_VARIANTS),
+                   help=f"comma-separated subset of {','.join(MODEL_VARIANTS)} (default: all)")
+    m.add_argument("--ratio", type=float, default=0.5,
+                   help="pruned variant: fraction of channels removed per pruned layer, in (0, 1) (default 0.5)")
+    m.add_argument("--rank-ratio", type=float, default=0.25,
+                   help="decomposed variant: rank as a fraction of each layer's full rank, in (0, 1] (default 0.25)")
+    m.add_argument("--plan", help="a plan JSON (from rankprune prune/decompose/trp --out or the demo) to time "
+                                  "against the dense model instead of the pruned/decomposed variants")
+    _add_timing_options(m)
+    m.set_defaults(run=run_model)
+
+    lay = kinds.add_parser("layer", help="time one convolution dense, pruned, low-rank unfused and fused",
+                           description="Time one k x k convolution (stride 1, 'same' padding): dense, with "
+                                       "both channel counts reduced by --ratio, and as a rank --rank low-rank "
+                                       "pair, unfused (two convolutions) and fused (rankprune's op).")
+    lay.add_argument("--in-channels", type=int, default=64, help="input channels (default 64)")
+    lay.add_argument("--out-channels", type=int, default=64, help="output channels (default 64)")
+    lay.add_argument("--kernel-size", type=int, default=3, help="kernel height = width (default 3)")
+    lay.add_argument("--input-size", type=int, default=32, help="input height = width (default 32)")
+    lay.add_argument("--rank", type=int, default=16, help="rank of the low-rank variants (default 16)")
+    lay.add_argument("--scheme", default="channel", choices=("channel", "spatial"),
+                     help="low-rank scheme (see rankprune.nn.LowRankConv2d; default channel)")
+    lay.add_argument("--ratio", type=float, default=0.5,
+                     help="pruned variant: fraction of input and output channels removed, in (0, 1) (default 0.5)")
+    lay.add_argument("--variants", default=",".join(LAYER_VARIANTS),
+                     help=f"comma-separated subset of {','.join(LAYER_VARIANTS)} (default: all)")
+    _add_timing_options(lay)
+    lay.set_defaults(run=run_layer)
+
+
+def _add_timing_options(p) -> None:
+    p.add_argument("--batch-size", type=int, default=1, help="images per call (default 1)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing (default 10)")
+    p.add_argument("--repeats", type=int, default=100, help="timed calls, at least (default 100)")
+    p.add_argument("--cuda-graph", action="store_true", help="on CUDA, capture each call into a CUDA graph and replay it")
+    p.add_argument("--name", help="results name: files are <out>/<name>-<device>-<stamp>.* (default bench-model or "
+                                  "bench-layer)")
+    add_common_options(p, OUT_DEFAULT, f"folder for the JSON, Markdown and PNG results (default ./{OUT_DEFAULT})")
+
+
+def _parse_variants(text: str, allowed: Tuple[str, ...]) -> List[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in allowed]
+    if unknown or not names:
+        raise UsageError(f"--variants: unknown variant(s) {unknown or text!r}; choose from {','.join(allowed)}")
+    return names
+
+
+def _check_timing(args) -> Tuple[torch.device, torch.dtype]:
+    for name in ("batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError("--cuda-graph needs a CUDA device (--device cuda)")
+    seed_everything(args.seed)
+    return device, dtype
+
+
+def run_model(args) -> int:
+    """Build the model and its variants, time each, print and write the results."""
+    from rankprune import models, report
+
+    device, dtype = _check_timing(args)
+    variants = _parse_variants(args.variants, MODEL_VARIANTS)
+    check_ratio("--ratio", args.ratio)
+    check_ratio("--rank-ratio", args.rank_ratio, inclusive_high=True)
+    if args.plan is not None and not os.path.isfile(args.plan):
+        raise FileNotFoundError(f"--plan {args.plan}: no such file")
+    if args.input_size < 8:
+        raise UsageError(f"--input-size must be >= 8, got {args.input_size}")
+
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
+    dense = models.build(args.model, num_classes=args.num_classes).eval()
+    built: Dict[str, Callable[[], nn.Module]] = {"dense": lambda: dense}
+    if args.plan is not None:
+        built["plan"] = lambda: _model_from_plan(args.model, args.num_classes, args.plan)
+    else:
+        if "pruned" in variants:
+            built["pruned"] = lambda: _pruned(dense, x, args.ratio)
+        if "decomposed" in variants:
+            built["decomposed"] = lambda: _decomposed(dense, x, args.rank_ratio)
+        built = {k: v for k, v in built.items() if k in variants or k == "dense"}
+    rows = []
+    from tqdm.auto import tqdm
+
+    for name, make in tqdm(list(built.items()), desc="bench model", unit="variant"):
+        net = make().eval()
+        stats = report.model_stats(net, (x,))
+        net = net.to(device=device, dtype=dtype)
+        rows.append(_timed_row(name, net, x.to(device=device, dtype=dtype), stats, device, args))
+    config = {"model": args.model, "batch_size": args.batch_size, "input_size": args.input_size,
+              "ratio": args.ratio, "rank_ratio": args.rank_ratio, "plan": args.plan}
+    return _finish(args.name or "bench-model", f"{args.model}, batch {args.batch_size}", rows, config, device, args)
+
+
+def _pruned(dense: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
+    import copy
+
+    import rankprune
+
+    # Latency depends on the shapes only, so the cheapest criterion (weight magnitude) stands in for any.
+    net, _ = rankprune.prune(copy.deepcopy(dense), (x,), "l1", ratio=ratio)
+    return net
+
+
+def _decomposed(dense: nn.Module, x: torch.Tensor, rank_ratio: float) -> nn.Module:
+    import rankprune
+
+    net, _, _ = rankprune.decompose(dense, rank_ratio=rank_ratio, example_inputs=(x,), inplace=False)
+    return net
+
+
+def _model_from_plan(name: str, num_classes: int, path: str) -> nn.Module:
+    import rankprune
+    from rankprune import models
+
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--plan {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(plan, dict) or "method" not in plan:
+        raise UsageError(f"--plan {path}: not a rankprune plan (no 'method' key)")
+    return rankprune.apply_plan(models.build(name, num_classes=num_classes), plan)
+
+
+def run_layer(args) -> int:
+    """Build the layer variants, time each, print and write the results."""
+    from rankprune import nn as rnn
+    from rankprune import report
+
+    device, dtype = _check_timing(args)
+    variants = _parse_variants(args.variants, LAYER_VARIANTS)
+    for name in ("in_channels", "out_channels", "kernel_size", "input_size", "rank"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_ratio("--ratio", args.ratio)
+    c_in, c_out, k = args.in_channels, args.out_channels, args.kernel_size
+    full_rank = min(c_out, c_in * k) if args.scheme == "spatial" else min(c_out, c_in * k * k)
+    if args.rank > full_rank:
+        raise UsageError(f"--rank {args.rank} exceeds the full rank {full_rank} of this layer")
+    pad = k // 2
+    x = torch.randn(args.batch_size, c_in, args.input_size, args.input_size)
+    keep = lambda c: max(1, round(c * (1 - args.ratio)))  # noqa: E731
+    dense = nn.Conv2d(c_in, c_out, k, padding=pad)
+    layers: Dict[str, Tuple[nn.Module, torch.Tensor]] = {"dense": (dense, x)}
+    if "pruned" in variants:
+        layers["pruned"] = (nn.Conv2d(keep(c_in), keep(c_out), k, padding=pad), x[:, : keep(c_in)].contiguous())
+    if "lowrank" in variants or "lowrank-fused" in variants:
+        low = rnn.LowRankConv2d.from_dense(dense, rank=args.rank) if args.scheme == "channel" else \
+            _spatial_from_dense(rnn, dense, args.rank)
+        if "lowrank" in variants:
+            layers["lowrank"] = (_with_fused(low, False), x)
+        if "lowrank-fused" in variants:
+            fused = _with_fused(_copy(low), True)
+            if fused is None:
+                print("bench layer: note: this build has no fused low-rank convolution; skipping lowrank-fused")
+            else:
+                layers["lowrank-fused"] = (fused, x)
+    from tqdm.auto import tqdm
+
+    rows = []
+    for name, (layer, inp) in tqdm(list(layers.items()), desc="bench layer", unit="variant"):
+        if layer is None:
+            continue
+        stats = report.model_stats(layer, (inp,))
+        layer = layer.to(device=device, dtype=dtype).eval()
+        rows.append(_timed_row(name, layer, inp.to(device=device, dtype=dtype), stats, device, args))
+    config = {"in_channels": c_in, "out_channels": c_out, "kernel_size": k, "input_size": args.input_size,
+              "batch_size": args.batch_size, "rank": args.rank, "scheme": args.scheme, "ratio": args.ratio}
+    title = f"conv {c_in}->{c_out} k{k} on {args.input_size}x{args.input_size}, batch {args.batch_size}, rank {args.rank}"
+    return _finish(args.name or "bench-layer", title, rows, config, device, args)
+
+
+def _copy(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def _spatial_from_dense(rnn, dense: nn.Conv2d, rank: int) -> nn.Module:
+    return rnn.LowRankConv2d.from_dense(dense, rank=rank, scheme="spatial")
+
+
+def _with_fused(layer: nn.Module, fused: bool):
+    """``layer`` set to run unfused (two convolutions) or fused (one op); ``None`` if fused is unavailable."""
+    if not hasattr(layer, "fused"):
+        return None if fused else layer
+    layer.fused = fused
+    return layer
+
+
+def _timed_row(name: str, net: nn.Module, x: torch.Tensor, stats: Dict[str, object], device: torch.device, args):
+    from rankprune.benchmark import latency
+
+    t = latency(net, (x,), device=device, warmup=args.warmup, repeats=args.repeats, cuda_graph=args.cuda_graph)
+    return {"variant": name, "params": int(stats["params"]), "flops": int(stats["flops"]), **t.as_dict()}
+
+
+def _finish(name: str, title: str, rows: List[Dict[str, object]], config: Dict[str, object], device: torch.device,
+            args) -> int:
+    from rankprune import plots
+    from rankprune.benchmark import environment, markdown_table, write_results
+
+    base = rows[0]
+    for r in rows:
+        r["speedup"] = base["median_ms"] / r["median_ms"]
+        r["flops_ratio"] = r["flops"] / base["flops"] if base["flops"] else None
+    env = environment(device)
+    config.update({"dtype": args.dtype, "warmup": args.warmup, "repeats": args.repeats, "cuda_graph": args.cuda_graph,
+                   "seed": args.seed})
+    headers = ["variant", "params", "MFLOPs", "median ms", "p10 ms", "p90 ms", "speed-up", "FLOPs ratio"]
+    table = markdown_table(headers, [[r["variant"], r["params"], r["flops"] / 1e6, r["median_ms"], r["p10_ms"],
+                                      r["p90_ms"], r["speedup"], r["flops_ratio"]] for r in rows])
+    where = f"{env['device']}, torch {env['torch']}, {args.dtype}, {env['date']}"
+    print(f"{title} on {where}")
+    print(table)
+    out = check_output_dir(args.out)
+    path = write_results(name, {"environment": env, "config": config, "rows": rows}, out)
+    stem = path[: -len(".json")]
+    with open(stem + ".md", "w") as f:
+        f.write(f"# {name}: {title}\n\nMeasured on {where}, commit {env['commit']}.\n\n{table}\n")
+    png = plots.latency_bars(rows, stem + ".png", f"{title}\n{env['device']}")
+    print(f"wrote {path}, {stem}.md" + (f", {png}" if png else " (no plot: matplotlib is not installed)"))
+    return 0
