@@ -73,7 +73,7 @@ def measure(
     else:
         times, calls = _cpu_times(fn, repeats, min_time_s, last_call_s)
     times.sort()
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return Timing(median_ms=statistics.median(times), p10_ms=q[0], p90_ms=q[-1], repeats=calls)
 
 

@@ -9,6 +9,7 @@ against the dense variant and writes ``<out>/<name>-<device>-<stamp>.{json,md,pn
 """
 import json
 import os
+import re
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -83,6 +84,8 @@ def _parse_variants(text: str, allowed: Tuple[str, ...]) -> List[str]:
 
 
 def _check_timing(args) -> Tuple[torch.device, torch.dtype]:
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*", args.name):
+        raise UsageError(f"--name {args.name!r}: use letters, digits, '_', '.' and single '-' between them")
     for name in ("batch_size", "repeats"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -97,22 +100,23 @@ def _check_timing(args) -> Tuple[torch.device, torch.dtype]:
 
 def run_model(args) -> int:
     """Build the model and its variants, time each, print and write the results."""
-    from rankprune import models, report
-
     device, dtype = _check_timing(args)
     variants = _parse_variants(args.variants, MODEL_VARIANTS)
     check_ratio("--ratio", args.ratio)
     check_ratio("--rank-ratio", args.rank_ratio, inclusive_high=True)
-    if args.plan is not None and not os.path.isfile(args.plan):
-        raise FileNotFoundError(f"--plan {args.plan}: no such file")
+    plan = _read_plan(args.plan) if args.plan is not None else None
     if args.input_size < 8:
         raise UsageError(f"--input-size must be >= 8, got {args.input_size}")
+    check_output_dir(args.out)
+    import rankprune
+    from rankprune import models, report
+
 
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
     dense = models.build(args.model, num_classes=args.num_classes).eval()
     built: Dict[str, Callable[[], nn.Module]] = {"dense": lambda: dense}
     if args.plan is not None:
-        built["plan"] = lambda: _model_from_plan(args.model, args.num_classes, args.plan)
+        built["plan"] = lambda: rankprune.apply_plan(models.build(args.model, num_classes=args.num_classes), plan)
     else:
         if "pruned" in variants:
             built["pruned"] = lambda: _pruned(dense, x, args.ratio)
@@ -149,10 +153,9 @@ def _decomposed(dense: nn.Module, x: torch.Tensor, rank_ratio: float) -> nn.Modu
     return net
 
 
-def _model_from_plan(name: str, num_classes: int, path: str) -> nn.Module:
-    import rankprune
-    from rankprune import models
-
+def _read_plan(path: str) -> Dict[str, object]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--plan {path}: no such file")
     try:
         with open(path) as f:
             plan = json.load(f)
@@ -160,14 +163,11 @@ def _model_from_plan(name: str, num_classes: int, path: str) -> nn.Module:
         raise UsageError(f"--plan {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(plan, dict) or "method" not in plan:
         raise UsageError(f"--plan {path}: not a rankprune plan (no 'method' key)")
-    return rankprune.apply_plan(models.build(name, num_classes=num_classes), plan)
+    return plan
 
 
 def run_layer(args) -> int:
     """Build the layer variants, time each, print and write the results."""
-    from rankprune import nn as rnn
-    from rankprune import report
-
     device, dtype = _check_timing(args)
     variants = _parse_variants(args.variants, LAYER_VARIANTS)
     for name in ("in_channels", "out_channels", "kernel_size", "input_size", "rank"):
@@ -178,6 +178,10 @@ def run_layer(args) -> int:
     full_rank = min(c_out, c_in * k) if args.scheme == "spatial" else min(c_out, c_in * k * k)
     if args.rank > full_rank:
         raise UsageError(f"--rank {args.rank} exceeds the full rank {full_rank} of this layer")
+    check_output_dir(args.out)
+    from rankprune import nn as rnn
+    from rankprune import report
+
     pad = k // 2
     x = torch.randn(args.batch_size, c_in, args.input_size, args.input_size)
     keep = lambda c: max(1, round(c * (1 - args.ratio)))  # noqa: E731
@@ -254,8 +258,7 @@ def _finish(name: str, title: str, rows: List[Dict[str, object]], config: Dict[s
     where = f"{env['device']}, torch {env['torch']}, {args.dtype}, {env['date']}"
     print(f"{title} on {where}")
     print(table)
-    out = check_output_dir(args.out)
-    path = write_results(name, {"environment": env, "config": config, "rows": rows}, out)
+    path = write_results(name, {"environment": env, "config": config, "rows": rows}, args.out)
     stem = path[: -len(".json")]
     with open(stem + ".md", "w") as f:
         f.write(f"# {name}: {title}\n\nMeasured on {where}, commit {env['commit']}.\n\n{table}\n")

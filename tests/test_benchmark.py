@@ -1,0 +1,122 @@
+"""rankprune.benchmark (timing, tables, result files) and the scripts benchmarks/summarize.py and run_all.py.
+No timing assertions: only that the numbers are well-formed."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from rankprune import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measure_cpu_counts_calls():
+    calls = []
+    t = benchmark.measure(lambda: calls.append(1), warmup=2, repeats=5)
+    assert t.repeats >= 5 and len(calls) >= 7
+    assert 0 <= t.p10_ms <= t.median_ms <= t.p90_ms
+
+
+def test_measure_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="repeats"):
+        benchmark.measure(lambda: None, repeats=0)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        benchmark.measure(lambda: None, cuda_graph=True)
+
+
+class _TwoInputs(nn.Module):
+    def forward(self, a, b=None):
+        return a + (0 if b is None else b)
+
+
+@pytest.mark.parametrize("inputs", [torch.ones(2), (torch.ones(2), torch.ones(2)), {"a": torch.ones(2)}],
+                         ids=["tensor", "tuple", "dict"])
+def test_latency_accepts_tensor_tuple_dict(inputs):
+    model = _TwoInputs().train()
+    t = benchmark.latency(model, inputs, warmup=1, repeats=3)
+    assert t.median_ms > 0
+    assert model.training  # mode restored
+
+
+def test_latency_rejects_other_inputs():
+    with pytest.raises(TypeError, match="example_inputs"):
+        benchmark.latency(_TwoInputs(), 3.0)
+
+
+@pytest.mark.cuda
+def test_measure_cuda_events_and_graph():
+    x = torch.randn(256, 256, device="cuda")
+    for graph in (False, True):
+        t = benchmark.measure(lambda: x @ x, device="cuda", warmup=2, repeats=10, cuda_graph=graph)
+        assert t.repeats >= 10 and t.median_ms > 0
+
+
+def test_markdown_table_aligns_and_formats():
+    text = benchmark.markdown_table(["a", "b"], [["x", 1.23456], ["longer", None], ["n", 1234567]])
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert "1.23" in text and " - " in text and "1,234,567" in text
+
+
+def _fake_result(tmp_path, name, device, stamp, value):
+    payload = {"environment": {"device": f"Fake {device}", "device_type": device, "torch": "2.x", "cuda": None,
+                               "commit": "abc1234", "date": f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}T00:00:00+00:00"},
+               "rows": [{"case": "c1", "median_ms": {"ours": value, "torch": 2.0}}]}
+    (tmp_path / f"{name}-{device}-{stamp}.json").write_text(json.dumps(payload))
+
+
+def test_summarize_fills_markers_with_newest_results(tmp_path):
+    summarize = _script("summarize")
+    _fake_result(tmp_path, "svdvals", "cuda", "20260101T000000Z", 1.5)
+    _fake_result(tmp_path, "svdvals", "cuda", "20260301T000000Z", 0.5)  # newer: this one is shown
+    _fake_result(tmp_path, "svdvals", "cpu", "20260201T000000Z", 9.0)
+    _fake_result(tmp_path, "svdvals-big", "cuda", "20260401T000000Z", 7.0)  # another name, not this section
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:svdvals -->\nold\n<!-- /results:svdvals -->\n"
+                      "<!-- results:missing -->\nold\n<!-- /results:missing -->\nend\n")
+    assert summarize.main(["--readme", str(readme), "--results", str(tmp_path)]) == 0
+    text = readme.read_text()
+    section = text.split("<!-- results:svdvals -->")[1].split("<!-- /results:svdvals -->")[0]
+    assert "Fake cuda" in section and "2026-03-01" in section and "Fake cpu" in section
+    assert section.index("Fake cuda") < section.index("Fake cpu")
+    assert "median_ms.ours" in section and "0.5" in section and "1.5" not in section and "7" not in section
+    assert "No results yet" in text.split("<!-- results:missing -->")[1]
+    assert text.startswith("intro\n") and text.endswith("end\n")
+    assert summarize.main(["--readme", str(readme), "--results", str(tmp_path), "--check"]) == 0
+    readme.write_text(text.replace("0.5", "0.6"))
+    assert summarize.main(["--readme", str(readme), "--results", str(tmp_path), "--check"]) == 1
+
+
+def test_summarize_missing_readme_is_an_error(tmp_path, capsys):
+    assert _script("summarize").main(["--readme", str(tmp_path / "nope.md")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_write_results_name(tmp_path):
+    path = benchmark.write_results("x", {"environment": benchmark.environment("cpu")}, str(tmp_path))
+    assert os.path.basename(path).startswith("x-cpu-") and path.endswith("Z.json")
+    assert json.loads(open(path).read())["environment"]["device_type"] == "cpu"
+
+
+def test_run_all_dry_run_lists_every_step(capsys, monkeypatch):
+    run_all = _script("run_all")
+    monkeypatch.setattr(run_all, "find_sanitizer", lambda: None)
+    assert run_all.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pip install --no-build-isolation --no-deps -e ." in out
+    assert "-m pytest -q" in out
+    assert "compute-sanitizer memcheck: " + ("not found" if torch.cuda.is_available() else "skipped") in out
+    for script in os.listdir(os.path.join(ROOT, "benchmarks")):
+        if script.startswith("bench_") and script.endswith(".py"):
+            assert script in out
+    assert "bench model --model resnet20" in out and "bench layer" in out
