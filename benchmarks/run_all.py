@@ -16,10 +16,12 @@ Without ``compute-sanitizer`` on PATH (or in $CUDA_HOME/bin) the sanitizer steps
 """
 import argparse
 import glob
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Dict, List, Optional
@@ -46,6 +48,9 @@ LAYER_BENCHES = [
     ("bench-layer-c512-k3-r128-s7-b32", ["layer", "--in-channels", "512", "--out-channels", "512", "--rank", "128",
                                          "--input-size", "7", "--batch-size", "32"]),
 ]
+
+
+DEMO_COLUMNS = ["variant", "params", "flops", "accuracy", "cpu_ms", "cuda_ms"]
 
 
 def find_sanitizer() -> Optional[str]:
@@ -164,6 +169,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from rankprune.benchmark import environment, write_results
 
     env = environment("cuda" if has_gpu else "cpu")
+    if args.only in "demo":
+        with tempfile.TemporaryDirectory() as tmp:
+            device = "cuda" if has_gpu else "cpu"
+            if run.step(f"demo ({device})", [py, "-m", "rankprune", "demo", "--trp", "--device", device, "--out", tmp,
+                                             "--no-progress"], args.timeout) and not args.dry_run:
+                with open(os.path.join(tmp, "results.json")) as f:
+                    demo = json.load(f)
+                write_results("demo", {"environment": env, "config": demo["config"], "stages_s": demo["stages_s"],
+                                       "columns": DEMO_COLUMNS, "rows": demo["rows"]}, RESULTS)
     failed = [s["name"] for s in run.steps if s["status"] in ("failed", "timed out")]
     path = None
     if not args.dry_run:
