@@ -198,17 +198,15 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
         for criterion in config.criteria:
             name = f"pruned-{criterion}-{ratio:g}"
             with stages(f"prune {ratio:.0%} of channels by {criterion}, fine-tune {config.finetune_epochs} epoch(s)"):
+                # Energy scores were computed once above; the other criteria are named and scored by prune().
                 scores = energy_scores if criterion == "energy" else criterion
-                pruned, plan = rankprune.prune(copy.deepcopy(baseline).cpu(), (example,), scores, ratio=ratio,
-                                               calibration=calibration) if False else \
-                    rankprune.prune(copy.deepcopy(baseline).cpu(), (example,), scores, ratio=ratio)
+                pruned, plan = rankprune.prune(copy.deepcopy(baseline), (example.to(device),), scores, ratio=ratio)
                 before = evaluate(pruned, test_loader, device)
                 train(pruned, train_loader, config.finetune_epochs, config.finetune_lr, device, config.progress, name)
                 add(name, pruned, "prune", plan, criterion=criterion, ratio=ratio, accuracy_before_finetune=before)
 
     with stages(f"decompose (keep {config.energy:.0%} energy per layer), fine-tune {config.finetune_epochs} epoch(s)"):
-        decomposed, plan, _ = rankprune.decompose(copy.deepcopy(baseline).cpu(), energy=config.energy,
-                                                  example_inputs=(example,))
+        decomposed, plan, _ = rankprune.decompose(baseline, energy=config.energy, example_inputs=(example.to(device),))
         before = evaluate(decomposed, test_loader, device)
         train(decomposed, train_loader, config.finetune_epochs, config.finetune_lr, device, config.progress,
               "decomposed")

@@ -11,11 +11,12 @@ from . import UsageError
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def add_common_options(parser: argparse.ArgumentParser, out_default: Optional[str], out_help: str) -> None:
+def add_common_options(parser: argparse.ArgumentParser, out_default: Optional[str], out_help: str,
+                       dtype_help: str = "floating-point type (default float32)") -> None:
     """Add ``--device``, ``--dtype``, ``--seed`` and ``--out`` to ``parser``."""
     parser.add_argument("--device", default="auto",
                         help="'cpu', 'cuda', 'cuda:N', or 'auto' (CUDA when available; default)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="floating-point type (default float32)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=dtype_help)
     parser.add_argument("--seed", type=int, default=0, help="random seed for torch, numpy and Python (default 0)")
     parser.add_argument("--out", default=out_default, help=out_help)
 

@@ -26,7 +26,9 @@ def register(sub) -> None:
     p.add_argument("--energy", type=float, help="spectral energy kept per layer by decompose/TRP, in (0, 1] (default 0.9)")
     p.add_argument("--latency-repeats", type=int, help="timed forward passes per variant (default 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_common_options(p, OUT_DEFAULT, f"report folder (default ./{OUT_DEFAULT})")
+    add_common_options(p, OUT_DEFAULT, f"report folder (default ./{OUT_DEFAULT})",
+                       dtype_help="floating-point type of the latency measurements; training runs in float32 "
+                                  "(default float32)")
     p.set_defaults(run=run)
 
 
