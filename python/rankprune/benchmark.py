@@ -31,6 +31,8 @@ class Timing:
 
 
 _MAX_REPLICATES = 100000
+# CPU calls shorter than this are timed in blocks (torch.utils.benchmark), longer ones one by one.
+_BLOCK_BELOW_S = 1e-3
 
 
 def _sync(device: torch.device) -> None:
@@ -52,9 +54,9 @@ def measure(
     On CUDA each call is bracketed by CUDA events (device time, no host sync inside the timed region); with
     ``cuda_graph=True`` the call is captured once into a CUDA graph and replayed, which removes the launch
     overhead (``fn`` must then be capturable: no host syncs, no allocation that changes between calls).
-    On CPU the calls are timed with ``torch.utils.benchmark.Timer.blocked_autorange`` (thread count pinned,
-    timer overhead amortised): a replicate is one block of calls, a single call unless calls take less
-    than about a millisecond, and ``Timing.repeats`` counts calls.
+    On the CPU, calls shorter than a millisecond are timed in blocks by
+    ``torch.utils.benchmark.Timer.blocked_autorange`` (timer overhead amortised; a replicate is the mean of
+    one block), longer ones one by one with ``time.perf_counter``; ``Timing.repeats`` counts calls.
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"measure: need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
@@ -109,18 +111,27 @@ def _cuda_event_times(run: Callable[[], object], device: torch.device, repeats: 
 
 def _cpu_times(fn: Callable[[], object], repeats: int, min_time_s: float,
                call_s: Optional[float]) -> Tuple[List[float], int]:
-    """Per-call milliseconds of each replicate (block) and the number of calls timed."""
-    from torch.utils import benchmark as tub
-
+    """Per-call milliseconds of each replicate and the number of calls timed."""
     if call_s is None:
         t0 = time.perf_counter()
         fn()
         call_s = time.perf_counter() - t0
+    if call_s >= _BLOCK_BELOW_S:
+        times: List[float] = []
+        start_all = time.perf_counter()
+        while len(times) < repeats or (time.perf_counter() - start_all) < min_time_s:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            if len(times) >= _MAX_REPLICATES:
+                break
+        return times, len(times)
+    from torch.utils import benchmark as tub
+
     timer = tub.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    times: List[float] = []
-    calls = 0
+    times, calls = [], 0
     while calls < repeats or not times:
-        m = timer.blocked_autorange(min_run_time=max(min_time_s, (repeats - calls) * max(call_s, 1e-7)))
+        m = timer.blocked_autorange(min_run_time=max(min_time_s, (repeats - calls) * max(call_s, 1e-7), 0.01))
         times.extend(t * 1e3 for t in m.times)
         calls += len(m.times) * m.number_per_run
         min_time_s = 0.0

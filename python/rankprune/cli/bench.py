@@ -2,11 +2,13 @@
 
 ``rankprune bench model`` times a built-in network dense, channel-pruned and low-rank decomposed (or with a
 saved plan applied); ``rankprune bench layer`` times one convolution dense, with fewer channels, and as a
-low-rank pair of convolutions (unfused: two ``F.conv2d`` calls; fused: rankprune's fused op when the build
-has it). Timing uses ``rankprune.benchmark.measure``: warm-up, many repeats, median and p10-p90 spread; CUDA
-events (optionally CUDA graphs) on GPU, ``torch.utils.benchmark`` on CPU. Prints a table with speed-ups
+low-rank pair of convolutions (unfused: two convolutions called one after the other; fused:
+``rankprune.ops.lowrank_conv2d``, one kernel on CUDA where it covers the shape). Timing uses
+``rankprune.benchmark.measure``: warm-up, many repeats, median and p10-p90 spread; CUDA events (optionally
+CUDA graphs) on GPU, ``torch.utils.benchmark`` / ``perf_counter`` on CPU. Prints a table with speed-ups
 against the dense variant and writes ``<out>/<name>-<device>-<stamp>.{json,md,png}``.
 """
+import copy
 import json
 import os
 import re
@@ -137,12 +139,10 @@ def run_model(args) -> int:
 
 
 def _pruned(dense: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
-    import copy
-
     import rankprune
 
     # Latency depends on the shapes only, so the cheapest criterion (weight magnitude) stands in for any.
-    net, _ = rankprune.prune(copy.deepcopy(dense), (x,), "l1", ratio=ratio)
+    net, _ = rankprune.prune(dense, (x,), "l1", ratio=ratio, progress=False)
     return net
 
 
@@ -190,22 +190,18 @@ def run_layer(args) -> int:
     if "pruned" in variants:
         layers["pruned"] = (nn.Conv2d(keep(c_in), keep(c_out), k, padding=pad), x[:, : keep(c_in)].contiguous())
     if "lowrank" in variants or "lowrank-fused" in variants:
-        low = rnn.LowRankConv2d.from_dense(dense, rank=args.rank) if args.scheme == "channel" else \
-            _spatial_from_dense(rnn, dense, args.rank)
-        if "lowrank" in variants:
-            layers["lowrank"] = (_with_fused(low, False), x)
+        low = rnn.LowRankConv2d.from_dense(dense, rank=args.rank, scheme=args.scheme)
+        if "lowrank" in variants:  # the same two convolutions, called one after the other
+            layers["lowrank"] = (nn.Sequential(copy.deepcopy(low.first), copy.deepcopy(low.second)), x)
         if "lowrank-fused" in variants:
-            fused = _with_fused(_copy(low), True)
-            if fused is None:
-                print("bench layer: note: this build has no fused low-rank convolution; skipping lowrank-fused")
+            if args.scheme == "channel":
+                layers["lowrank-fused"] = (low, x)  # forward is the one op rankprune.ops.lowrank_conv2d
             else:
-                layers["lowrank-fused"] = (fused, x)
+                print("bench layer: note: the spatial scheme has no fused op; skipping lowrank-fused")
     from tqdm.auto import tqdm
 
     rows = []
     for name, (layer, inp) in tqdm(list(layers.items()), desc="bench layer", unit="variant"):
-        if layer is None:
-            continue
         stats = report.model_stats(layer, (inp,))
         layer = layer.to(device=device, dtype=dtype).eval()
         rows.append(_timed_row(name, layer, inp.to(device=device, dtype=dtype), stats, device, args))
@@ -213,24 +209,6 @@ def run_layer(args) -> int:
               "batch_size": args.batch_size, "rank": args.rank, "scheme": args.scheme, "ratio": args.ratio}
     title = f"conv {c_in}->{c_out} k{k} on {args.input_size}x{args.input_size}, batch {args.batch_size}, rank {args.rank}"
     return _finish(args.name or "bench-layer", title, rows, config, device, args)
-
-
-def _copy(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
-
-
-def _spatial_from_dense(rnn, dense: nn.Conv2d, rank: int) -> nn.Module:
-    return rnn.LowRankConv2d.from_dense(dense, rank=rank, scheme="spatial")
-
-
-def _with_fused(layer: nn.Module, fused: bool):
-    """``layer`` set to run unfused (two convolutions) or fused (one op); ``None`` if fused is unavailable."""
-    if not hasattr(layer, "fused"):
-        return None if fused else layer
-    layer.fused = fused
-    return layer
 
 
 def _timed_row(name: str, net: nn.Module, x: torch.Tensor, stats: Dict[str, object], device: torch.device, args):
