@@ -5,6 +5,7 @@ kernel for torch.compile / torch.export, and a float64 pure-PyTorch reference (`
 tests compare against.
 """
 from . import _library
+from ._lowrank_conv import lowrank_conv2d, lowrank_conv2d_reference
 from ._svdvals import (
     feature_energy,
     feature_energy_reference,
@@ -32,4 +33,6 @@ __all__ = [
     "feature_energy_reference",
     "feature_rank",
     "feature_rank_reference",
+    "lowrank_conv2d",
+    "lowrank_conv2d_reference",
 ]
