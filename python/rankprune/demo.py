@@ -3,8 +3,10 @@
 1. train a small CIFAR ResNet on ``rankprune.data.synthetic_cifar`` (the baseline);
 2. score its channels by the energy of their feature maps (and by the other criteria, for comparison);
 3. prune with each criterion at each ratio, fine-tune briefly, evaluate;
-4. decompose the baseline into low-rank layers keeping ``energy`` of each weight's spectrum, fine-tune;
-5. with ``trp=True``: continue training the baseline with Trained Rank Pruning and decompose it at the end;
+4. decompose the baseline into low-rank layers within a FLOP budget (``decompose_flops``; the ranks are
+   spread over the layers by the spectral energy they discard), fine-tune;
+5. with ``trp=True``: continue training the baseline with Trained Rank Pruning (weights kept near their
+   ``energy`` rank), decompose it at the trained ranks, fine-tune;
 6. measure inference latency of every variant on the CPU (and the GPU when there is one);
 7. write a report folder: ``results.json``, ``report.md``, ``accuracy_vs_flops.png``, ``layers.png`` and, for
    every compressed variant, its plan (``plans/<variant>.json``) and weights (``plans/<variant>.pt``, loads
@@ -32,18 +34,19 @@ class DemoConfig:
 
     model: str = "resnet20"
     width: float = 0.5
-    train_size: int = 4000
-    test_size: int = 1000
+    train_size: int = 8000
+    test_size: int = 2000
     batch_size: int = 100
-    epochs: int = 5
+    epochs: int = 8
     lr: float = 0.1
-    finetune_epochs: int = 1
+    finetune_epochs: int = 2
     finetune_lr: float = 0.02
     criteria: Sequence[str] = _CRITERIA
     ratios: Sequence[float] = (0.3, 0.5)
+    decompose_flops: float = 0.5
     energy: float = 0.9
     trp: bool = False
-    trp_epochs: int = 2
+    trp_epochs: int = 3
     trp_lam: float = 3e-4
     calibration_batches: int = 4
     latency_batch_size: int = 1
@@ -57,7 +60,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
         """About a minute on 2 CPU cores: fewer images and epochs, one ratio, two criteria."""
-        settings = dict(train_size=1000, test_size=500, epochs=2, finetune_epochs=1, criteria=("energy", "l1"),
+        settings = dict(train_size=1000, test_size=500, epochs=3, finetune_epochs=1, criteria=("energy", "l1"),
                         ratios=(0.5,), trp_epochs=1, calibration_batches=2, latency_repeats=20)
         settings.update(overrides)
         return cls(**settings)
@@ -77,6 +80,8 @@ class DemoConfig:
         for r in self.ratios:
             if not 0 < r < 1:
                 raise ValueError(f"ratio must be in (0, 1), got {r}")
+        if not 0 < self.decompose_flops <= 1:
+            raise ValueError(f"decompose_flops must be in (0, 1], got {self.decompose_flops}")
         if not 0 < self.energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
         unknown = [c for c in self.criteria if c not in _CRITERIA]
@@ -192,7 +197,7 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
         add("baseline", baseline, "train")
 
     with stages("score channels by feature-map energy"):
-        energy_scores = rankprune.scoring.score(baseline, calibration, "energy")
+        energy_scores = rankprune.scoring.score(baseline, calibration, "energy", progress=config.progress)
 
     for ratio in config.ratios:
         for criterion in config.criteria:
@@ -200,28 +205,35 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
             with stages(f"prune {ratio:.0%} of channels by {criterion}, fine-tune {config.finetune_epochs} epoch(s)"):
                 # Energy scores were computed once above; the other criteria are named and scored by prune().
                 scores = energy_scores if criterion == "energy" else criterion
-                pruned, plan = rankprune.prune(copy.deepcopy(baseline), (example.to(device),), scores, ratio=ratio)
+                pruned, plan = rankprune.prune(baseline, (example.to(device),), scores, ratio=ratio,
+                                               progress=config.progress)
                 before = evaluate(pruned, test_loader, device)
                 train(pruned, train_loader, config.finetune_epochs, config.finetune_lr, device, config.progress, name)
                 add(name, pruned, "prune", plan, criterion=criterion, ratio=ratio, accuracy_before_finetune=before)
 
-    with stages(f"decompose (keep {config.energy:.0%} energy per layer), fine-tune {config.finetune_epochs} epoch(s)"):
-        decomposed, plan, _ = rankprune.decompose(baseline, energy=config.energy, example_inputs=(example.to(device),))
+    with stages(f"decompose to {config.decompose_flops:.0%} of the FLOPs, fine-tune {config.finetune_epochs} epoch(s)"):
+        decomposed, plan, _ = rankprune.decompose(baseline, target_flops=config.decompose_flops,
+                                                  example_inputs=(example.to(device),))
         before = evaluate(decomposed, test_loader, device)
         train(decomposed, train_loader, config.finetune_epochs, config.finetune_lr, device, config.progress,
               "decomposed")
-        add("decomposed", decomposed, "decompose", plan, energy=config.energy, accuracy_before_finetune=before)
+        add("decomposed", decomposed, "decompose", plan, target_flops=config.decompose_flops,
+            accuracy_before_finetune=before)
 
     trp_ranks: Dict[str, int] = {}
     if config.trp:
-        with stages(f"train with TRP (energy {config.energy}), {config.trp_epochs} epoch(s), decompose"):
+        with stages(f"train with TRP (energy {config.energy}) {config.trp_epochs} epoch(s), decompose, "
+                    f"fine-tune {config.finetune_epochs} epoch(s)"):
             trained = copy.deepcopy(baseline)
             pruner = rankprune.trp.TrainedRankPruner(trained, energy=config.energy, lam=config.trp_lam)
             train(trained, train_loader, config.trp_epochs, config.finetune_lr, device, config.progress, "trp",
                   after_backward=pruner.regularize, after_step=pruner.step)
             trp_model, plan = pruner.finalize(example_inputs=(example.to(device),))
             trp_ranks = {k: int(v) for k, v in pruner.ranks().items()}
-            add("trp", trp_model, "trp", plan, energy=config.energy)
+            before = evaluate(trp_model, test_loader, device)
+            train(trp_model, train_loader, config.finetune_epochs, config.finetune_lr, device, config.progress,
+                  "trp fine-tune")
+            add("trp", trp_model, "trp", plan, energy=config.energy, accuracy_before_finetune=before)
 
     with stages("latency"):
         _measure_latency(variants, built, example, config, notes)
@@ -346,10 +358,15 @@ def write_report(results: Dict[str, object], out: str, echo: Callable[[str], Non
     panels = [{"ylabel": "rank", "series": {
         k: [row.get(k) for row in layers] for k in ("full_rank", "decomposed_rank", "trp_rank")
         if any(k in row for row in layers)}}]
+    kept = sorted({k for row in layers for k in row if k.startswith("kept_")})
+    if kept:
+        panels.append({"ylabel": "output channels", "series": {
+            "dense": [row["out_channels"] for row in layers],
+            **{f"kept, energy pruning {k[len('kept_'):]}": [row.get(k) for row in layers] for k in kept}}})
     if any("energy" in row for row in layers):
         panels.append({"ylabel": "mean channel energy", "series": {"energy": [row.get("energy") for row in layers]}})
     made.append(plots.layer_profile([row["layer"] for row in layers], panels, os.path.join(out, "layers.png"),
-                                    title + ": per-layer ranks and energy"))
+                                    title + ": per conv layer"))
     notes = list(results["notes"])
     if None in made:
         notes.append("plots skipped: matplotlib is not installed (pip install matplotlib)")

@@ -56,7 +56,7 @@ def accuracy_vs_flops(points: Sequence[Dict[str, object]], path: str, title: str
         pts = sorted(pts, key=lambda p: float(p["flops"]))
         ax.plot([float(p["flops"]) / 1e6 for p in pts], [100 * float(p["accuracy"]) for p in pts],
                 marker="o", label=name)
-    ax.set_xlabel("MFLOPs per image (multiply-adds)")
+    ax.set_xlabel("MFLOPs per image")
     ax.set_ylabel("test accuracy, %")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

@@ -8,22 +8,27 @@ def register(sub) -> None:
     p = sub.add_parser(
         "demo", help="train, score, prune, decompose (and TRP) a small model; print one table, write a report",
         description="Train a small CIFAR ResNet on the built-in synthetic data, score its channels by energy, "
-                    "prune with each criterion and fine-tune, decompose into low-rank layers (and, with --trp, "
-                    "train with Trained Rank Pruning), measure latency, print one table and write a report "
-                    "folder (JSON, Markdown, PNG plots, plans). A few minutes on 2 CPU cores; --quick: about one.")
+                    "prune with each criterion, decompose into low-rank layers within a FLOP budget (and, with "
+                    "--trp, train with Trained Rank Pruning and decompose), fine-tune each compressed model, "
+                    "measure latency, print one table and write a report folder (JSON, Markdown, PNG plots, "
+                    "plans). A few minutes on 2 CPU cores; --quick: about one.")
     p.add_argument("--quick", action="store_true", help="fewer images and epochs, one ratio, two criteria (~1 min)")
     p.add_argument("--trp", action="store_true", help="also train with Trained Rank Pruning and decompose")
     p.add_argument("--model", help="built-in CIFAR model (default resnet20)")
     p.add_argument("--width", type=float, help="channel width multiplier of the model (default 0.5)")
-    p.add_argument("--epochs", type=int, help="baseline training epochs (default 5; --quick 2)")
-    p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning/decomposing (default 1)")
-    p.add_argument("--trp-epochs", type=int, help="TRP training epochs (default 2; --quick 1)")
-    p.add_argument("--train-size", type=int, help="training images (default 4000; --quick 1000)")
-    p.add_argument("--test-size", type=int, help="test images (default 1000; --quick 500)")
+    p.add_argument("--epochs", type=int, help="baseline training epochs (default 8; --quick 3)")
+    p.add_argument("--finetune-epochs", type=int,
+                   help="fine-tuning epochs of every compressed model (default 2; --quick 1)")
+    p.add_argument("--trp-epochs", type=int, help="TRP training epochs (default 3; --quick 1)")
+    p.add_argument("--train-size", type=int, help="training images (default 8000; --quick 1000)")
+    p.add_argument("--test-size", type=int, help="test images (default 2000; --quick 500)")
     p.add_argument("--batch-size", type=int, help="training batch size (default 100)")
     p.add_argument("--ratios", help="comma-separated channel ratios to prune, each in (0, 1) (default 0.3,0.5)")
     p.add_argument("--criteria", help="comma-separated criteria among energy,l1,random (default all; --quick energy,l1)")
-    p.add_argument("--energy", type=float, help="spectral energy kept per layer by decompose/TRP, in (0, 1] (default 0.9)")
+    p.add_argument("--decompose-flops", type=float,
+                   help="fraction of the FLOPs the decomposed model keeps, in (0, 1] (default 0.5)")
+    p.add_argument("--energy", type=float,
+                   help="spectral energy TRP keeps in each layer's weight, in (0, 1] (default 0.9)")
     p.add_argument("--latency-repeats", type=int, help="timed forward passes per variant (default 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_common_options(p, OUT_DEFAULT, f"report folder (default ./{OUT_DEFAULT})",
@@ -38,7 +43,8 @@ def run(args) -> int:
     from . import UsageError
 
     overrides = {k: getattr(args, k) for k in ("model", "width", "epochs", "finetune_epochs", "trp_epochs",
-                                                "train_size", "test_size", "batch_size", "energy", "latency_repeats")
+                                                "train_size", "test_size", "batch_size", "decompose_flops", "energy",
+                                                "latency_repeats")
                  if getattr(args, k) is not None}
     try:
         if args.ratios is not None:
