@@ -7,7 +7,8 @@ import torch  # noqa: F401  (loads libtorch before the extension that links agai
 
 from . import data, lowrank, models, nn, ops, report
 from .lowrank import decompose
+from .plans import apply_plan
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "data", "models", "report", "lowrank", "decompose", "__version__"]
+__all__ = ["ops", "nn", "data", "models", "report", "lowrank", "decompose", "apply_plan", "__version__"]
