@@ -5,8 +5,9 @@ the model-level verbs are re-exported here.
 """
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
-from . import data, models, ops, report
+from . import data, models, ops, report, scoring
+from .pruning import apply_prune_plan, prune
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "data", "models", "report", "__version__"]
+__all__ = ["ops", "data", "models", "report", "scoring", "prune", "apply_prune_plan", "__version__"]
