@@ -5,9 +5,13 @@ the model-level verbs are re-exported here.
 """
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
-from . import data, models, ops, report, scoring
+from . import data, lowrank, models, nn, ops, report, scoring
+from .lowrank import decompose
 from .pruning import apply_prune_plan, prune
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "data", "models", "report", "scoring", "prune", "apply_prune_plan", "__version__"]
+__all__ = [
+    "ops", "nn", "data", "models", "report", "scoring", "lowrank", "decompose", "prune", "apply_prune_plan",
+    "__version__",
+]
