@@ -103,9 +103,9 @@ def test_round_to_and_max_layer_ratio():
 
 def test_score_importance_with_torch_pruning():
     torch.manual_seed(0)
-    model = models.build("resnet20", width=0.25).eval()
-    x = torch.randn(1, 3, 32, 32)
-    data = [torch.randn(2, 3, 32, 32)]
+    model = models.build("resnet20", width=0.25).double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    data = [torch.randn(2, 3, 32, 32, dtype=torch.float64)]
     imp = pruning.ScoreImportance("energy", data=data)
     imp.criterion.progress = False
     pruner = tp.pruner.MetaPruner(model, x, importance=imp, pruning_ratio=0.5, ignored_layers=[model.fc])
@@ -153,3 +153,23 @@ def test_bad_inputs():
 
 def test_exported_from_package():
     assert rankprune.prune is pruning.prune
+
+
+def test_cli_score_then_prune(tmp_path, capsys):
+    from rankprune.cli import main
+
+    common = ["--model", "resnet20", "--width", "0.25", "--num-images", "8", "--batch-size", "4", "--no-progress",
+              "--device", "cpu"]
+    assert main(["score", *common, "--criterion", "l1", "--out", str(tmp_path / "s")]) == 0
+    assert main(["prune", *common, "--scores", str(tmp_path / "s" / "scores.pt"), "--ratio", "0.5",
+                 "--out", str(tmp_path / "p")]) == 0
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    fresh = pruning.apply_prune_plan(models.build("resnet20", width=0.25), plan)
+    fresh.load_state_dict(torch.load(tmp_path / "p" / "pruned.pt", weights_only=True))
+    assert "FLOPs" in (tmp_path / "p" / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["prune", *common, "--ratio", "1.5", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rankprune prune: error: ratio must be in") and "\n" not in err
+    assert main(["score", *common, "--criterion", "nope", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown 'nope'" in capsys.readouterr().err
