@@ -170,3 +170,21 @@ def test_bad_arguments(net_and_input):
     with pytest.raises(ValueError, match="plan says"):
         apply_decompose_plan(small_resnet(), {"method": "decompose", "version": 1,
                                               "layers": {"1": {"kind": "conv2d", "scheme": "channel", "rank": 2}}})
+
+
+BUILTIN_MODELS = ["resnet20", "resnet56", "vgg16", "mobilenetv2",
+                  pytest.param("resnet50", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", BUILTIN_MODELS)
+def test_every_builtin_model_meets_the_budget(name, seed):
+    models = pytest.importorskip("rankprune.models")
+    model = models.build(name).eval()
+    x = torch.randn(1, *models.INPUT_SHAPES[name])
+    new, plan, report = rankprune.decompose(model, target_flops=0.5, example_inputs=x)
+    ratio = _flops(new, x) / _flops(model, x)
+    assert abs(ratio - 0.5) <= 0.05 * 0.5, ratio
+    assert plan["layers"] and report["total"]["output_rel_error"] is not None
+    rebuilt = apply_decompose_plan(models.build(name).eval(), json.loads(json.dumps(plan)))
+    rebuilt.load_state_dict(new.state_dict())
+    torch.testing.assert_close(rebuilt(x), new(x))
