@@ -5,9 +5,9 @@ the model-level verbs are re-exported here.
 """
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
-from . import lowrank, nn, ops
+from . import data, lowrank, models, nn, ops, report
 from .lowrank import decompose
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "lowrank", "decompose", "__version__"]
+__all__ = ["ops", "nn", "data", "models", "report", "lowrank", "decompose", "__version__"]
