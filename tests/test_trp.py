@@ -143,6 +143,8 @@ def test_regularize_after_projection_uses_projection_factors(seed):
 def test_finalize_matches_projected_model(scheme, seed):
     net = tiny_net().eval()
     pruner = TrainedRankPruner(net, energy=0.7, scheme=scheme)
+    before = {name: net.get_submodule(name).weight.detach().clone() for name in pruner.layer_names}
+    expected_ranks = pruner.ranks()  # energy ranks of the unprojected weights: what finalize will keep
     x = torch.randn(2, 3, 12, 12)
     small, plan = pruner.finalize(example_inputs=(x,))
     assert plan["method"] == "decompose"
@@ -150,11 +152,25 @@ def test_finalize_matches_projected_model(scheme, seed):
     projected_out = net(x)  # finalize left the projected weights in the trained model
     small_out = small(x)
     assert (small_out - projected_out).norm() <= 1e-5 * projected_out.norm()
-    ranks = pruner.ranks()
-    assert set(plan["layers"]) <= set(ranks)
+    assert pruner.ranks() == expected_ranks  # still the projected weights: the projection's ranks
     for name, layer in plan["layers"].items():
-        assert layer["rank"] >= ranks[name]  # the projected weight's own energy rank can only be lower
+        assert layer["rank"] == expected_ranks[name]
+    assert any(not torch.equal(net.get_submodule(n).weight, w) for n, w in before.items())
     assert isinstance(net.get_submodule("4"), nn.Conv2d)  # the trained model is not restructured
+
+
+def test_finalize_right_after_projection_keeps_weights(seed):
+    net = tiny_net().eval()
+    pruner = TrainedRankPruner(net, energy=0.7, period=1)
+    pruner.step()
+    projected = {name: net.get_submodule(name).weight.detach().clone() for name in pruner.layer_names}
+    ranks = pruner.ranks()
+    small, plan = pruner.finalize()
+    for name, w in projected.items():
+        assert torch.equal(net.get_submodule(name).weight, w)  # no second truncation
+        assert plan["layers"].get(name, {"rank": ranks[name]})["rank"] == ranks[name]
+    x = torch.randn(2, 3, 12, 12)
+    assert (small(x) - net(x)).norm() <= 1e-5 * net(x).norm()
 
 
 def test_state_dict_resume_equals_uninterrupted_run(seed):

@@ -131,6 +131,10 @@ class _Group:
     def cache_valid(self) -> bool:
         return self.cached_versions is not None and [p._version for p in self.params] == self.cached_versions
 
+    def current_projection_ranks(self) -> Optional[Tensor]:
+        """The ranks of the last projection while the weights are still the projected ones, else None."""
+        return self.projected_ranks if self.cache_valid() else self.resumed_ranks
+
 
 class TrainedRankPruner:
     """Nuclear-norm regularisation and periodic energy-rank projection of a model's weights (TRP).
@@ -380,29 +384,36 @@ class TrainedRankPruner:
 
     @torch.no_grad()
     def ranks(self) -> Dict[str, int]:
-        """Energy rank of each selected weight as it is now, ``{name: rank}`` (computed, not cached)."""
+        """The rank TRP keeps for each selected weight now, ``{name: rank}``: the rank of the last
+        projection while the weight is still the projected one, else the energy rank of the current weight
+        (the rank the next projection, or :meth:`finalize`, would give it)."""
         out: Dict[str, int] = {}
         for group in self._groups:
-            r = ops.energy_rank(ops.svdvals(self._matrices(group)), self.energy)
+            r = group.current_projection_ranks()
+            if r is None:
+                r = ops.energy_rank(ops.svdvals(self._matrices(group)), self.energy)
             out.update(zip(group.names, r.tolist()))
         self._rank_hint.update(out)
         return out
 
     @torch.no_grad()
     def finalize(self, example_inputs=None, min_flop_saving: float = 0.0):
-        """Project once more, then decompose: returns ``(decomposed_model, plan)``.
+        """Decompose the trained model at TRP's ranks: returns ``(decomposed_model, plan)``.
 
-        The weights of the model being trained are replaced by their energy truncations (so that model is
-        the "projected model"), and ``rankprune.decompose(model, ranks=..., scheme=...)`` builds a new model
-        with each selected layer factored at the rank of its truncation: its output equals the projected
-        model's output up to rounding. The trained model itself is not restructured. ``example_inputs``
-        and ``min_flop_saving`` are passed to ``decompose`` (layers whose factorisation would not save
-        at least that fraction of their FLOPs stay dense, but keep their projected weights).
+        Unless the weights are still those of the last projection (e.g. :meth:`step` just projected),
+        they are projected once more, in place, so the model being trained is the "projected model".
+        Then ``rankprune.decompose(model, ranks=..., scheme=...)`` builds a new model with each selected
+        layer factored at the rank of its projection (:meth:`ranks`); its output equals the projected
+        model's output up to rounding. The trained model itself is not restructured. ``example_inputs`` and
+        ``min_flop_saving`` are passed to ``decompose`` (layers whose factorisation would not save at least
+        that fraction of their FLOPs stay dense, with their projected weights).
         """
         import rankprune  # at call time: the package imports this module
 
-        ranks = {name: int(r) for name, r in self.project().items()}
-        self._rank_hint.update(ranks)
+        for group in self._groups:
+            if group.current_projection_ranks() is None:
+                self._project_group(group)
+        ranks = self.ranks()
         model, plan, _report = rankprune.decompose(
             self.module,
             ranks=ranks,
