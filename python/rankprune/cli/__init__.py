@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 # Subcommand modules, in the order `rankprune --help` lists them.
-SUBCOMMANDS = ["info"]
+SUBCOMMANDS = ["info", "trp"]
 
 
 class UsageError(Exception):
