@@ -270,3 +270,26 @@ def test_linear_layers_and_missing_grads(seed):
     net.zero_grad(set_to_none=True)
     pruner.regularize()
     assert net[2].weight.grad is None and net[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=False),
+    lambda ps: torch.optim.Adam(ps, lr=0.1, fused=True),
+], ids=["sgd-foreach", "sgd-loop", "adam-fused"])
+def test_optimizer_step_invalidates_projection_factors(make_opt, seed):
+    """After the optimizer moves the weights, regularize() must use the SVD of the new weights."""
+    net = tiny_net()
+    pruner = TrainedRankPruner(net, energy=0.8, lam=1.0, period=1)
+    pruner.step()
+    opt = make_opt(net.parameters())
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    net.zero_grad(set_to_none=True)
+    pruner.regularize()
+    got = {n: net.get_submodule(n).weight.grad.clone() for n in pruner.layer_names}
+    net.zero_grad(set_to_none=True)
+    TrainedRankPruner(net, energy=0.8, lam=1.0).regularize()  # no cached factors
+    for name, g in got.items():
+        torch.testing.assert_close(g, net.get_submodule(name).weight.grad, rtol=1e-4, atol=1e-5)

@@ -118,18 +118,39 @@ class _Group:
         self.names = names
         self.params = params
         self.matrix_shape = matrix_shape
-        # Subgradients left by the last projection, valid while the weights are the projected ones
-        # (recorded tensor versions unchanged): the SVD of a projected weight is the projection's own
-        # factors, so the regulariser of the next step reuses them instead of running a second SVD.
+        # Subgradients left by the last projection, valid while the weights are the projected ones: the
+        # SVD of a projected weight is the projection's own factors, so the regulariser of the next step
+        # reuses them instead of running a second SVD (and keeps TRP's r, where a fresh energy rank of the
+        # truncated spectrum would be lower).
         self.cached_subgradient: Optional[Tensor] = None
-        self.cached_versions: Optional[List[int]] = None
+        # The projected weights and their tensor versions, to tell whether the weights moved since.
+        self.projected_weights: Optional[Tensor] = None
+        self.projected_versions: Optional[List[int]] = None
         # Ranks of the last projection (a tensor, so that no host sync is needed on the GPU).
         self.projected_ranks: Optional[Tensor] = None
         # Ranks restored by load_state_dict for weights saved right after a projection.
         self.resumed_ranks: Optional[Tensor] = None
 
+    def stacked(self) -> Tensor:
+        return torch.stack([p.detach() for p in self.params])
+
+    def remember_projection(self, subgradient: Tensor, ranks: Tensor) -> None:
+        self.cached_subgradient = subgradient
+        self.projected_ranks = ranks
+        self.projected_weights = self.stacked()
+        self.projected_versions = [p._version for p in self.params]
+        self.resumed_ranks = None
+
+    def forget_projection(self) -> None:
+        self.cached_subgradient = self.projected_weights = self.projected_versions = self.projected_ranks = None
+
     def cache_valid(self) -> bool:
-        return self.cached_versions is not None and [p._version for p in self.params] == self.cached_versions
+        """Whether the weights are still those of the last projection. A changed tensor version settles it
+        without a host sync; an unchanged one is confirmed by comparing the values (one sync), because some
+        in-place updates (e.g. CPU fused Adam) do not bump the version counter."""
+        if self.projected_versions is None or [p._version for p in self.params] != self.projected_versions:
+            return False
+        return torch.equal(self.stacked(), self.projected_weights)
 
     def current_projection_ranks(self) -> Optional[Tensor]:
         """The ranks of the last projection while the weights are still the projected ones, else None."""
@@ -312,9 +333,7 @@ class TrainedRankPruner:
         """Replace the group's weights by their energy truncations; returns the ranks used."""
         U, S, V, r = self._svd(group, self._matrices(group))
         self._write(group, self._truncated(U, S, V, r, with_values=True))
-        group.cached_subgradient = self._truncated(U, S, V, r, with_values=False)
-        group.cached_versions = [p._version for p in group.params]
-        group.projected_ranks = r
+        group.remember_projection(self._truncated(U, S, V, r, with_values=False), r)
         return r
 
     # ---- the verbs ------------------------------------------------------------------------------------
@@ -353,13 +372,17 @@ class TrainedRankPruner:
                 sub = self._truncated(U, S, V, r, with_values=False)
             group.resumed_ranks = None
             terms = matrix_to_weight(sub * (grad_scale * self.lam), tuple(group.params[0].shape), self.scheme)
+            grads, added = [], []
             for p, term in zip(group.params, terms.unbind(0)):
                 if not p.requires_grad:
                     continue
                 if p.grad is None:
                     p.grad = term.to(p.dtype).contiguous()
                 else:
-                    p.grad.add_(term.to(p.dtype))
+                    grads.append(p.grad)
+                    added.append(term.to(p.dtype))
+            if grads:
+                torch._foreach_add_(grads, added)
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -377,7 +400,6 @@ class TrainedRankPruner:
         ``period`` calls). Returns ``{name: rank}`` as 0-dim tensors (no host sync on the GPU)."""
         ranks = {}
         for group in self._groups:
-            group.resumed_ranks = None
             r = self._project_group(group)
             ranks.update(zip(group.names, r.unbind(0)))
         return ranks
@@ -469,7 +491,7 @@ class TrainedRankPruner:
         self._rank_hint = {str(k): int(v) for k, v in state["rank_hint"].items()}
         projected = state["projected_ranks"]
         for group in self._groups:
-            group.cached_subgradient = group.cached_versions = group.projected_ranks = None
+            group.forget_projection()
             if all(name in projected for name in group.names):
                 device = group.params[0].device
                 group.resumed_ranks = torch.tensor([int(projected[n]) for n in group.names], device=device)
