@@ -293,3 +293,24 @@ def test_optimizer_step_invalidates_projection_factors(make_opt, seed):
     TrainedRankPruner(net, energy=0.8, lam=1.0).regularize()  # no cached factors
     for name, g in got.items():
         torch.testing.assert_close(g, net.get_submodule(name).weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_trp_writes_model_plan_and_report(tmp_path, capsys):
+    from rankprune.cli import main
+
+    out = tmp_path / "trp"
+    argv = ["trp", "--model", "resnet20", "--width", "0.25", "--epochs", "1", "--train-size", "64",
+            "--test-size", "32", "--batch-size", "32", "--period", "2", "--device", "cpu", "--no-progress",
+            "--out", str(out)]
+    assert main(argv) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    result = json.loads((out / "report.json").read_text())
+    state = json.loads((out / "trp_state.json").read_text())
+    assert plan["method"] == "decompose" and state["calls"] == 2
+    assert set(result["ranks"]) == set(state["layers"])
+    assert result["decomposed"]["flops"] <= result["dense"]["flops"]
+    weights = torch.load(out / "model.pt", weights_only=True)
+    rebuilt = rankprune.lowrank.apply_decompose_plan(rankprune.models.build("resnet20", width=0.25), plan)
+    rebuilt.load_state_dict(weights)
+    assert main(["trp", "--energy", "1.5", "--out", str(out)]) == 2
+    assert "--energy" in capsys.readouterr().err
