@@ -296,22 +296,25 @@ class TrainedRankPruner:
         kmax = min(m, n)
         if kmax >= self.lowrank_min_dim:
             hints = [self._rank_hint.get(name) for name in group.names]
-            k = max(hints) + max(hints) // 2 + 8 if None not in hints else kmax // 4
-            total = mats.square().sum((-2, -1))
+            if fixed_ranks is not None:
+                k = int(fixed_ranks.max())
+            elif None not in hints:
+                k = max(hints) + max(hints) // 2 + 8
+            else:
+                k = kmax // 4
+            total = mats.square().sum((-2, -1))  # ||W||_F^2 = sum of all sigma^2
             generator = self._generator(mats.device)
             while k <= kmax // 2:
                 U, S, V = ops.svd_lowrank(mats, k, generator=generator)
                 if fixed_ranks is not None:
-                    if int(fixed_ranks.max()) <= k:
-                        return U, S, V, fixed_ranks
-                else:
-                    # The energy outside the k computed values, appended as one extra "singular value":
-                    # an energy rank of k + 1 means k values do not hold the energy yet.
-                    tail = (total - S.square().sum(-1)).clamp_min(0).sqrt()
-                    r = ops.energy_rank(torch.cat([S, tail[:, None]], -1), self.energy)
-                    if int(r.max()) <= k:
-                        self._rank_hint.update(zip(group.names, r.tolist()))
-                        return U, S, V, r
+                    return U, S, V, fixed_ranks
+                # The energy outside the k computed values, appended as one extra "singular value" (the
+                # op's test is a running sum): an energy rank of k + 1 means k values fall short.
+                tail = (total - S.square().sum(-1)).clamp_min(0).sqrt()
+                r = ops.energy_rank(torch.cat([S, tail[:, None]], -1), self.energy)
+                if int(r.max()) <= k:
+                    self._rank_hint.update(zip(group.names, r.tolist()))
+                    return U, S, V, r
                 k *= 2
         U, S, V = ops.svd(mats)
         r = fixed_ranks if fixed_ranks is not None else ops.energy_rank(S, self.energy)
