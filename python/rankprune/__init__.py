@@ -5,10 +5,10 @@ the model-level verbs are re-exported here.
 """
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
-from . import ops
-from . import trp
+from . import data, lowrank, models, nn, ops, report, trp
+from .lowrank import decompose
 from .trp import TrainedRankPruner
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "trp", "TrainedRankPruner", "__version__"]
+__all__ = ["ops", "nn", "data", "models", "report", "lowrank", "decompose", "trp", "TrainedRankPruner", "__version__"]

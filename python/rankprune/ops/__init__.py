@@ -5,6 +5,16 @@ kernel for torch.compile / torch.export, and a float64 pure-PyTorch reference (`
 tests compare against.
 """
 from . import _library
+from ._lowrank_conv import lowrank_conv2d, lowrank_conv2d_reference
+from ._svd import (
+    energy_rank,
+    energy_rank_reference,
+    lowrank_error_reference,
+    orthonormalize,
+    svd,
+    svd_lowrank,
+    svd_reference,
+)
 from ._svdvals import (
     feature_energy,
     feature_energy_reference,
@@ -32,4 +42,13 @@ __all__ = [
     "feature_energy_reference",
     "feature_rank",
     "feature_rank_reference",
+    "svd",
+    "svd_reference",
+    "svd_lowrank",
+    "lowrank_error_reference",
+    "orthonormalize",
+    "energy_rank",
+    "energy_rank_reference",
+    "lowrank_conv2d",
+    "lowrank_conv2d_reference",
 ]
