@@ -28,7 +28,8 @@ from torch import nn
 
 from rankprune import models
 from rankprune.benchmark import environment, measure, write_results
-from rankprune.trp import TrainedRankPruner, matrix_to_weight, weight_to_matrix
+from rankprune.nn import weight_matrix
+from rankprune.trp import TrainedRankPruner, matrix_to_weight
 
 ENERGY, LAM = 0.9, 3e-4
 
@@ -45,7 +46,7 @@ class LinalgLoopTRP:
     def project(self) -> None:
         self.subgradients = []
         for w in self.weights:
-            u, s, vh = torch.linalg.svd(weight_to_matrix(w, self.scheme), full_matrices=False)
+            u, s, vh = torch.linalg.svd(weight_matrix(w, self.scheme), full_matrices=False)
             energy = s.square().cumsum(0)
             r = int((energy < ENERGY * energy[-1]).sum()) + 1  # host sync, as in the official code
             w.copy_(matrix_to_weight((u[:, :r] * s[:r]) @ vh[:r], w.shape, self.scheme))

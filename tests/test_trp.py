@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import rankprune
-from rankprune.trp import TrainedRankPruner, default_layers, matrix_to_weight, weight_to_matrix
+from rankprune.nn import weight_matrix
+from rankprune.trp import TrainedRankPruner, default_layers, matrix_to_weight
 
 SCHEMES = ["channel", "spatial"]
 
@@ -30,13 +31,13 @@ def tiny_net(dtype=torch.float32) -> nn.Sequential:
 
 
 def reference_svdvals(w: torch.Tensor, scheme: str) -> torch.Tensor:
-    return torch.linalg.svdvals(weight_to_matrix(w.detach().double(), scheme))
+    return torch.linalg.svdvals(weight_matrix(w.detach().double(), scheme))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_reshape_round_trip_and_layout(scheme, seed):
     w = torch.randn(5, 3, 3, 2)
-    m = weight_to_matrix(w, scheme)
+    m = weight_matrix(w, scheme)
     if scheme == "channel":
         assert m.shape == (5, 3 * 3 * 2)
         assert m[4, 1 * 6 + 2 * 2 + 1] == w[4, 1, 2, 1]
@@ -46,7 +47,8 @@ def test_reshape_round_trip_and_layout(scheme, seed):
         assert m[1 * 3 + 2, 4 * 2 + 1] == w[4, 1, 2, 1]
     assert torch.equal(matrix_to_weight(m, w.shape, scheme), w)
     batched = torch.randn(4, 5, 3, 3, 2)
-    assert torch.equal(matrix_to_weight(weight_to_matrix(batched, scheme, 1), batched.shape[1:], scheme), batched)
+    stacked = torch.stack([weight_matrix(b, scheme) for b in batched])
+    assert torch.equal(matrix_to_weight(stacked, batched.shape[1:], scheme), batched)
 
 
 def test_default_selection_and_groups():
@@ -68,6 +70,9 @@ def test_bad_arguments():
             TrainedRankPruner(net, **kwargs)
     with pytest.raises(ValueError, match="grouped"):
         TrainedRankPruner(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), layers=["0"])
+    odd = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding_mode="circular"))
+    with pytest.raises(ValueError, match="no layer selected"):
+        TrainedRankPruner(odd)  # the default selection leaves out what cannot be decomposed
     with pytest.raises(TypeError):
         TrainedRankPruner(net, layers="4")
     pruner = TrainedRankPruner(net)
@@ -84,7 +89,7 @@ def test_regularize_is_nuclear_norm_gradient(scheme, seed):
     expected = {}
     for name in pruner.layer_names:
         w = net.get_submodule(name).weight.detach().clone().requires_grad_(True)
-        (lam * torch.linalg.matrix_norm(weight_to_matrix(w, scheme), ord="nuc")).backward()
+        (lam * torch.linalg.matrix_norm(weight_matrix(w, scheme), ord="nuc")).backward()
         expected[name] = w.grad
         s = reference_svdvals(w, scheme)
         assert (s[:-1] - s[1:]).min() > 1e-6 and s[-1] > 1e-6  # distinct, non-zero: the gradient exists

@@ -51,8 +51,9 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .nn import check_decomposable_conv, weight_matrix
 
-__all__ = ["TrainedRankPruner", "weight_to_matrix", "matrix_to_weight", "default_layers"]
+__all__ = ["TrainedRankPruner", "matrix_to_weight", "default_layers"]
 
 _SCHEMES = ("channel", "spatial")
 _STATE_VERSION = 1
@@ -60,30 +61,9 @@ _STATE_VERSION = 1
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def weight_to_matrix(weight: Tensor, scheme: str, batch_dims: int = 0) -> Tensor:
-    """The matrix TRP works on for a conv weight ``[N, C, kh, kw]`` or a linear weight ``[out, in]``,
-    after ``batch_dims`` leading dimensions of stacked weights.
-
-    ``"channel"``: ``[N, C*kh*kw]`` (a view); ``"spatial"``: ``[C*kh, N*kw]`` (a copy). A linear weight is
-    its own matrix under ``"channel"`` and has no ``"spatial"`` reshape.
-    """
-    _check_scheme(scheme)
-    batch, shape = weight.shape[:batch_dims], tuple(weight.shape[batch_dims:])
-    if len(shape) == 2:
-        if scheme != "channel":
-            raise ValueError(f"scheme={scheme!r} needs a conv weight [N, C, kh, kw]; a linear weight only has 'channel'")
-        return weight
-    if len(shape) != 4:
-        raise ValueError(f"weight must be [N, C, kh, kw] or [out, in] after {batch_dims} batch dims, got {tuple(weight.shape)}")
-    n, c, kh, kw = shape
-    if scheme == "channel":
-        return weight.reshape(*batch, n, c * kh * kw)
-    return weight.movedim(-4, -2).reshape(*batch, c * kh, n * kw)
-
-
 def matrix_to_weight(matrix: Tensor, shape: Tuple[int, ...], scheme: str) -> Tensor:
-    """Inverse of :func:`weight_to_matrix`: ``matrix [..., m, n]`` back to weights of ``shape`` (one
-    weight's shape; the leading dimensions of ``matrix`` are kept)."""
+    """Inverse of :func:`rankprune.nn.weight_matrix`: ``matrix [..., m, n]`` back to weights of ``shape``
+    (one weight's shape, ``[N, C, kh, kw]`` or ``[out, in]``; leading dimensions of ``matrix`` are kept)."""
     _check_scheme(scheme)
     batch = tuple(matrix.shape[:-2])
     if len(shape) == 2:
@@ -95,10 +75,19 @@ def matrix_to_weight(matrix: Tensor, shape: Tuple[int, ...], scheme: str) -> Ten
 
 
 def default_layers(model: nn.Module) -> List[str]:
-    """TRP's selection: every ``nn.Conv2d`` with a kernel larger than 1x1 (and ``groups=1``), except the
-    first conv of the model (in ``named_modules()`` order)."""
+    """TRP's selection: every ``nn.Conv2d`` with a kernel larger than 1x1 except the first conv of the model
+    (in ``named_modules()`` order), leaving out convs the low-rank layers cannot replace (grouped,
+    non-zero padding modes)."""
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return [name for name, m in convs[1:] if tuple(m.kernel_size) != (1, 1) and m.groups == 1]
+    return [name for name, m in convs[1:] if tuple(m.kernel_size) != (1, 1) and _decomposable(m)]
+
+
+def _decomposable(conv: nn.Conv2d) -> bool:
+    try:
+        check_decomposable_conv(conv)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _check_scheme(scheme) -> None:
@@ -169,7 +158,8 @@ class TrainedRankPruner:
         scheme: ``"channel"`` or ``"spatial"``, the reshape (and the decomposition :meth:`finalize` builds).
         layers: which layers to handle: ``None`` for TRP's default (:func:`default_layers`), a callable
             ``(name, module) -> bool`` over ``named_modules()``, or an iterable of module names. Allowed:
-            ``nn.Conv2d`` with ``groups=1``, and ``nn.Linear`` under ``"channel"``.
+            ``nn.Conv2d`` that the low-rank layers can replace (``groups=1``, zero
+            padding), and ``nn.Linear`` under ``"channel"``.
         lowrank_min_dim: matrices whose smaller side is at least this use the randomized
             ``ops.svd_lowrank``; smaller ones use the exact ``ops.svd``.
         seed: seed of the random sketches of ``svd_lowrank`` (combined with the step count).
@@ -230,8 +220,10 @@ class TrainedRankPruner:
 
     def _check_layer(self, name: str, module: nn.Module) -> None:
         if isinstance(module, nn.Conv2d):
-            if module.groups != 1:
-                raise ValueError(f"layers: {name!r} is a grouped conv (groups={module.groups}); TRP handles groups=1 only")
+            try:
+                check_decomposable_conv(module)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"layers: {name!r}: {exc}") from None
         elif isinstance(module, nn.Linear):
             if self.scheme != "channel":
                 raise ValueError(f"layers: {name!r} is nn.Linear, which has no {self.scheme!r} reshape")
@@ -264,7 +256,7 @@ class TrainedRankPruner:
         by_key: Dict[tuple, Tuple[List[str], List[nn.Parameter]]] = {}
         for name in self.layer_names:
             weight = modules[name].weight
-            shape = tuple(weight_to_matrix(weight.detach(), self.scheme).shape)
+            shape = tuple(weight_matrix(weight.detach(), self.scheme).shape)
             names, params = by_key.setdefault((shape, weight.dtype, weight.device), ([], []))
             names.append(name)
             params.append(weight)
@@ -274,10 +266,8 @@ class TrainedRankPruner:
 
     def _matrices(self, group: _Group) -> Tensor:
         """The group's weights as one ``[B, m, n]`` tensor (float32 at least)."""
-        w = torch.stack([p.detach() for p in group.params])
-        if w.dtype in _LOW_PRECISION:
-            w = w.float()
-        return weight_to_matrix(w, self.scheme, batch_dims=1)
+        mats = torch.stack([weight_matrix(p.detach(), self.scheme) for p in group.params])
+        return mats.float() if mats.dtype in _LOW_PRECISION else mats
 
     def _generator(self, device: torch.device) -> torch.Generator:
         g = torch.Generator(device=device)

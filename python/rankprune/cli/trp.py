@@ -140,7 +140,7 @@ def run(args) -> int:
         "decomposed": {"params": lowrank["params"], "flops": lowrank["flops"]},
         "flop_reduction": dense["flops"] / max(lowrank["flops"], 1),
         "ranks": ranks,
-        "full_ranks": {name: min(rankprune.trp.weight_to_matrix(model.get_submodule(name).weight, args.scheme).shape)
+        "full_ranks": {name: min(rankprune.nn.weight_matrix(model.get_submodule(name).weight, args.scheme).shape)
                        for name in ranks},
     }
     torch.save(small.state_dict(), os.path.join(out, "model.pt"))
