@@ -10,7 +10,8 @@ Three training iterations are timed on the same model, batch and optimizer (medi
   layer, ``torch.linalg.svd`` of the reshaped weight, energy rank read on the host, ``W <- U_r S_r V_r^T``,
   and ``lam * U_r V_r^T`` added to the gradient after the backward.
 
-The overhead of each TRP variant is its iteration time over ``plain`` minus one; the TRP-only parts are also
+The variants are timed in turn (one call each per round) so that a busy machine slows them alike. The
+overhead of each TRP variant is its iteration time over ``plain`` minus one; the TRP-only parts are also
 timed alone (``regularize()`` + ``optimizer.step()`` + ``step()`` against ``optimizer.step()``, and the loop's
 SVD/projection/gradient work against ``optimizer.step()``). Before timing, one projection by each route is
 compared on the same weights (they must agree).
@@ -20,14 +21,16 @@ compared on the same weights (they must agree).
 """
 import argparse
 import copy
+import statistics
 import sys
-from typing import Callable, List, Tuple
+from collections import Counter
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
 
 from rankprune import models
-from rankprune.benchmark import environment, measure, write_results
+from rankprune.benchmark import Timing, environment, measure, write_results
 from rankprune.nn import weight_matrix
 from rankprune.trp import TrainedRankPruner, matrix_to_weight
 
@@ -56,6 +59,21 @@ class LinalgLoopTRP:
     def add_gradients(self) -> None:
         for w, g in zip(self.weights, self.subgradients):
             w.grad.add_(g, alpha=LAM)
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], device, warmup: int, rounds: int) -> Dict[str, Timing]:
+    """Time the variants in turn, one call each per round, so that a busy machine slows them alike."""
+    for fn in fns.values():
+        measure(fn, device=device, warmup=warmup, repeats=1)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(measure(fn, device=device, warmup=0, repeats=1).median_ms)
+    out = {}
+    for name, ms in samples.items():
+        q = statistics.quantiles(ms, n=10) if len(ms) >= 2 else ms * 9
+        out[name] = Timing(median_ms=statistics.median(ms), p10_ms=q[0], p90_ms=q[-1], repeats=len(ms))
+    return out
 
 
 def setup(args, device) -> Tuple[nn.Module, torch.optim.Optimizer, Callable[[], None]]:
@@ -95,55 +113,61 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=float, default=None, help="width multiplier (default 1; --quick 0.5)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 128; --quick 16)")
     p.add_argument("--scheme", default="channel", choices=("channel", "spatial"))
-    p.add_argument("--repeats", type=int, default=None, help="timed iterations per variant (default 50 GPU, 10 CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per variant (default 50 GPU, 30 CPU)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     args.model = args.model or ("resnet20" if args.quick else "resnet56")
     args.width = args.width or (0.5 if args.quick else 1.0)
     args.batch_size = args.batch_size or (16 if args.quick else 128)
     device = torch.device(args.device)
-    repeats = args.repeats or (50 if device.type == "cuda" else 10)
-    timing = dict(device=device, warmup=5 if device.type == "cuda" else 2, repeats=repeats)
+    repeats = args.repeats or (50 if device.type == "cuda" else 30)
+    timing = dict(device=device, warmup=5 if device.type == "cuda" else 2, rounds=repeats)
 
     diff = agreement(args, device)
     print(f"projection agreement (rankprune vs linalg loop): max relative difference {diff:.2e}")
 
+    # One model per variant (same initialisation), so that each keeps its own steady state: rankprune's
+    # regularize() reuses the factors of the previous step's projection, which another variant's update
+    # of shared weights would invalidate.
     model, opt, forward_backward = setup(args, device)
-    pruner = TrainedRankPruner(model, energy=ENERGY, lam=LAM, period=1, scheme=args.scheme)
-    loop = LinalgLoopTRP(model, pruner.layer_names, args.scheme)
+    ours_model, ours_opt, ours_fb = setup(args, device)
+    loop_model, loop_opt, loop_fb = setup(args, device)
+    pruner = TrainedRankPruner(ours_model, energy=ENERGY, lam=LAM, period=1, scheme=args.scheme)
+    loop = LinalgLoopTRP(loop_model, pruner.layer_names, args.scheme)
 
     def plain() -> None:
         forward_backward()
         opt.step()
 
     def ours() -> None:
-        forward_backward()
+        ours_fb()
         pruner.regularize()
-        opt.step()
+        ours_opt.step()
         pruner.step()
 
     def official() -> None:
         loop.project()
-        forward_backward()
+        loop_fb()
         loop.add_gradients()
-        opt.step()
+        loop_opt.step()
 
-    times = {}
-    for name, fn in (("plain", plain), ("rankprune", ours), ("linalg_loop", official)):
-        times[name] = measure(fn, **timing)
-        print(f"{name:<12} iteration {times[name].median_ms:9.3f} ms (p10 {times[name].p10_ms:.3f}, "
-              f"p90 {times[name].p90_ms:.3f})", flush=True)
+    times = interleaved({"plain": plain, "rankprune": ours, "linalg_loop": official}, **timing)
+    for name, t in times.items():
+        print(f"{name:<12} iteration {t.median_ms:9.3f} ms (p10 {t.p10_ms:.3f}, p90 {t.p90_ms:.3f})", flush=True)
 
     # The TRP-only work, with the gradients of one backward left in place.
-    forward_backward()
-    alone = {
-        "optimizer_step": measure(opt.step, **timing),
-        "rankprune": measure(lambda: (pruner.regularize(), opt.step(), pruner.step()), **timing),
-        "linalg_loop": measure(lambda: (loop.project(), loop.add_gradients(), opt.step()), **timing),
-    }
+    for fb in (forward_backward, ours_fb, loop_fb):
+        fb()
+    alone = interleaved({
+        "optimizer_step": opt.step,
+        "rankprune": lambda: (pruner.regularize(), ours_opt.step(), pruner.step()),
+        "linalg_loop": lambda: (loop.project(), loop.add_gradients(), loop_opt.step()),
+    }, **timing)
     trp_only = {k: alone[k].median_ms - alone["optimizer_step"].median_ms for k in ("rankprune", "linalg_loop")}
     overhead = {k: times[k].median_ms / times["plain"].median_ms - 1 for k in ("rankprune", "linalg_loop")}
-    groups = [len(g.names) for g in pruner._groups]
+    shapes = Counter(tuple(weight_matrix(ours_model.get_submodule(n).weight, args.scheme).shape)
+                     for n in pruner.layer_names)
+    groups = list(shapes.values())
     print(f"overhead over a plain step: rankprune {100 * overhead['rankprune']:.1f}%, "
           f"linalg loop {100 * overhead['linalg_loop']:.1f}%")
     print(f"TRP work alone: rankprune {trp_only['rankprune']:.3f} ms, linalg loop {trp_only['linalg_loop']:.3f} ms "

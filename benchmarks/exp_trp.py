@@ -38,7 +38,7 @@ def parse(argv):
     p.add_argument("--width", type=float, help="ResNet-20 width multiplier (default 1.0; --quick 0.5)")
     p.add_argument("--train-size", type=int, help="training images (default 10000; --quick 1500)")
     p.add_argument("--test-size", type=int, help="test images (default 2000; --quick 500)")
-    p.add_argument("--batch-size", type=int, help="batch size (default 128; --quick 64)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 128; --quick 100)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine schedule (default 0.1)")
     p.add_argument("--energy", type=float, default=0.9, help="TRP energy (default 0.9)")
     p.add_argument("--lam", type=float, default=3e-4, help="TRP nuclear-norm weight (default 3e-4)")
@@ -48,7 +48,7 @@ def parse(argv):
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"epochs": (30, 3), "width": (1.0, 0.5), "train_size": (10000, 1500), "test_size": (2000, 500),
-                "batch_size": (128, 64)}
+                "batch_size": (128, 100)}
     for name, (full, small) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
