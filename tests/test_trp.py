@@ -319,3 +319,20 @@ def test_cli_trp_writes_model_plan_and_report(tmp_path, capsys):
     rebuilt.load_state_dict(weights)
     assert main(["trp", "--energy", "1.5", "--out", str(out)]) == 2
     assert "--energy" in capsys.readouterr().err
+
+
+def test_low_precision_weights(seed):
+    """bfloat16 weights: SVDs run in float32, the weights and gradients stay bfloat16."""
+    net = tiny_net(torch.bfloat16)
+    pruner = TrainedRankPruner(net, energy=0.8, lam=0.1, period=1)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    net(x).float().sum().backward()
+    pruner.regularize()
+    assert pruner.step()
+    for name in pruner.layer_names:
+        w = net.get_submodule(name).weight
+        assert w.dtype == w.grad.dtype == torch.bfloat16
+    ranks = pruner.ranks()
+    for name, r in ranks.items():
+        s = reference_svdvals(net.get_submodule(name).weight, "channel")
+        assert int((s > 1e-2 * s[0]).sum()) == r  # rank r up to bfloat16 rounding of the projected weight
