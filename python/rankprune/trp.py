@@ -133,17 +133,24 @@ class _Group:
     def forget_projection(self) -> None:
         self.cached_subgradient = self.projected_weights = self.projected_versions = self.projected_ranks = None
 
-    def cache_valid(self) -> bool:
-        """Whether the weights are still those of the last projection. A changed tensor version settles it
-        without a host sync; an unchanged one is confirmed by comparing the values (one sync), because some
-        in-place updates (e.g. CPU fused Adam) do not bump the version counter."""
+    def unchanged_flag(self) -> Optional[Tensor]:
+        """Whether the weights are still those of the last projection: None when certainly not (no
+        projection yet, or a tensor version changed), else a 0-dim bool tensor comparing the values (on
+        the device, no host sync), because some in-place updates (e.g. CPU fused Adam) do not bump the
+        version counter."""
         if self.projected_versions is None or [p._version for p in self.params] != self.projected_versions:
-            return False
-        return torch.equal(self.stacked(), self.projected_weights)
+            return None
+        return (self.stacked() == self.projected_weights).all()
 
-    def current_projection_ranks(self) -> Optional[Tensor]:
-        """The ranks of the last projection while the weights are still the projected ones, else None."""
-        return self.projected_ranks if self.cache_valid() else self.resumed_ranks
+
+def _still_projected(groups: List[_Group]) -> List[bool]:
+    """For each group, whether its weights are still those of its last projection (one host sync in all)."""
+    flags = [g.unchanged_flag() for g in groups]
+    pending = [f for f in flags if f is not None]
+    if not pending:
+        return [False] * len(groups)
+    values = iter(torch.stack([f.to(pending[0].device) for f in pending]).tolist())
+    return [False if f is None else next(values) for f in flags]
 
 
 class TrainedRankPruner:
@@ -329,6 +336,12 @@ class TrainedRankPruner:
         group.remember_projection(self._truncated(U, S, V, r, with_values=False), r)
         return r
 
+    def _current_projection_ranks(self) -> List[Optional[Tensor]]:
+        """Per group, the ranks of the last projection while the weights are still the projected ones (or
+        those restored by load_state_dict), else None."""
+        projected = _still_projected(self._groups)
+        return [g.projected_ranks if p else g.resumed_ranks for g, p in zip(self._groups, projected)]
+
     # ---- the verbs ------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -354,11 +367,9 @@ class TrainedRankPruner:
             raise TypeError(f"grad_scale must be a number or a 0-dim tensor, got {type(grad_scale).__name__}")
         if self.lam == 0.0:
             return
-        for group in self._groups:
-            params = [p for p in group.params if p.requires_grad]
-            if not params:
-                continue
-            if group.cache_valid():
+        groups = [g for g in self._groups if any(p.requires_grad for p in g.params)]
+        for group, projected in zip(groups, _still_projected(groups)):
+            if projected:
                 sub = group.cached_subgradient
             else:
                 U, S, V, r = self._svd(group, self._matrices(group), fixed_ranks=group.resumed_ranks)
@@ -403,8 +414,7 @@ class TrainedRankPruner:
         projection while the weight is still the projected one, else the energy rank of the current weight
         (the rank the next projection, or :meth:`finalize`, would give it)."""
         out: Dict[str, int] = {}
-        for group in self._groups:
-            r = group.current_projection_ranks()
+        for group, r in zip(self._groups, self._current_projection_ranks()):
             if r is None:
                 r = ops.energy_rank(ops.svdvals(self._matrices(group)), self.energy)
             out.update(zip(group.names, r.tolist()))
@@ -425,8 +435,8 @@ class TrainedRankPruner:
         """
         import rankprune  # at call time: the package imports this module
 
-        for group in self._groups:
-            if group.current_projection_ranks() is None:
+        for group, r in zip(self._groups, self._current_projection_ranks()):
+            if r is None:
                 self._project_group(group)
         ranks = self.ranks()
         model, plan, _report = rankprune.decompose(
@@ -445,8 +455,8 @@ class TrainedRankPruner:
         """Everything needed to resume: hyper-parameters, step count, layer names and the ranks of the last
         projection if the weights are still the projected ones (plain ints/floats/strings)."""
         resumable = {}
-        for group in self._groups:
-            if group.cache_valid():
+        for group, projected in zip(self._groups, _still_projected(self._groups)):
+            if projected:
                 resumable.update(zip(group.names, group.projected_ranks.tolist()))
         return {
             "version": _STATE_VERSION,
