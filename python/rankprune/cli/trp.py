@@ -124,7 +124,7 @@ def run(args) -> int:
           amp=args.amp, dtype=dtype, progress=not args.no_progress, desc="trp")
     train_s = time.perf_counter() - t0
 
-    example = torch.zeros(1, *models.INPUT_SHAPES[args.model], device=device, dtype=dtype)
+    example = next(iter(test_loader))[0][:1].to(device, dtype)  # FLOPs at the size the model was trained on
     small, plan = pruner.finalize(example_inputs=(example,))
     acc_projected = evaluate(model, test_loader, device, dtype)
     acc_decomposed = evaluate(small, test_loader, device, dtype)
