@@ -65,7 +65,7 @@ def _grid(n: int, size: int, gen: torch.Generator):
     t = torch.linspace(-1.0, 1.0, size)
     v, u = torch.meshgrid(t, t, indexing="ij")
     cx, cy = (torch.rand(2, n, 1, 1, generator=gen) - 0.5) * 0.8
-    scale = 0.45 + 0.55 * torch.rand(n, 1, 1, generator=gen)
+    scale = 0.6 + 0.4 * torch.rand(n, 1, 1, generator=gen)
     return (u - cx) / scale, (v - cy) / scale, scale
 
 
@@ -130,12 +130,12 @@ def _generate(n: int, size: int, seed: int) -> Tuple[Tensor, Tensor]:
         idx = (other == c).nonzero().flatten()
         if len(idx):
             distractor[idx] = _pattern(c, len(idx), size, gen)
-    alpha = 0.45 * torch.rand(n, 1, 1, generator=gen)
+    alpha = 0.3 * torch.rand(n, 1, 1, generator=gen)
     masks = (1 - alpha) * masks + alpha * distractor
     fg = torch.rand(n, 3, 1, 1, generator=gen)
     bg = torch.rand(n, 3, 1, 1, generator=gen)
     images = bg + (fg - bg) * masks[:, None]
-    noise = 0.05 + 0.2 * torch.rand(n, 1, 1, 1, generator=gen)
+    noise = 0.03 + 0.12 * torch.rand(n, 1, 1, 1, generator=gen)
     images = images + noise * torch.randn(n, 3, size, size, generator=gen)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     return images, labels

@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 # Subcommand modules, in the order `rankprune --help` lists them.
-SUBCOMMANDS = ["info", "demo", "bench"]
+SUBCOMMANDS = ["info", "demo", "score", "prune", "trp", "bench"]
 
 
 class UsageError(Exception):
