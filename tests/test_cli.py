@@ -80,6 +80,12 @@ BAD_INPUT = [
     (["bench", "layer", "--ratio", "-0.5"], "--ratio"),
     (["bench", "layer", "--in-channels", "0"], "--in-channels"),
     (["bench", "layer", "--cuda-graph", "--device", "cpu"], "--cuda-graph"),
+    (["score", "--model", "no_such_model"], "no_such_model"),
+    (["score", "--model", "resnet20", "--weights", "no/such/weights.pt"], "no/such/weights.pt"),
+    (["prune", "--model", "resnet20", "--ratio", "1.5"], "ratio"),
+    (["prune", "--model", "resnet20", "--ratio", "0.5", "--scores", "no/such/scores.pt"], "no/such/scores.pt"),
+    (["trp", "--model", "no_such_model"], "no_such_model"),
+    (["trp", "--energy", "1.5"], "--energy"),
 ]
 
 

@@ -12,7 +12,8 @@
    every compressed variant, its plan (``plans/<variant>.json``) and weights (``plans/<variant>.pt``, loads
    with ``torch.load(..., weights_only=True)`` after ``rankprune.apply_plan``).
 
-The demo owns its training loop because it is the user here; the library's verbs never do.
+The demo trains because it is the user here (the library's verbs never own a loop); it uses the loop of
+``rankprune trp`` (``rankprune.cli.trp.train``: SGD, cosine schedule, TRP's two calls around the step).
 """
 import copy
 import dataclasses
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 _CRITERIA = ("energy", "l1", "random")
+_WEIGHT_DECAY = 5e-4  # the usual CIFAR ResNet setting
 
 
 @dataclasses.dataclass
@@ -105,47 +107,12 @@ class _Stages:
         self.echo(f"    {name}: {self.seconds[name]:.1f} s")
 
 
-def _loop(loader, progress: bool, desc: str):
-    from tqdm.auto import tqdm
+def _finetune(model: nn.Module, loader, config: DemoConfig, device: torch.device, desc: str) -> None:
+    from rankprune.cli.trp import train
 
-    return tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch")
-
-
-def train(model: nn.Module, loader, epochs: int, lr: float, device: torch.device, progress: bool = True,
-          desc: str = "train", after_backward: Optional[Callable[[], None]] = None,
-          after_step: Optional[Callable[[], None]] = None) -> nn.Module:
-    """SGD with Nesterov momentum, weight decay 5e-4 and a cosine learning-rate schedule over ``epochs``.
-    ``after_backward`` / ``after_step`` are called around ``optimizer.step()`` (TRP's hooks go there)."""
-    if epochs == 0:
-        return model
-    model.to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.15)
-    for epoch in range(epochs):
-        for x, y in _loop(loader, progress, f"{desc} {epoch + 1}/{epochs}"):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if after_backward is not None:
-                after_backward()
-            opt.step()
-            sched.step()
-            if after_step is not None:
-                after_step()
-    return model.eval()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> float:
-    """Top-1 accuracy (a fraction) of ``model`` over ``loader``; the model is left in eval mode."""
-    model.to(device).eval()
-    correct = total = 0
-    for x, y in loader:
-        pred = model(x.to(device)).argmax(1)
-        correct += int((pred == y.to(device)).sum())
-        total += y.numel()
-    return correct / max(total, 1)
+    if config.finetune_epochs:
+        train(model, loader, config.finetune_epochs, config.finetune_lr, device, weight_decay=_WEIGHT_DECAY,
+              progress=config.progress, desc=desc)
 
 
 def _conv_names(model: nn.Module) -> List[str]:
@@ -157,6 +124,7 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
     (what ``results.json`` holds). Raises ValueError for settings out of range."""
     import rankprune
     from rankprune import data, models, report
+    from rankprune.cli.trp import evaluate, train
 
     config.check()
     device = torch.device(config.device)
@@ -193,7 +161,8 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
 
     with stages(f"train baseline {config.model} (width {config.width}), {config.epochs} epochs"):
         baseline = models.build(config.model, num_classes=10, width=config.width)
-        train(baseline, train_loader, config.epochs, config.lr, device, config.progress, "baseline")
+        train(baseline, train_loader, config.epochs, config.lr, device, weight_decay=_WEIGHT_DECAY,
+              progress=config.progress, desc="baseline")
         add("baseline", baseline, "train")
 
     with stages("score channels by feature-map energy"):
@@ -208,15 +177,14 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
                 pruned, plan = rankprune.prune(baseline, (example.to(device),), scores, ratio=ratio,
                                                progress=config.progress)
                 before = evaluate(pruned, test_loader, device)
-                train(pruned, train_loader, config.finetune_epochs, config.finetune_lr, device, config.progress, name)
+                _finetune(pruned, train_loader, config, device, name)
                 add(name, pruned, "prune", plan, criterion=criterion, ratio=ratio, accuracy_before_finetune=before)
 
     with stages(f"decompose to {config.decompose_flops:.0%} of the FLOPs, fine-tune {config.finetune_epochs} epoch(s)"):
         decomposed, plan, _ = rankprune.decompose(baseline, target_flops=config.decompose_flops,
                                                   example_inputs=(example.to(device),))
         before = evaluate(decomposed, test_loader, device)
-        train(decomposed, train_loader, config.finetune_epochs, config.finetune_lr, device, config.progress,
-              "decomposed")
+        _finetune(decomposed, train_loader, config, device, "decomposed")
         add("decomposed", decomposed, "decompose", plan, target_flops=config.decompose_flops,
             accuracy_before_finetune=before)
 
@@ -226,13 +194,12 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
                     f"fine-tune {config.finetune_epochs} epoch(s)"):
             trained = copy.deepcopy(baseline)
             pruner = rankprune.trp.TrainedRankPruner(trained, energy=config.energy, lam=config.trp_lam)
-            train(trained, train_loader, config.trp_epochs, config.finetune_lr, device, config.progress, "trp",
-                  after_backward=pruner.regularize, after_step=pruner.step)
+            train(trained, train_loader, config.trp_epochs, config.finetune_lr, device, pruner=pruner,
+                  weight_decay=_WEIGHT_DECAY, progress=config.progress, desc="trp")
             trp_model, plan = pruner.finalize(example_inputs=(example.to(device),))
             trp_ranks = {k: int(v) for k, v in pruner.ranks().items()}
             before = evaluate(trp_model, test_loader, device)
-            train(trp_model, train_loader, config.finetune_epochs, config.finetune_lr, device, config.progress,
-                  "trp fine-tune")
+            _finetune(trp_model, train_loader, config, device, "trp fine-tune")
             add("trp", trp_model, "trp", plan, energy=config.energy, accuracy_before_finetune=before)
 
     with stages("latency"):

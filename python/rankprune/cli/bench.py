@@ -153,7 +153,7 @@ def _decomposed(dense: nn.Module, x: torch.Tensor, rank_ratio: float) -> nn.Modu
     return net
 
 
-def _read_plan(path: str) -> Dict[str, object]:
+def _read_plan(path: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--plan {path}: no such file")
     try:
@@ -161,8 +161,9 @@ def _read_plan(path: str) -> Dict[str, object]:
             plan = json.load(f)
     except json.JSONDecodeError as exc:
         raise UsageError(f"--plan {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(plan, dict) or "method" not in plan:
-        raise UsageError(f"--plan {path}: not a rankprune plan (no 'method' key)")
+    steps = plan if isinstance(plan, list) else [plan]
+    if not steps or not all(isinstance(p, dict) and "method" in p for p in steps):
+        raise UsageError(f"--plan {path}: not a rankprune plan (a dict with a 'method' key, or a list of them)")
     return plan
 
 
