@@ -11,9 +11,10 @@ named ``<name>-<device_type>-<YYYYmmddTHHMMSSZ>.json`` in ``benchmarks/results/`
 ``rankprune.benchmark.write_results`` writes). Each table is headed by the device, torch/CUDA versions,
 commit and date it was measured on, taken from the file's ``"environment"``.
 
-A result file renders its ``"rows"`` (a list of flat dicts; nested dicts become ``key.sub`` columns), limited
-to ``"columns"`` when the file names them; without ``"rows"`` it renders its first list of dicts, else its
-scalar fields as a two-column table.
+A result file renders its ``"rows"`` (a list of dicts; nested dicts become ``key.sub`` columns, a nested
+timing ``{"median_ms", "p10_ms", ...}`` becomes its median), limited to ``"columns"`` when the file names
+them, else every column but the spread ones (``p10_ms``, ``p90_ms``, ``repeats``: they stay in the JSON);
+without ``"rows"`` it renders its first list of dicts, else its scalar fields as a two-column table.
 
     python benchmarks/summarize.py                  # update README.md in place
     python benchmarks/summarize.py --check          # exit 1 if README.md is not up to date
@@ -33,6 +34,8 @@ from rankprune.benchmark import markdown_table  # noqa: E402
 
 MARKER = re.compile(r"(<!-- results:(?P<name>[\w.\-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 RESULT_FILE = re.compile(r"^(?P<name>.+)-(?P<device>[a-z]+)-(?P<stamp>\d{8}T\d{6}Z)\.json$")
+# Spread columns stay in the JSON; the README shows medians (and everything else).
+SPREAD = re.compile(r"(^|\.)(p10_ms|p90_ms|repeats)($|\.)")
 NO_RESULTS = "_No results yet: run `python benchmarks/run_all.py` on a GPU machine, then this script._\n"
 
 
@@ -52,7 +55,9 @@ def newest_results(results_dir: str) -> Dict[str, Dict[str, Tuple[str, str]]]:
 def _flatten(row: Dict[str, object], prefix: str = "") -> Dict[str, object]:
     flat: Dict[str, object] = {}
     for key, value in row.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "median_ms" in value:  # a Timing: its median stands for it
+            flat[prefix + key] = value["median_ms"]
+        elif isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
         elif isinstance(value, (list, tuple)):
             flat[prefix + key] = "x".join(str(v) for v in value)
@@ -81,7 +86,7 @@ def render_table(payload: Dict[str, object]) -> str:
     headers = list(payload.get("columns") or [])
     if not headers:
         for r in flat:
-            headers += [k for k in r if k not in headers]
+            headers += [k for k in r if k not in headers and not SPREAD.search(k)]
     return markdown_table(headers, [[r.get(h) for h in headers] for r in flat])
 
 
@@ -96,7 +101,8 @@ def render_section(per_device: Dict[str, Tuple[str, str]]) -> str:
         date = str(env.get("date", "unknown date"))[:10]
         versions = f"torch {env.get('torch', '?')}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
         parts.append(f"Measured on **{env.get('device', device)}** ({device}), {versions}, "
-                     f"commit `{env.get('commit', '?')}`, {date} (`{os.path.relpath(path, ROOT)}`).\n\n"
+                     f"commit `{env.get('commit', '?')}`, {date}; medians, spread in "
+                     f"`{os.path.relpath(path, ROOT)}`.\n\n"
                      f"{render_table(payload)}\n")
     return "\n".join(parts)
 
