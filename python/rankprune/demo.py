@@ -36,19 +36,19 @@ class DemoConfig:
 
     model: str = "resnet20"
     width: float = 0.5
-    train_size: int = 8000
+    train_size: int = 6000
     test_size: int = 2000
     batch_size: int = 100
-    epochs: int = 8
+    epochs: int = 6
     lr: float = 0.1
-    finetune_epochs: int = 2
+    finetune_epochs: int = 1
     finetune_lr: float = 0.02
     criteria: Sequence[str] = _CRITERIA
     ratios: Sequence[float] = (0.3, 0.5)
     decompose_flops: float = 0.5
     energy: float = 0.9
     trp: bool = False
-    trp_epochs: int = 3
+    trp_epochs: int = 2
     trp_lam: float = 3e-4
     calibration_batches: int = 4
     latency_batch_size: int = 1
