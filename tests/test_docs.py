@@ -172,3 +172,38 @@ def test_doc_block_runs(doc, line, lang, code, tmp_path, monkeypatch):
         ran += 1
     if ran == 0:
         pytest.skip("every command of this block is excluded by rule (installs, pytest, cmake)")
+
+
+def _public_calls():
+    """(qualified name, object) of every public function, class and method reachable from rankprune's public
+    modules (no ``_`` in the module path), re-exports included. CLI ``register``/``run`` are documented by
+    ``--help`` instead."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    seen = {}
+    for info in pkgutil.walk_packages(rankprune.__path__, "rankprune."):
+        if any(part.startswith("_") for part in info.name.split(".")):
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                continue
+            if not getattr(obj, "__module__", "").startswith("rankprune"):
+                continue
+            if info.name.startswith("rankprune.cli.") and name in ("register", "run"):
+                continue
+            seen.setdefault(f"{info.name}.{name}", obj)
+            if inspect.isclass(obj):
+                for attr in vars(obj):
+                    if not attr.startswith("_") and callable(getattr(obj, attr, None)):
+                        seen.setdefault(f"{info.name}.{name}.{attr}", getattr(obj, attr))
+    return seen
+
+
+def test_every_public_call_has_a_docstring():
+    import inspect
+
+    missing = sorted(name for name, obj in _public_calls().items() if not inspect.getdoc(obj))
+    assert not missing, "public calls without a docstring:\n" + "\n".join(missing)

@@ -203,6 +203,8 @@ class Criterion:
         self.layers = list(layers) if layers is not None else None
 
     def scores(self, model: nn.Module, data: Optional[Iterable] = None) -> Scores:
+        """``{conv_name: float64 CPU tensor [out_channels]}`` for ``model`` (higher = more important); ``data``
+        is the calibration batches of data-driven criteria."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -309,6 +311,7 @@ class WeightCriterion(Criterion):
     """A data-free rule on each conv's weight [C_out, C_in/groups, kh, kw]."""
 
     def filter_scores(self, weight: Tensor) -> Tensor:
+        """One score per output channel (filter) of a conv weight ``[out, in/groups, kh, kw]``."""
         raise NotImplementedError
 
     def scores(self, model: nn.Module, data: Optional[Iterable] = None) -> Scores:

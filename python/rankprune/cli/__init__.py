@@ -18,6 +18,7 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``rankprune`` argument parser with every subcommand of ``SUBCOMMANDS``."""
     parser = argparse.ArgumentParser(
         prog="rankprune",
         description="Compress PyTorch networks by energy and rank (energy-aware pruning, TRP, low-rank layers).",
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code (2: a usage error)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)

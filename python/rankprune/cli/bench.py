@@ -26,6 +26,7 @@ LAYER_VARIANTS = ("dense", "pruned", "lowrank", "lowrank-fused")
 
 
 def register(sub) -> None:
+    """Add ``bench`` (with its targets ``model`` and ``layer``) to the subcommands."""
     p = sub.add_parser("bench", help="latency of a model or a layer: dense vs pruned vs decomposed",
                        description="Latency of a model or a single layer, dense against compressed variants "
                                    "(median and p10-p90 of many timed runs after warm-up).")

@@ -5,6 +5,7 @@ OUT_DEFAULT = "rankprune-demo"
 
 
 def register(sub) -> None:
+    """Add ``demo`` to the subcommands."""
     p = sub.add_parser(
         "demo", help="train, score, prune, decompose (and TRP) a small model; print one table, write a report",
         description="Train a small CIFAR ResNet on the built-in synthetic data, score its channels by energy, "
@@ -38,6 +39,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    """Check the options, then run ``rankprune.demo.run``."""
     from rankprune import demo
 
     from . import UsageError

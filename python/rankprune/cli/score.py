@@ -27,6 +27,7 @@ def add_model_data_options(p) -> None:
 
 
 def load_model(args, device, dtype):
+    """The model of ``--model`` (with ``--width``, ``--num-classes``, ``--weights``) on ``device`` in eval mode."""
     import torch
 
     from rankprune import models
@@ -73,6 +74,7 @@ def load_data(args, split: str = "train"):
 
 
 def make_criterion(args):
+    """The ``rankprune.scoring`` criterion named by ``--criterion`` (with ``--tap``, progress as asked)."""
     from rankprune import scoring
 
     from . import UsageError

@@ -105,6 +105,7 @@ def svdvals_reference(A: Tensor) -> Tensor:
 
 
 def nuclear_norm_reference(A: Tensor) -> Tensor:
+    """Float64 reference of :func:`nuclear_norm` (LAPACK singular values), for tests."""
     return svdvals_reference(A).sum(-1)
 
 
@@ -113,10 +114,12 @@ def _reduce(per_image: Tensor, reduction: str) -> Tensor:
 
 
 def feature_energy_reference(x: Tensor, reduction: str = "mean") -> Tensor:
+    """Float64 reference of :func:`feature_energy`, for tests."""
     return _reduce(nuclear_norm_reference(x), reduction)
 
 
 def feature_rank_reference(x: Tensor, rtol: Optional[float] = None, reduction: str = "mean") -> Tensor:
+    """Float64 reference of :func:`feature_rank`, for tests."""
     if rtol is None:
         eps = torch.finfo(_real_dtype(x.dtype)).eps
         rtol = max(x.shape[-2], x.shape[-1]) * eps
