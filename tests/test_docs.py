@@ -55,7 +55,6 @@ TINY = {
     "rankprune score": "--num-images 16 --batch-size 8 --no-progress",
     "rankprune prune": "--num-images 16 --batch-size 8 --no-progress",
     "python benchmarks/run_all.py": "--dry-run",
-    "python benchmarks/bench_": "--quick --device cpu --repeats 1",
 }
 TIMEOUT_S = 600
 

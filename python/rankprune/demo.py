@@ -152,7 +152,7 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
             stem = os.path.join(config.out, "plans", name)
             with open(stem + ".json", "w") as f:
                 json.dump(plan, f, indent=1)
-            torch.save(model.state_dict(), stem + ".pt")
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, stem + ".pt")  # loads without a GPU
             row["plan"] = os.path.relpath(stem + ".json", config.out)
         variants.append(row)
         built[name] = model
