@@ -36,6 +36,7 @@ def register(sub) -> None:
                          description="Time a built-in network: dense, channel-pruned (--ratio) and low-rank "
                                      "decomposed (--rank-ratio), or dense against a saved plan (--plan).")
     m.add_argument("--model", default="resnet20", help="built-in model name (see rankprune.models; default resnet20)")
+    m.add_argument("--width", type=float, default=1.0, help="channel width multiplier of the model (default 1.0)")
     m.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
     m.add_argument("--input-size", type=int, default=32, help="input height = width in pixels (default 32)")
     m.add_argument("--variants", default=",".join(MODEL_VARIANTS),
@@ -116,10 +117,13 @@ def run_model(args) -> int:
 
 
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
-    dense = models.build(args.model, num_classes=args.num_classes).eval()
+    if not 0 < args.width <= 4:
+        raise UsageError(f"--width must be in (0, 4], got {args.width}")
+    dense = models.build(args.model, num_classes=args.num_classes, width=args.width).eval()
     built: Dict[str, Callable[[], nn.Module]] = {"dense": lambda: dense}
     if args.plan is not None:
-        built["plan"] = lambda: rankprune.apply_plan(models.build(args.model, num_classes=args.num_classes), plan)
+        built["plan"] = lambda: rankprune.apply_plan(
+            models.build(args.model, num_classes=args.num_classes, width=args.width), plan)
     else:
         if "pruned" in variants:
             built["pruned"] = lambda: _pruned(dense, x, args.ratio)
@@ -134,7 +138,7 @@ def run_model(args) -> int:
         stats = report.model_stats(net, (x,))
         net = net.to(device=device, dtype=dtype)
         rows.append(_timed_row(name, net, x.to(device=device, dtype=dtype), stats, device, args))
-    config = {"model": args.model, "batch_size": args.batch_size, "input_size": args.input_size,
+    config = {"model": args.model, "width": args.width, "batch_size": args.batch_size, "input_size": args.input_size,
               "ratio": args.ratio, "rank_ratio": args.rank_ratio, "plan": args.plan}
     return _finish(args.name or "bench-model", f"{args.model}, batch {args.batch_size}", rows, config, device, args)
 
