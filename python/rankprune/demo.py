@@ -36,10 +36,10 @@ class DemoConfig:
 
     model: str = "resnet20"
     width: float = 0.5
-    train_size: int = 6000
+    train_size: int = 8000
     test_size: int = 2000
     batch_size: int = 100
-    epochs: int = 6
+    epochs: int = 8
     lr: float = 0.1
     finetune_epochs: int = 1
     finetune_lr: float = 0.02
