@@ -13,7 +13,8 @@ def register(sub) -> None:
                     "--trp, train with Trained Rank Pruning and decompose), fine-tune each compressed model, "
                     "measure latency, print one table and write a report folder (JSON, Markdown, PNG plots, "
                     "plans). A few minutes on 2 CPU cores; --quick: about one.")
-    p.add_argument("--quick", action="store_true", help="fewer images and epochs, one ratio, two criteria (~1 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: fewer images and epochs, one ratio, two criteria (~1 min; accuracies stay low)")
     p.add_argument("--trp", action="store_true", help="also train with Trained Rank Pruning and decompose")
     p.add_argument("--model", help="built-in CIFAR model (default resnet20)")
     p.add_argument("--width", type=float, help="channel width multiplier of the model (default 0.5)")
