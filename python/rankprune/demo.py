@@ -322,9 +322,10 @@ def write_report(results: Dict[str, object], out: str, echo: Callable[[str], Non
     title = f"{cfg['model']} (width {cfg['width']}) on synthetic CIFAR"
     made = [plots.accuracy_vs_flops(points, os.path.join(out, "accuracy_vs_flops.png"), title)]
     layers = results["layers"]
+    rank_series = {"full_rank": "full rank", "decomposed_rank": "decomposed (dense where absent)",
+                   "trp_rank": "TRP energy rank"}
     panels = [{"ylabel": "rank", "series": {
-        k: [row.get(k) for row in layers] for k in ("full_rank", "decomposed_rank", "trp_rank")
-        if any(k in row for row in layers)}}]
+        label: [row.get(k) for row in layers] for k, label in rank_series.items() if any(k in row for row in layers)}}]
     kept = sorted({k for row in layers for k in row if k.startswith("kept_")})
     if kept:
         panels.append({"ylabel": "output channels", "series": {
