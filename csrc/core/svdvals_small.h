@@ -143,13 +143,18 @@ inline void apply_right_reflector(const SerialGroup&, T* a, int64_t lda, int64_t
 template <typename T, typename G>
 RP_HD void bidiagonalize(const G& g, T* a, int64_t lda, int64_t m, int64_t n, T* d, T* e, T* w) {
   using std::sqrt;
+  // The matrix is scaled so that max |a_ij| = 1, hence ||A|| >= 1. A remaining column (row) whose squared norm
+  // is below eps^2 is treated as zero, a perturbation below eps * ||A||. Without this floor, a reflector built
+  // from rounding residue (sparse post-ReLU maps leave many) divides by a sum of squares that has underflowed:
+  // the reflector is no longer orthogonal, or c overflows to inf.
+  const T negligible = std::numeric_limits<T>::epsilon() * std::numeric_limits<T>::epsilon();
   for (int64_t k = 0; k < n; ++k) {
     // Left reflector H = I - c v v^T zeroing a[k+1:, k]; v = (alpha - beta, a[k+1:, k]).
     T part = T(0);
     for (int64_t i = k + g.rank(); i < m; i += g.size()) part += a[i + k * lda] * a[i + k * lda];
     const T s = g.sum(part);
     const T alpha = a[k + k * lda];
-    const T beta = s > T(0) ? (alpha >= T(0) ? -sqrt(s) : sqrt(s)) : T(0);
+    const T beta = s > negligible ? (alpha >= T(0) ? -sqrt(s) : sqrt(s)) : T(0);
     if (g.rank() == 0) d[k] = beta < T(0) ? -beta : beta;
     if (beta != T(0)) {
       const T v0 = alpha - beta, c = T(1) / (beta * (beta - alpha));
@@ -172,7 +177,7 @@ RP_HD void bidiagonalize(const G& g, T* a, int64_t lda, int64_t m, int64_t n, T*
     for (int64_t j = k + 1 + g.rank(); j < n; j += g.size()) part += a[k + j * lda] * a[k + j * lda];
     const T s2 = g.sum(part);
     const T alpha2 = a[k + (k + 1) * lda];
-    const T beta2 = s2 > T(0) ? (alpha2 >= T(0) ? -sqrt(s2) : sqrt(s2)) : T(0);
+    const T beta2 = s2 > negligible ? (alpha2 >= T(0) ? -sqrt(s2) : sqrt(s2)) : T(0);
     if (g.rank() == 0) e[k] = beta2 < T(0) ? -beta2 : beta2;
     if (beta2 != T(0)) {
       apply_right_reflector(g, a, lda, m, n, k, alpha2 - beta2, T(1) / (beta2 * (beta2 - alpha2)), w);
