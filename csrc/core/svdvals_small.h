@@ -13,6 +13,7 @@
 //      spectra where Gram-based methods lose ~sqrt(eps) * sigma_max.
 #pragma once
 
+#include <algorithm>
 #include <limits>
 
 #include "core/group.h"
@@ -265,39 +266,69 @@ RP_HD void bidiagonal_svdvals(const G& g, const T* d, const T* e, int64_t n, T* 
   }
 }
 
-// The serial (CPU) group bisects 8 values in lockstep: the same operations per value as above, written
-// on GCC/Clang vector types so that they run as SIMD and hide the division latency.
-template <typename T>
-inline void bidiagonal_svdvals(const SerialGroup&, const T* d, const T* e, int64_t n, T* sigma) {
-  constexpr int kLanes = 8;
+// The serial (CPU) group bisects values in lockstep: the same operations per value as above, written on
+// GCC/Clang vector types (kLanes lanes, up to kChains independent vectors interleaved) so that they run as
+// SIMD and the division latency of one chain hides behind the others.
+template <int kLanes, typename T>
+inline void bisect_lockstep(const T* d, const T* e, int64_t n, T* sigma) {
+  constexpr int kChains = 4;
   typedef T V __attribute__((vector_size(kLanes * sizeof(T))));
-  // Comparison masks (all bits set where true); selections are bitwise so that plain SSE2 code does them.
+  // Comparison masks (all bits set where true); selections are bitwise so that any x86-64 level does them.
   typedef decltype(V{} < V{}) M;
-  const auto select = [](M mask, V a, V b) { return V((M(a) & mask) | (M(b) & ~mask)); };
   T bound, pivmin;
   bisection_setup(d, e, n, bound, pivmin);
   V lane_index;
   for (int l = 0; l < kLanes; ++l) lane_index[l] = T(l);
-  const V zero = V{}, one = zero + T(1);
-  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
+  const V zero = V{}, one = zero + T(1), neg_pivmin = zero - pivmin;
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes * kChains) {
     // Bisection for value i (descending) moves hi down while more than n - 1 - i values lie below mid.
-    const V target = T(n - 1 - i0) - lane_index;
-    V lo = zero, hi = zero + bound;
+    const int chains = static_cast<int>(std::min<int64_t>(kChains, (n - i0 + kLanes - 1) / kLanes));
+    V target[kChains], lo[kChains], hi[kChains], mid[kChains], q[kChains], below[kChains];
+    for (int c = 0; c < kChains; ++c) {
+      target[c] = T(n - 1 - i0 - c * kLanes) - lane_index;
+      lo[c] = zero;
+      hi[c] = zero + bound;
+    }
     for (int step = 0; step < BisectionSteps<T>::value; ++step) {
-      const V mid = T(0.5) * (lo + hi);
-      V q = -mid, below = one - T(n);  // the first pivot, -mid, is negative
+      for (int c = 0; c < kChains; ++c) {
+        mid[c] = T(0.5) * (lo[c] + hi[c]);
+        q[c] = -mid[c];
+        below[c] = one - T(n);  // the first pivot, -mid, is negative
+      }
       for (int64_t k = 0; k < 2 * n - 1; ++k) {
         const T b = (k & 1) ? e[k >> 1] : d[k >> 1];
-        q = -mid - (b * b) / q;
-        q = select((q < pivmin) & (q > -pivmin), zero - pivmin, q);
-        below += V(M(one) & (q < T(0)));
+        const T b2 = b * b;
+        for (int c = 0; c < kChains; ++c) {
+          if (c >= chains) break;
+          V t = -mid[c] - b2 / q[c];
+          const M tiny = (t < pivmin) & (t > -pivmin);
+          t = V((M(neg_pivmin) & tiny) | (M(t) & ~tiny));
+          q[c] = t;
+          below[c] += V(M(one) & (t < T(0)));
+        }
       }
-      const M go_down = below > target;
-      hi = select(go_down, mid, hi);
-      lo = select(go_down, lo, mid);
+      for (int c = 0; c < chains; ++c) {
+        const M go_down = below[c] > target[c];
+        hi[c] = V((M(mid[c]) & go_down) | (M(hi[c]) & ~go_down));
+        lo[c] = V((M(lo[c]) & go_down) | (M(mid[c]) & ~go_down));
+      }
     }
-    for (int l = 0; l < kLanes && i0 + l < n; ++l) sigma[i0 + l] = lo[l] == T(0) ? T(0) : T(0.5) * (lo[l] + hi[l]);
+    for (int c = 0; c < chains; ++c) {
+      for (int l = 0; l < kLanes; ++l) {
+        const int64_t i = i0 + c * kLanes + l;
+        if (i < n) sigma[i] = lo[c][l] == T(0) ? T(0) : T(0.5) * (lo[c][l] + hi[c][l]);
+      }
+    }
   }
+}
+
+template <typename T>
+inline void bidiagonal_svdvals(const SerialGroup&, const T* d, const T* e, int64_t n, T* sigma) {
+  // Narrow vectors for small matrices so that several chains still interleave.
+  if (n <= 16)
+    bisect_lockstep<4>(d, e, n, sigma);
+  else
+    bisect_lockstep<8>(d, e, n, sigma);
 }
 
 // What a kernel makes of one matrix's singular values.

@@ -5,6 +5,7 @@ kernel for torch.compile / torch.export, and a float64 pure-PyTorch reference (`
 tests compare against.
 """
 from . import _library
+from ._lowrank_conv import lowrank_conv2d, lowrank_conv2d_reference
 from ._svd import (
     energy_rank,
     energy_rank_reference,
@@ -48,4 +49,6 @@ __all__ = [
     "orthonormalize",
     "energy_rank",
     "energy_rank_reference",
+    "lowrank_conv2d",
+    "lowrank_conv2d_reference",
 ]

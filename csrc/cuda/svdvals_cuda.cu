@@ -1,0 +1,114 @@
+// CUDA backend of the singular-value ops: many matrices per launch, each resident on chip and worked on by
+// one warp (matrices with at most 32 rows) or one block (larger), running core/svdvals_small.h.
+//
+// Paths, by the per-matrix workspace (about rows * cols values of the compute type):
+//   - warp path: rows <= 32, kWarpsPerBlock matrices per block, workspaces in shared memory;
+//   - block path: the workspace in shared memory while it fits the device's opt-in limit
+//     (fp32 up to about 220 x 220 on H100/H200);
+//   - global path: beyond that, the same block kernel with the workspace in global memory (one slice per
+//     resident block, reused across the grid-stride loop). Still one launch for the whole batch.
+// No host synchronisation, no per-matrix library calls.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "core/svdvals_runner.h"
+
+namespace rankprune {
+namespace {
+
+constexpr int kWarpsPerBlock = 4;
+constexpr int kScratchDoubles = 32;  // BlockGroup reduction scratch: one double per warp
+
+struct BatchDesc {
+  int64_t count, inner, outer_stride, inner_stride;
+};
+
+__device__ __forceinline__ int64_t matrix_offset(const BatchDesc& b, int64_t i) {
+  return (i / b.inner) * b.outer_stride + (i % b.inner) * b.inner_stride;
+}
+
+template <typename T, typename scalar_t>
+__global__ void svdvals_warp_kernel(const scalar_t* __restrict__ base, BatchDesc batch, MatrixRef ref,
+                                    SvdvalsEpilogue epilogue, double rtol, T* __restrict__ out, int64_t out_stride,
+                                    int64_t ws) {
+  extern __shared__ double smem[];
+  const int warp = threadIdx.x >> 5;
+  const WarpGroup g{static_cast<int>(threadIdx.x & 31)};
+  T* work = reinterpret_cast<T*>(smem) + warp * ws;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; b < batch.count;
+       b += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
+    svdvals_one<T>(g, base + matrix_offset(batch, b), ref, work, epilogue, rtol, out + b * out_stride);
+    g.sync();  // the next matrix overwrites the workspace
+  }
+}
+
+template <typename T, typename scalar_t>
+__global__ void svdvals_block_kernel(const scalar_t* __restrict__ base, BatchDesc batch, MatrixRef ref,
+                                     SvdvalsEpilogue epilogue, double rtol, T* __restrict__ out, int64_t out_stride,
+                                     T* global_work, int64_t ws) {
+  extern __shared__ double smem[];
+  const BlockGroup g{smem};
+  T* work = global_work != nullptr ? global_work + static_cast<int64_t>(blockIdx.x) * ws
+                                   : reinterpret_cast<T*>(smem + kScratchDoubles);
+  for (int64_t b = blockIdx.x; b < batch.count; b += gridDim.x) {
+    svdvals_one<T>(g, base + matrix_offset(batch, b), ref, work, epilogue, rtol, out + b * out_stride);
+    g.sync();
+  }
+}
+
+// Threads per matrix on the block path: enough for one row or column each in the Householder updates.
+int block_threads(int64_t rows) { return rows <= 64 ? 64 : rows <= 128 ? 128 : 256; }
+
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+}  // namespace
+
+void run_svdvals_cuda(const BatchView& batch, SvdvalsEpilogue epilogue, double rtol, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(batch.tensor.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const MatrixRef ref = orient(batch.m, batch.n, batch.sm, batch.sn);
+  const int64_t out_stride = epilogue == SvdvalsEpilogue::Values ? ref.cols : 1;
+  const BatchDesc desc{batch.count, batch.inner, batch.outer_stride, batch.inner_stride};
+  const int64_t ws = workspace_size(ref);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, batch.tensor.scalar_type(), "rankprune_svdvals_cuda", [&] {
+    using T = typename ComputeType<scalar_t>::type;
+    const scalar_t* base = batch.tensor.const_data_ptr<scalar_t>();
+    T* out_ptr = out.data_ptr<T>();
+    if (ref.rows <= 32) {
+      const size_t bytes = static_cast<size_t>(kWarpsPerBlock * ws) * sizeof(T);
+      const int64_t blocks = std::min<int64_t>((batch.count + kWarpsPerBlock - 1) / kWarpsPerBlock,
+                                               static_cast<int64_t>(prop->multiProcessorCount) * 64);
+      auto kernel = svdvals_warp_kernel<T, scalar_t>;
+      allow_shared_memory(kernel, bytes);
+      kernel<<<blocks, kWarpsPerBlock * 32, bytes, stream>>>(base, desc, ref, epilogue, rtol, out_ptr, out_stride, ws);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const int threads = block_threads(ref.rows);
+    const size_t smem_bytes = kScratchDoubles * sizeof(double) + static_cast<size_t>(ws) * sizeof(T);
+    auto kernel = svdvals_block_kernel<T, scalar_t>;
+    if (smem_bytes <= prop->sharedMemPerBlockOptin) {
+      const int64_t blocks = std::min<int64_t>(batch.count, static_cast<int64_t>(prop->multiProcessorCount) * 32);
+      allow_shared_memory(kernel, smem_bytes);
+      kernel<<<blocks, threads, smem_bytes, stream>>>(base, desc, ref, epilogue, rtol, out_ptr, out_stride, nullptr,
+                                                        ws);
+    } else {
+      // Workspace in global memory: a few resident blocks per SM, each reusing its slice.
+      const int64_t blocks = std::min<int64_t>(batch.count, static_cast<int64_t>(prop->multiProcessorCount) * 4);
+      at::Tensor work = at::empty({blocks * ws}, out.options().dtype(c10::CppTypeToScalarType<T>::value));
+      kernel<<<blocks, threads, kScratchDoubles * sizeof(double), stream>>>(base, desc, ref, epilogue, rtol, out_ptr,
+                                                                           out_stride, work.data_ptr<T>(), ws);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace rankprune

@@ -1,0 +1,95 @@
+"""`rankprune prune`: structural channel pruning of a model; writes the plan, pruned weights and a report."""
+import json
+import os
+
+from .common import add_common_options, check_output_dir, resolve_device, resolve_dtype, seed_everything
+from .score import add_model_data_options, load_data, load_model, make_criterion
+
+OUT_DEFAULT = "rankprune-pruned"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "prune", help="remove conv channels by a criterion (or saved scores); write plan, weights and report",
+        description="Score a model's channels (or read --scores from `rankprune score`), remove the least "
+                    "important channels with everything coupled to them, and write OUT/plan.json, "
+                    "OUT/pruned.pt (state_dict: rebuild with rankprune.apply_prune_plan(fresh_model, plan) then "
+                    "load_state_dict), OUT/report.json and OUT/report.md (params, FLOPs, per-layer channels, "
+                    "accuracy with --eval).")
+    add_model_data_options(p)
+    p.add_argument("--scores", help="scores file from `rankprune score` (instead of scoring here)")
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--ratio", type=float, help="fraction of channels to remove, in [0, 1)")
+    goal.add_argument("--target-flops", type=float, help="fraction of the FLOPs to keep, in (0, 1]")
+    p.add_argument("--global", dest="global_ranking", action="store_true",
+                   help="rank channels of all layers together (default: the same ratio in every layer)")
+    p.add_argument("--round-to", type=int, help="keep a multiple of this many channels per layer")
+    p.add_argument("--eval", action="store_true",
+                   help="report accuracy before/after on the test split of --data (built-in) or on --data itself")
+    add_common_options(p, OUT_DEFAULT, f"output folder (default ./{OUT_DEFAULT})")
+    p.set_defaults(run=run)
+
+
+def _accuracy_fn(args, device, dtype):
+    import torch
+
+    from rankprune import data
+    from rankprune._inputs import to_device
+
+    split = "test" if args.data in ("synthetic", "builtin") else "train"
+    dataset = data.load(args.data, split=split, n=2000 if split == "test" else None, seed=args.seed)
+    loader = data.batch_loader(dataset, 256)
+
+    def accuracy(model) -> float:
+        correct = total = 0
+        model.eval()
+        with torch.no_grad():
+            for x, y in loader:
+                correct += (model(to_device(x, device, dtype)).argmax(1).cpu() == y).sum().item()
+                total += len(y)
+        return correct / total
+
+    return accuracy
+
+
+def run(args) -> int:
+    import torch
+
+    import rankprune
+    from rankprune import report, scoring
+
+    from . import UsageError
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+    seed_everything(args.seed)
+    model = load_model(args, device, dtype)
+    loader, image_shape, _ = load_data(args)
+    example = torch.zeros(1, *image_shape, device=device, dtype=dtype)
+    if args.scores:
+        if not os.path.isfile(args.scores):
+            raise UsageError(f"--scores {args.scores}: no such file")
+        criterion = torch.load(args.scores, map_location="cpu", weights_only=True)
+        if not isinstance(criterion, dict):
+            raise UsageError(f"--scores {args.scores}: expected a dict {{conv_name: tensor}}")
+        criterion = scoring.check_scores(model, criterion)
+    else:
+        criterion = make_criterion(args)
+    pruned, plan = rankprune.prune(
+        model, example, criterion, data=loader, ratio=args.ratio, target_flops=args.target_flops,
+        global_ranking=args.global_ranking, round_to=args.round_to, progress=not args.no_progress,
+    )
+    eval_fn = _accuracy_fn(args, device, dtype) if args.eval else None
+    result = report.compare(model, pruned, example, eval_fn)
+    out = check_output_dir(args.out)
+    with open(os.path.join(out, "plan.json"), "w") as f:
+        json.dump(plan, f)
+    torch.save(pruned.state_dict(), os.path.join(out, "pruned.pt"))
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    text = report.render(result)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(f"# rankprune prune: {args.model}, criterion {plan['criterion']}\n\n{text}\n")
+    print(report.render(result, per_layer=False))
+    print(f"wrote {out}/plan.json, {out}/pruned.pt, {out}/report.json, {out}/report.md")
+    return 0

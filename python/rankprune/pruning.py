@@ -1,0 +1,427 @@
+"""Structural channel pruning on Torch-Pruning's dependency graph, driven by ``rankprune.scoring`` scores.
+
+``prune(model, example_inputs, criterion_or_scores, ratio=... | target_flops=...)`` physically removes
+output channels of convolutions together with everything coupled to them (the BatchNorm after a conv, the
+input channels of the next conv or Linear, every branch joined by a residual addition, concatenations,
+depthwise convs) and returns ``(pruned_model, plan)``.
+
+What the numbers mean:
+
+- A *group* is a set of channels that must be removed together (Torch-Pruning's ``Group``): one conv's
+  outputs and the inputs it feeds, or all convs tied by residual additions. A channel of a group is
+  scored by the mean, over the group's scored convs, of each conv's score divided by that conv's mean
+  score (so that convs with different scales compare).
+- ``ratio``: the fraction of channels removed, from every prunable group (``global_ranking=False``), or
+  from all prunable channels together, the least important first (``global_ranking=True``).
+  It is a fraction of *channels*: removing a fraction p of the channels of two consecutive convs removes
+  about 1-(1-p)^2 of the FLOPs between them.
+- ``target_flops``: the fraction of the original FLOPs (``torch.utils.flop_counter`` on
+  ``example_inputs``) that the pruned model keeps, e.g. 0.6 to remove 40%. The channel ratio that meets it
+  is found by bisection, each step pruning a fresh copy; the result lands within 2% of the target
+  (relative) unless the channel granularity forbids it, in which case the closest is returned. With local
+  ranking the search rounds each group's channel count at a different point (``_prune_by_ratio``'s
+  ``dither``) so that FLOPs can be met finely; the plan's ``ratio`` is then the nominal ratio.
+
+The plan is plain JSON-able data::
+
+    {"method": "prune", "version": 1,
+     "layers": {module_name: {"out_channels_kept": [original indices, ascending],
+                              "in_channels_kept": [...]}},      # each key only where that side shrank
+     "criterion": ..., "ratio": ..., "target_flops": ..., "global_ranking": ..., "round_to": ...,
+     "flops": [before, after], "params": [before, after]}
+
+``apply_prune_plan(fresh_model, plan)`` slices every listed module to the kept indices (Torch-Pruning's
+per-layer pruning functions, no graph tracing), so that a state_dict saved from the pruned model loads with
+``load_state_dict`` / ``torch.load(..., weights_only=True)``.
+"""
+import copy
+import math
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch_pruning import _helpers as tp_helpers
+from torch_pruning.pruner import function as tp_function
+
+from . import scoring
+from ._inputs import call_model
+from .report import count_flops
+
+PLAN_VERSION = 1
+Scores = Dict[str, Tensor]
+
+# TP pruning functions that remove a conv's output channels (the ones our scores describe).
+_CONV_OUT_FNS = {tp_function.prune_conv_out_channels, tp_function.prune_depthwise_conv_out_channels}
+
+
+def _normalized(s: Tensor) -> Tensor:
+    mean = s.mean()
+    return s / mean if mean > 0 else s
+
+
+class ScoreImportance(tp.importance.Importance):
+    """Torch-Pruning importance from rankprune scores: ``imp(group) -> [channels of the group]``.
+
+    ``scores_or_criterion`` is a scores dict ``{conv_name: [out_channels]}`` of the *unpruned* model, or a
+    criterion (name or :class:`rankprune.scoring.Criterion`) that is evaluated on the graph's model (with
+    ``data``) at the first call. A group's importance is the mean over its scored convs of each conv's
+    scores divided by their mean (see the module doc); groups without a scored conv give ``None``, which
+    Torch-Pruning pruners skip. Scores refer to channel positions of the unpruned model, so use it for
+    one-shot pruning (``iterative_steps=1``) or re-create it after each step.
+
+    Example::
+
+        imp = ScoreImportance("energy", data=calib_loader)
+        pruner = tp.pruner.MetaPruner(model, example_inputs, importance=imp, pruning_ratio=0.3,
+                                      ignored_layers=[model.fc])
+        pruner.step()
+    """
+
+    def __init__(self, scores_or_criterion: Union[Scores, str, scoring.Criterion] = "energy",
+                 data: Optional[Iterable] = None):
+        if isinstance(scores_or_criterion, dict):
+            self.scores: Optional[Scores] = {k: torch.as_tensor(v, dtype=torch.float64)
+                                             for k, v in scores_or_criterion.items()}
+            self.criterion = None
+        else:
+            self.scores = None
+            self.criterion = scoring.get(scores_or_criterion)
+        self.data = data
+        self._names: Dict[nn.Module, str] = {}
+
+    def bind(self, model: nn.Module) -> "ScoreImportance":
+        """Compute the scores on ``model`` now (if a criterion was given) and learn its module names."""
+        if self.scores is None:
+            self.scores = self.criterion.scores(model, self.data)
+        self.scores = scoring.check_scores(model, self.scores)
+        self._names = {m: n for n, m in model.named_modules()}
+        return self
+
+    @torch.no_grad()
+    def __call__(self, group) -> Optional[Tensor]:
+        if self.scores is None or not self._names:
+            self.bind(group._DG.model)
+        total = None
+        count = None
+        for dep, idxs in group:
+            if dep.handler not in _CONV_OUT_FNS:
+                continue
+            name = self._names.get(dep.target.module)
+            if name not in self.scores:
+                continue
+            plain = torch.as_tensor(tp_helpers.to_plain_idxs(idxs), dtype=torch.long)
+            root = torch.as_tensor(tp_helpers.to_root_idxs(idxs), dtype=torch.long)
+            if total is None:
+                n = len(group[0].idxs)
+                total = torch.zeros(n, dtype=torch.float64)
+                count = torch.zeros(n, dtype=torch.float64)
+            total.scatter_add_(0, root, _normalized(self.scores[name])[plain])
+            count.scatter_add_(0, root, torch.ones(len(root), dtype=torch.float64))
+        if total is None:
+            return None
+        return total / count.clamp_min(1)
+
+
+def _output_layers(model: nn.Module, example_inputs: Any) -> List[nn.Module]:
+    """Conv/Linear layers whose output is the model's output (the classifier), by one probe forward;
+    the last such layer called if the output went through functional ops after it."""
+    called: List[Tuple[nn.Module, Tensor]] = []
+    handles = [m.register_forward_hook(lambda m, i, o: called.append((m, o)))
+               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            out = call_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else [out]
+    ids = {id(t) for t in outs if isinstance(t, Tensor)}
+    direct = [m for m, o in called if id(o) in ids]
+    if direct:
+        return direct
+    return [called[-1][0]] if called else []
+
+
+def _grouped_conv_in(group) -> bool:
+    """Whether the group touches a grouped (not depthwise) conv, whose channels Torch-Pruning cannot slice
+    per group exactly; such groups are left unpruned."""
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, nn.Conv2d) and 1 < m.groups and not (m.groups == m.in_channels == m.out_channels):
+            return True
+    return False
+
+
+def _keep_count(n: int, n_prune: int, round_to: Optional[int], min_keep: int) -> int:
+    keep = n - n_prune
+    if round_to:
+        keep = keep - keep % round_to if keep >= round_to else min(round_to, n)
+    return min(n, max(keep, min_keep, 1))
+
+
+def _prune_by_ratio(model: nn.Module, example_inputs: Any, scores: Scores, ratio: float, global_ranking: bool,
+                    ignored: List[nn.Module], round_to: Optional[int], max_layer_ratio: float,
+                    dither: bool = False):
+    """Prune ``model`` in place; returns the per-module kept indices ``{name: {"out"|"in": [..]}}``.
+
+    With ``dither`` (local ranking only), group ``g`` of ``G`` removes ``floor(n * ratio + g / G)``
+    channels instead of ``floor(n * ratio)``: the groups round at different ratios, so FLOPs fall in many
+    small steps as the ratio grows instead of a few large ones (used by the FLOP-target search).
+    """
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    importance = ScoreImportance(scores).bind(model)
+    names = {m: n for n, m in model.named_modules()}
+    candidates = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+        if _grouped_conv_in(group):
+            continue
+        imp = importance(group)
+        if imp is None:
+            continue
+        candidates.append((group[0].dep.target.module, group[0].dep.handler, imp))
+    if not candidates:
+        raise ValueError("no prunable channel group: every conv is ignored, unscored, or tied to an ignored layer")
+
+    plan_prune: List[Tuple[nn.Module, Any, Tensor]] = []
+    if global_ranking:
+        everything = torch.cat([imp for _, _, imp in candidates])
+        n_prune = int(math.floor(len(everything) * ratio))
+        threshold = everything.sort().values[n_prune - 1] if n_prune > 0 else -math.inf
+    for g, (module, handler, imp) in enumerate(candidates):
+        n = len(imp)
+        min_keep = math.ceil(n * (1 - max_layer_ratio))
+        if global_ranking:
+            n_prune = int((imp <= threshold).sum())
+        else:
+            n_prune = int(math.floor(n * ratio + (g / len(candidates) if dither and ratio > 0 else 0.0)))
+        keep = _keep_count(n, n_prune, round_to, min_keep)
+        if keep < n:
+            plan_prune.append((module, handler, imp.argsort()[: n - keep]))
+
+    alive: Dict[Tuple[str, str], List[int]] = {}
+    for module, handler, idxs in plan_prune:
+        group = graph.get_pruning_group(module, handler, idxs.tolist())
+        for dep, dep_idxs in group:
+            name = names.get(dep.target.module)
+            if name is None:  # graph-only nodes (additions, concatenations, ...)
+                continue
+            side = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
+            if (name, side) not in alive:
+                size = graph.get_out_channels(dep.target.module) if side == "out" else graph.get_in_channels(dep.target.module)
+                alive[(name, side)] = list(range(size))
+            removed = set(int(i) for i in tp_helpers.to_plain_idxs(dep_idxs))
+            alive[(name, side)] = [c for pos, c in enumerate(alive[(name, side)]) if pos not in removed]
+        group.prune()
+    kept: Dict[str, Dict[str, List[int]]] = {}
+    for (name, side), channels in sorted(alive.items()):
+        kept.setdefault(name, {})[f"{side}_channels_kept"] = channels
+    return kept
+
+
+def _resolve_ignored(model: nn.Module, ignored_layers) -> List[nn.Module]:
+    if ignored_layers is None:
+        return []
+    modules = dict(model.named_modules())
+    out = []
+    for item in ignored_layers:
+        if isinstance(item, str):
+            if item not in modules:
+                raise ValueError(f"ignored_layers: {item!r} is not a module of the model")
+            out.append(modules[item])
+        elif isinstance(item, nn.Module):
+            out.append(item)
+        else:
+            raise TypeError(f"ignored_layers must hold module names or modules, got {type(item).__name__}")
+    return out
+
+
+def _check_fraction(name: str, value, lo_open: bool, hi_open: bool, lo=0.0, hi=1.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    bad = (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi)
+    if bad or not math.isfinite(value):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return float(value)
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: Any,
+    criterion_or_scores: Union[str, scoring.Criterion, Scores] = "energy",
+    *,
+    data: Optional[Iterable] = None,
+    ratio: Optional[float] = None,
+    target_flops: Optional[float] = None,
+    global_ranking: bool = False,
+    ignored_layers: Optional[Sequence[Union[str, nn.Module]]] = None,
+    ignore_output_layer: bool = True,
+    round_to: Optional[int] = None,
+    max_layer_ratio: float = 0.9,
+    inplace: bool = False,
+    progress: bool = True,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Remove the least important conv output channels (and everything coupled to them).
+
+    Args:
+        model: the network; pruned in place when ``inplace``, else a deep copy is pruned.
+        example_inputs: inputs for one forward (tensor, tuple or dict) to trace the dependency graph and
+            count FLOPs; a batch of 1 is enough.
+        criterion_or_scores: a criterion name (see ``rankprune.scoring``), a Criterion, or precomputed
+            scores ``{conv_name: [out_channels]}`` of this model.
+        data: calibration batches for data-driven criteria (energy, hrank, taylor).
+        ratio: fraction of channels to remove, in [0, 1) (see the module doc).
+        target_flops: fraction of the original FLOPs to keep, in (0, 1]; exclusive with ``ratio``.
+        global_ranking: rank all groups together (a single threshold) instead of pruning each group by
+            ``ratio``.
+        ignored_layers: modules or module names never pruned (nor anything tied to their output channels).
+        ignore_output_layer: also ignore the layer(s) producing the model output (the classifier).
+        round_to: keep a multiple of this many channels in each pruned group.
+        max_layer_ratio: no group loses more than this fraction of its channels (and at least one stays).
+        inplace: prune ``model`` itself.
+        progress: progress bars (scoring, FLOP-target search).
+
+    Returns:
+        ``(pruned_model, plan)``; the plan is plain data (module doc) for :func:`apply_prune_plan`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if (ratio is None) == (target_flops is None):
+        raise ValueError("give exactly one of ratio (fraction of channels to remove) and target_flops "
+                         "(fraction of FLOPs to keep)")
+    if ratio is not None:
+        ratio = _check_fraction("ratio", ratio, lo_open=False, hi_open=True)
+    if target_flops is not None:
+        target_flops = _check_fraction("target_flops", target_flops, lo_open=True, hi_open=False)
+    max_layer_ratio = _check_fraction("max_layer_ratio", max_layer_ratio, lo_open=False, hi_open=True)
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    scoring.conv_layers(model)  # a model without convs is refused here, before any work
+
+    if isinstance(criterion_or_scores, dict):
+        criterion_name = "scores"
+        scores = scoring.check_scores(model, criterion_or_scores)
+    else:
+        crit = scoring.get(criterion_or_scores)
+        if hasattr(crit, "progress"):
+            crit.progress = crit.progress and progress
+        criterion_name = crit.name
+        scores = scoring.check_scores(model, crit.scores(model, data))
+
+    was_training = model.training
+    model.eval()
+    try:
+        base_flops = count_flops(model, example_inputs)
+        base_params = sum(p.numel() for p in model.parameters())
+        names_ignored = _resolve_ignored(model, ignored_layers)
+        if ignore_output_layer:
+            names_ignored += _output_layers(model, example_inputs)
+        ignored_names = [n for n, m in model.named_modules() if m in set(names_ignored)]
+
+        def attempt(r: float, target: nn.Module, dither: bool = False):
+            ignored = [target.get_submodule(n) for n in ignored_names]
+            kept = _prune_by_ratio(target, example_inputs, scores, r, global_ranking, ignored, round_to,
+                                   max_layer_ratio, dither)
+            return kept, count_flops(target, example_inputs)
+
+        if ratio is not None:
+            pruned = model if inplace else copy.deepcopy(model)
+            kept, flops = attempt(ratio, pruned)
+        else:
+            pruned, kept, flops, ratio = _search_flops(model, attempt, base_flops, target_flops, max_layer_ratio,
+                                                       progress)
+            if inplace:
+                apply_prune_plan(model, {"method": "prune", "version": PLAN_VERSION, "layers": kept})
+                pruned = model
+    finally:
+        model.train(was_training)
+    pruned.train(was_training)
+    plan = {
+        "method": "prune",
+        "version": PLAN_VERSION,
+        "layers": kept,
+        "criterion": criterion_name,
+        "ratio": ratio,
+        "target_flops": target_flops,
+        "global_ranking": bool(global_ranking),
+        "round_to": round_to,
+        "ignored_layers": ignored_names,
+        "flops": [base_flops, flops],
+        "params": [base_params, sum(p.numel() for p in pruned.parameters())],
+    }
+    return pruned, plan
+
+
+def _search_flops(model, attempt, base_flops: int, target: float, max_layer_ratio: float, progress: bool):
+    """Bisection on the channel ratio for ``flops(pruned) / base_flops`` closest to ``target``."""
+    best = None
+
+    def consider(r):
+        nonlocal best
+        candidate = copy.deepcopy(model)
+        kept, flops = attempt(r, candidate, dither=True)
+        err = abs(flops / base_flops - target)
+        if best is None or err < best[0]:
+            best = (err, candidate, kept, flops, r)
+        return flops / base_flops
+
+    lo, hi = 0.0, max_layer_ratio
+    steps = range(24)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"searching ratio for {100 * target:.1f}% FLOPs", leave=False)
+    if target >= 1.0:
+        consider(0.0)
+    else:
+        for _ in steps:
+            mid = 0.5 * (lo + hi)
+            kept_fraction = consider(mid)
+            if abs(kept_fraction / target - 1) <= 0.02:
+                break
+            if kept_fraction > target:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo < 1e-4:
+                break
+    _, pruned, kept, flops, r = best
+    return pruned, kept, flops, r
+
+
+def apply_prune_plan(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
+    """Slice ``model`` (an unpruned instance of the architecture the plan was made on) to the plan's kept
+    channels, in place, and return it. Weights are sliced too, so applying the plan to the original trained
+    model reproduces the pruned model; applying it to a fresh model gives the right shapes for
+    ``load_state_dict`` of the pruned weights."""
+    if not isinstance(plan, dict) or plan.get("method") != "prune":
+        raise ValueError("plan: expected a dict with method 'prune' (as returned by rankprune.prune)")
+    if plan.get("version") != PLAN_VERSION:
+        raise ValueError(f"plan: version {plan.get('version')!r} is not supported (expected {PLAN_VERSION})")
+    layers = plan.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError("plan: 'layers' must be a dict {module_name: {'out_channels_kept': [...], ...}}")
+    modules = dict(model.named_modules())
+    for name, entry in layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"plan: model has no module {name!r}")
+        pruner = tp_function.PrunerBox.get(tp.ops.module2type(module))
+        if pruner is None:
+            raise ValueError(f"plan: cannot prune module {name!r} of type {type(module).__name__}")
+        for side in ("out", "in"):
+            kept = entry.get(f"{side}_channels_kept")
+            if kept is None:
+                continue
+            current = pruner.get_out_channels(module) if side == "out" else pruner.get_in_channels(module)
+            if current == len(kept):  # already sliced (a depthwise conv's in/out move together)
+                continue
+            if not kept or max(kept) >= current or min(kept) < 0 or len(set(kept)) != len(kept):
+                raise ValueError(f"plan: {side}_channels_kept of {name!r} does not fit its {current} channels")
+            removed = sorted(set(range(current)) - set(kept))
+            pruner(module, removed, to_output=(side == "out"))
+    return model
+
+
+__all__ = ["prune", "apply_prune_plan", "ScoreImportance", "PLAN_VERSION"]

@@ -1,0 +1,233 @@
+"""svdvals / nuclear_norm / feature_energy / feature_rank against float64 LAPACK, on fresh random inputs."""
+import pytest
+import torch
+
+from rankprune import ops
+from conftest import devices
+
+DEVICES = devices()
+
+
+# ---- matrix families (float64, then cast by the test) ------------------------------------------------
+
+
+def gaussian(b, m, n):
+    return torch.randn(b, m, n, dtype=torch.float64)
+
+
+def relu_lowrank_noise(b, m, n):
+    # Feature-map-like: ReLU of a rank-7 field plus noise.
+    r = min(7, m, n)
+    return torch.relu(torch.randn(b, m, r, dtype=torch.float64) @ torch.randn(b, r, n, dtype=torch.float64)
+                      + 0.05 * torch.randn(b, m, n, dtype=torch.float64))
+
+
+def rank_deficient(b, m, n, r=5):
+    r = min(r, m, n)
+    return torch.randn(b, m, r, dtype=torch.float64) @ torch.randn(b, r, n, dtype=torch.float64)
+
+
+def graded(b, m, n):
+    # Geometric spectrum 1 ... 1e-6.
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(b, m, k, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(b, n, k, dtype=torch.float64)).Q
+    s = torch.logspace(0, -6, k, dtype=torch.float64)
+    return (u * s) @ v.mT
+
+
+FAMILIES = {"gaussian": gaussian, "relu_lowrank": relu_lowrank_noise, "rank5": rank_deficient, "graded": graded}
+SHAPES = [(1, 1), (7, 7), (14, 14), (28, 28), (56, 56), (60, 20), (20, 60), (33, 5), (112, 112)]
+
+
+def check_close(values, reference, rel=1e-5):
+    """Every singular value within rel * sigma_max of the float64 reference."""
+    assert values.shape == reference.shape
+    smax = reference[..., :1].clamp_min(1e-300)
+    err = ((values.double() - reference).abs() / smax).max().item() if values.numel() else 0.0
+    assert err <= rel, f"max |sigma - sigma_ref| / sigma_max = {err:.3g} > {rel}"
+
+
+def check_nuclear(values, reference, rel=1e-5):
+    denom = reference.abs().clamp_min(1e-300)
+    err = ((values.double() - reference).abs() / denom).max().item() if values.numel() else 0.0
+    assert err <= rel, f"nuclear norm relative error {err:.3g} > {rel}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_float32_accuracy(device, family, shape, seed):
+    a64 = FAMILIES[family](24 if shape[0] <= 60 else 6, *shape)
+    a = a64.float().to(device)
+    ref = ops.svdvals_reference(a.cpu())  # of the float32 matrix itself
+    s = ops.svdvals(a)
+    assert s.dtype == torch.float32 and s.device.type == device
+    check_close(s.cpu(), ref)
+    assert (s[..., :-1] >= s[..., 1:]).all(), "not descending"
+    check_nuclear(ops.nuclear_norm(a).cpu(), ref.sum(-1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(130, 130), (300, 40), (40, 257)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_large_matrices(device, shape, seed):
+    # Beyond the fused on-chip sizes (on the GPU: the shared-memory limit and the global-memory path).
+    a = relu_lowrank_noise(2, *shape).float().to(device)
+    ref = ops.svdvals_reference(a.cpu())
+    check_close(ops.svdvals(a).cpu(), ref)
+    check_nuclear(ops.nuclear_norm(a).cpu(), ref.sum(-1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_is_float64_accurate(device, seed):
+    a = graded(8, 40, 30).to(device)
+    s = ops.svdvals(a)
+    assert s.dtype == torch.float64
+    check_close(s.cpu(), ops.svdvals_reference(a.cpu()), rel=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_compute_in_float32(device, dtype, seed):
+    a = relu_lowrank_noise(16, 28, 28).to(dtype).to(device)
+    s = ops.svdvals(a)
+    assert s.dtype == torch.float32
+    check_close(s.cpu(), ops.svdvals_reference(a.cpu()))  # reference of the same rounded values
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_matrix_gives_exact_zeros(device):
+    a = torch.zeros(3, 14, 9, device=device)
+    assert torch.equal(ops.svdvals(a).cpu(), torch.zeros(3, 9))
+    assert torch.equal(ops.nuclear_norm(a).cpu(), torch.zeros(3))
+    x = torch.zeros(2, 3, 7, 7, device=device)
+    assert torch.equal(ops.feature_energy(x, "none").cpu(), torch.zeros(2, 3))
+    assert torch.equal(ops.feature_rank(x, reduction="none").cpu(), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("n", [14, 56])
+def test_non_finite_matrix_is_nan_alone(device, bad, n, seed):
+    a = gaussian(5, n, n).float()
+    a[2, 3, 1] = bad
+    s = ops.svdvals(a.to(device)).cpu()
+    assert torch.isnan(s[2]).all()
+    keep = [0, 1, 3, 4]
+    check_close(s[keep], ops.svdvals_reference(a[keep]))
+    nn = ops.nuclear_norm(a.to(device)).cpu()
+    assert torch.isnan(nn[2]) and torch.isfinite(nn[keep]).all()
+    x = a.reshape(5, 1, n, n).to(device)
+    assert torch.isnan(ops.feature_energy(x, "none").cpu()[2]).all()
+    assert torch.isnan(ops.feature_rank(x, reduction="none").cpu()[2]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_any_strides(device, seed):
+    base = gaussian(6, 30, 20).float().to(device)
+    views = {
+        "transposed": base.mT,  # [6, 20, 30], column-major matrices
+        "batch-sliced": base[::2],
+        "inner-sliced": base[:, 1:25:2, ::3],
+        "expanded": base[:1].expand(4, 30, 20),
+        "4-d non-mergeable": torch.randn(3, 4, 5, 16, 12, device=device).permute(1, 0, 2, 4, 3)[:, :, 1:],
+    }
+    for name, view in views.items():
+        ref = ops.svdvals_reference(view.cpu())
+        check_close(ops.svdvals(view).cpu(), ref)
+        check_nuclear(ops.nuclear_norm(view).cpu(), ref.sum(-1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_shapes(device):
+    assert ops.svdvals(torch.randn(0, 5, 4, device=device)).shape == (0, 4)
+    assert ops.nuclear_norm(torch.randn(2, 0, 5, 4, device=device)).shape == (2, 0)
+    assert ops.svdvals(torch.randn(5, 4, device=device)).shape == (4,)
+    assert ops.nuclear_norm(torch.randn(5, 4, device=device)).shape == ()
+    assert ops.svdvals(torch.randn(2, 3, 0, 4, device=device)).shape == (2, 3, 0)
+    assert torch.equal(ops.nuclear_norm(torch.randn(2, 0, 4, device=device)).cpu(), torch.zeros(2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_feature_energy_matches_reference(device, reduction, seed):
+    x = relu_lowrank_noise(4 * 6, 14, 14).float().reshape(4, 6, 14, 14).to(device)
+    got = ops.feature_energy(x, reduction).cpu()
+    ref = ops.feature_energy_reference(x.cpu(), reduction)
+    assert got.shape == ref.shape == ((4, 6) if reduction == "none" else (6,))
+    check_nuclear(got, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_feature_ops_read_channels_last_in_place(device, seed):
+    x = relu_lowrank_noise(3 * 8, 9, 11).float().reshape(3, 8, 9, 11).to(device)
+    xcl = x.to(memory_format=torch.channels_last)
+    assert not xcl.is_contiguous()
+    torch.testing.assert_close(ops.feature_energy(xcl, "none"), ops.feature_energy(x, "none"), rtol=1e-6, atol=0)
+    assert torch.equal(ops.feature_rank(xcl, reduction="none"), ops.feature_rank(x, reduction="none"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_feature_rank_matches_matrix_rank(device, seed):
+    # Maps of known rank 0..7 (products in float64, cast to float32: rounding noise ~1e-8 sigma_max sits far
+    # below the default tolerance max(H, W) * eps * sigma_max).
+    n, c, h, w = 3, 8, 14, 12
+    ranks = torch.randint(0, 8, (n, c))
+    maps = torch.zeros(n, c, h, w, dtype=torch.float64)
+    for i in range(n):
+        for j in range(c):
+            r = int(ranks[i, j])
+            if r:
+                maps[i, j] = torch.randn(h, r, dtype=torch.float64) @ torch.randn(r, w, dtype=torch.float64)
+    x = maps.float().to(device)
+    got = ops.feature_rank(x, reduction="none").cpu()
+    assert torch.equal(got, ranks.float())
+    assert torch.equal(got.double(), ops.feature_rank_reference(x.cpu(), reduction="none"))
+    default_rank = torch.linalg.matrix_rank(x.cpu().double(), rtol=max(h, w) * torch.finfo(torch.float32).eps)
+    assert torch.equal(got.long(), default_rank)
+    torch.testing.assert_close(ops.feature_rank(x).cpu(), ranks.float().mean(0))
+    # A loose tolerance drops the weak directions.
+    assert (ops.feature_rank(x, rtol=0.999, reduction="none").cpu() <= got).all()
+
+
+def test_clear_errors():
+    with pytest.raises(RuntimeError, match=r"batch of matrices \[..., m, n\]"):
+        ops.svdvals(torch.randn(5))
+    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
+        ops.svdvals(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
+        ops.nuclear_norm(torch.randn(3, 3, dtype=torch.complex64))
+    with pytest.raises(RuntimeError, match=r"activations \[N, C, H, W\]"):
+        ops.feature_energy(torch.randn(3, 7, 7))
+    with pytest.raises(RuntimeError, match="reduction must be"):
+        ops.feature_energy(torch.randn(1, 2, 7, 7), "max")
+    with pytest.raises(RuntimeError, match="rtol must be >= 0"):
+        ops.feature_rank(torch.randn(1, 2, 7, 7), rtol=-1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    a = torch.randn(3, 9, 7, device=device)
+    x = torch.randn(2, 3, 6, 5, device=device)
+    torch.library.opcheck(torch.ops.rankprune.svdvals.default, (a,))
+    torch.library.opcheck(torch.ops.rankprune.nuclear_norm.default, (a,))
+    for reduction in ("none", "sum", "mean"):
+        torch.library.opcheck(torch.ops.rankprune.feature_energy.default, (x, reduction))
+        torch.library.opcheck(torch.ops.rankprune.feature_rank.default, (x, None, reduction))
+    torch.library.opcheck(torch.ops.rankprune.feature_rank.default, (x, 0.1, "mean"))
+
+
+def test_compiles_without_graph_breaks():
+    def score(x):
+        return ops.feature_energy(torch.relu(x), "mean") + ops.feature_rank(x, reduction="mean")
+
+    x = torch.randn(2, 4, 8, 8)
+    compiled = torch.compile(score, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), score(x))
+
+
+def test_cuda_tensor_without_cuda_kernels_is_refused():
+    if ops.cuda_kernels_built() or not torch.cuda.is_available():
+        pytest.skip("only meaningful for a CPU-only build on a CUDA machine")
+    with pytest.raises(NotImplementedError):
+        ops.svdvals(torch.randn(2, 3, 3, device="cuda"))
