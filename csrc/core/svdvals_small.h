@@ -90,6 +90,33 @@ RP_HD LoadStatus load_scaled(const G& g, const scalar_t* base, const MatrixRef& 
   return LoadStatus::Ok;
 }
 
+// The same for one CPU thread, column by column: no index division per element (it was a quarter of the
+// time of a 576 x 40 Householder QR, measured).
+template <typename T, typename scalar_t>
+inline LoadStatus load_scaled(const SerialGroup&, const scalar_t* base, const MatrixRef& ref, T* a, int64_t lda,
+                              T& scale) {
+  T amax = T(0);
+  bool finite = true;
+  for (int64_t j = 0; j < ref.cols; ++j) {
+    const scalar_t* col = base + j * ref.col_stride;
+    T* aj = a + j * lda;
+    for (int64_t i = 0; i < ref.rows; ++i) {
+      const T v = static_cast<T>(col[i * ref.row_stride]);
+      aj[i] = v;
+      finite &= (v - v == T(0));  // false for NaN and +-Inf
+      const T av = v < T(0) ? -v : v;
+      amax = av > amax ? av : amax;
+    }
+  }
+  if (!finite) return LoadStatus::NonFinite;
+  if (amax == T(0)) return LoadStatus::Zero;
+  scale = amax;
+  const T inv = T(1) / amax;
+  for (int64_t j = 0; j < ref.cols; ++j)
+    for (int64_t i = 0; i < ref.rows; ++i) a[i + j * lda] *= inv;
+  return LoadStatus::Ok;
+}
+
 // x . y with four partial sums (instruction-level parallelism on both CPU and GPU).
 template <typename T>
 RP_HD T dot(const T* x, const T* y, int64_t len) {
