@@ -170,3 +170,23 @@ def test_bad_arguments(net_and_input):
     with pytest.raises(ValueError, match="plan says"):
         apply_decompose_plan(small_resnet(), {"method": "decompose", "version": 1,
                                               "layers": {"1": {"kind": "conv2d", "scheme": "channel", "rank": 2}}})
+
+
+# (name, width): the 512-channel SVDs of full-width VGG-16/MobileNetV2/ResNet-50 take minutes on 2 cores.
+BUILTIN_MODELS = [("resnet20", 1.0), ("resnet56", 1.0), ("vgg16", 0.5), ("mobilenetv2", 0.5)] + [
+    pytest.param(name, 1.0, marks=pytest.mark.slow) for name in ("vgg16", "mobilenetv2", "resnet50")
+]
+
+
+@pytest.mark.parametrize("name, width", BUILTIN_MODELS)
+def test_every_builtin_model_meets_the_budget(name, width, seed):
+    models = pytest.importorskip("rankprune.models")
+    model = models.build(name, width=width).eval()
+    x = torch.randn(1, *models.INPUT_SHAPES[name])
+    new, plan, report = rankprune.decompose(model, target_flops=0.5, example_inputs=x)
+    ratio = _flops(new, x) / _flops(model, x)
+    assert abs(ratio - 0.5) <= 0.05 * 0.5, ratio
+    assert plan["layers"] and report["total"]["output_rel_error"] is not None
+    rebuilt = apply_decompose_plan(models.build(name, width=width).eval(), json.loads(json.dumps(plan)))
+    rebuilt.load_state_dict(new.state_dict())
+    torch.testing.assert_close(rebuilt(x), new(x))

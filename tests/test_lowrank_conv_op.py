@@ -117,19 +117,57 @@ def test_bad_stride_type():
         ops.lowrank_conv2d(x, w1, w2, b, stride=0)
 
 
+@pytest.fixture
+def allow_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("c, r, n, hw, stride", [(64, 16, 64, 14, 1), (32, 32, 80, 9, 2), (48, 128, 40, 7, 1)])
-def test_cuda_fused_kernel_shapes(dtype, channels_last, c, r, n, hw, stride, seed):
-    # Shapes the fused kernel covers (r a multiple of 16 up to 128); tolerance of the dtype's tensor-core math.
+@pytest.mark.parametrize("c, r, n, hw, stride, bias", [(64, 16, 64, 14, 1, True), (32, 32, 80, 9, 2, False),
+                                                       (48, 128, 40, 7, 1, True), (5, 48, 200, 30, 1, True)])
+def test_cuda_fused_kernel(dtype, channels_last, c, r, n, hw, stride, bias, monkeypatch, allow_tf32, seed):
+    # The fused kernel forced on shapes it covers; tolerance of the dtype's tensor-core arithmetic.
+    monkeypatch.setenv("RANKPRUNE_LOWRANK_CONV2D", "fused")
     x = torch.randn(3, c, hw, hw, device="cuda", dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w1 = torch.randn(r, c, 3, 3, device="cuda", dtype=dtype) / (c * 9) ** 0.5
     w2 = torch.randn(n, r, 1, 1, device="cuda", dtype=dtype) / r ** 0.5
-    b = torch.randn(n, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
     out = ops.lowrank_conv2d(x, w1, w2, b, stride, 1, 1)
     ref = ops.lowrank_conv2d_reference(x, w1, w2, b, stride, 1, 1)
     tol = {torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float32: 1e-2}[dtype]
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("setting", ["auto", "unfused"])
+def test_cuda_paths_agree(setting, monkeypatch, seed):
+    monkeypatch.setenv("RANKPRUNE_LOWRANK_CONV2D", setting)
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # "auto" times both paths once
+    try:
+        for r in (24, 32):  # 24: not covered, always the cuDNN pair
+            x = torch.randn(2, 32, 10, 10, device="cuda", dtype=torch.float16)
+            w1 = torch.randn(r, 32, 3, 3, device="cuda", dtype=torch.float16) / 17
+            w2 = torch.randn(48, r, 1, 1, device="cuda", dtype=torch.float16) / r ** 0.5
+            out = ops.lowrank_conv2d(x, w1, w2, None, 1, 1, 1)
+            torch.testing.assert_close(out.double(), ops.lowrank_conv2d_reference(x, w1, w2, None, 1, 1, 1),
+                                       rtol=2e-2, atol=2e-2)
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+@pytest.mark.cuda
+def test_cuda_forced_fused_refuses_uncovered_shape(monkeypatch):
+    monkeypatch.setenv("RANKPRUNE_LOWRANK_CONV2D", "fused")
+    x = torch.randn(1, 8, 5, 5, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="does not cover"):
+        ops.lowrank_conv2d(x, torch.randn(24, 8, 3, 3, device="cuda", dtype=torch.float16),
+                           torch.randn(8, 24, 1, 1, device="cuda", dtype=torch.float16))

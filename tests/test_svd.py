@@ -273,3 +273,14 @@ def test_svd_compiles(seed):
     A = torch.randn(2, 10, 6)
     f = torch.compile(lambda x: ops.svd(x)[1].sum(-1), fullgraph=True, backend="eager")
     assert torch.allclose(f(A), ops.svd(A)[1].sum(-1))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_large_matrices(seed, device):
+    """Sizes whose workspace exceeds GPU shared memory (the global-memory workspace path on CUDA)."""
+    A = torch.randn(2, 180, 170, device=device)
+    _check_svd(A, *ops.svd(A))
+    A = torch.randn(2, 3000, 72, device=device)
+    Q = ops.orthonormalize(A).double().cpu()
+    assert (Q.mT @ Q - torch.eye(72, dtype=torch.float64)).abs().max() < 1e-5
+    _check_svd(A, *ops.svd(A))  # QR path with a global-memory QR

@@ -11,8 +11,10 @@ namespace rankprune {
 namespace {
 
 // The column loops of core/svd_small.h vectorize; on x86-64 they get an AVX2/FMA clone chosen at load time.
+// flatten: the per-matrix functions are too large for GCC to inline on its own, and only code inlined into
+// the clone is compiled for AVX2.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RP_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define RP_CPU_CLONES __attribute__((flatten, target_clones("arch=x86-64-v3", "default")))
 #else
 #define RP_CPU_CLONES
 #endif

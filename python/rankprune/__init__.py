@@ -5,13 +5,15 @@ the model-level verbs are re-exported here.
 """
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
-from . import data, lowrank, models, nn, ops, report, scoring
+from . import data, lowrank, models, nn, ops, report, scoring, trp
 from .lowrank import decompose
+from .plans import apply_plan
 from .pruning import apply_prune_plan, prune
+from .trp import TrainedRankPruner
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "nn", "data", "models", "report", "scoring", "lowrank", "decompose", "prune", "apply_prune_plan",
-    "__version__",
+    "ops", "nn", "data", "models", "report", "scoring", "trp", "lowrank", "decompose", "prune", "apply_plan",
+    "apply_prune_plan", "TrainedRankPruner", "__version__",
 ]

@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 # Subcommand modules, in the order `rankprune --help` lists them.
-SUBCOMMANDS = ["info", "score", "prune"]
+SUBCOMMANDS = ["info", "score", "prune", "trp"]
 
 
 class UsageError(Exception):

@@ -1,0 +1,38 @@
+"""Plans: what a compression step did to an architecture, as plain JSON-able data.
+
+A plan rebuilds the compressed architecture on a freshly constructed model, so that a state_dict saved after
+compression loads with ``torch.load(path, weights_only=True)``::
+
+    model = build_model()
+    model = rankprune.apply_plan(model, json.load(open("plan.json")))
+    model.load_state_dict(torch.load("model.pt", weights_only=True))
+
+Every plan is a dict with ``"method"`` ("prune" or "decompose") and ``"version"``; a list of plans is applied
+in order (e.g. pruning, then decomposition).
+"""
+from typing import Mapping, Sequence, Union
+
+from torch import nn
+
+Plan = Mapping[str, object]
+
+
+def apply_plan(model: nn.Module, plan: Union[Plan, Sequence[Plan]]) -> nn.Module:
+    """Rebuild on ``model`` the architecture described by ``plan`` (or by each plan of a list, in order) and
+    return the model. Weights of the rebuilt layers are placeholders until a state_dict is loaded."""
+    if isinstance(plan, Sequence) and not isinstance(plan, (str, bytes)):
+        for step in plan:
+            model = apply_plan(model, step)
+        return model
+    if not isinstance(plan, Mapping) or "method" not in plan:
+        raise ValueError("apply_plan: expected a plan dict with a 'method' key (or a list of them)")
+    method = plan["method"]
+    if method == "prune":
+        from .pruning import apply_prune_plan
+
+        return apply_prune_plan(model, plan)
+    if method == "decompose":
+        from .lowrank import apply_decompose_plan
+
+        return apply_decompose_plan(model, plan)
+    raise ValueError(f"apply_plan: unknown plan method {method!r} (expected 'prune' or 'decompose')")
