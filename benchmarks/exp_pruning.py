@@ -6,7 +6,7 @@ of its FLOPs (``rankprune.prune(..., target_flops=0.6)``, the same ratio in ever
 Prints a Markdown table and writes JSON + Markdown to benchmarks/results/.
 
     python benchmarks/exp_pruning.py            # full settings (width 1, 10k images, 30 + 10 epochs)
-    python benchmarks/exp_pruning.py --quick    # a small run for 2 CPU cores (width 0.5, 2k images, 3 + 1)
+    python benchmarks/exp_pruning.py --quick    # a small run for 2 CPU cores (width 0.5, 2k images, 4 + 1)
 """
 import argparse
 import copy
@@ -26,7 +26,7 @@ from rankprune.benchmark import environment, write_results  # noqa: E402
 
 FULL = dict(width=1.0, train_size=10000, test_size=2000, epochs=30, finetune_epochs=10, calib_images=512,
             batch_size=128, lr=0.1, finetune_lr=0.01)
-QUICK = dict(width=0.5, train_size=2000, test_size=1000, epochs=3, finetune_epochs=1, calib_images=128,
+QUICK = dict(width=0.5, train_size=2000, test_size=1000, epochs=4, finetune_epochs=1, calib_images=128,
              batch_size=100, lr=0.1, finetune_lr=0.01)
 
 
@@ -80,6 +80,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--note", default="", help="free text stored with the results (e.g. how the build differs)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
@@ -157,7 +158,7 @@ def main(argv=None):
     env = environment(device)
     payload = {"environment": env, "config": cfg, "quick": args.quick, "target_flops": args.target_flops,
                "score_dtype": args.score_dtype, "seeds": seeds, "criteria": criteria, "runs": runs,
-               "markdown": markdown, "wall_s": time.time() - t_start}
+               "markdown": markdown, "wall_s": time.time() - t_start, "note": args.note}
     path = write_results("exp_pruning" + ("-quick" if args.quick else ""), payload, args.out)
     md_path = os.path.join(args.out, "exp_pruning" + ("-quick" if args.quick else "") + f"-{env['device_type']}.md")
     with open(md_path, "w") as f:
