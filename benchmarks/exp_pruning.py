@@ -6,7 +6,7 @@ of its FLOPs (``rankprune.prune(..., target_flops=0.6)``, the same ratio in ever
 Prints a Markdown table and writes JSON + Markdown to benchmarks/results/.
 
     python benchmarks/exp_pruning.py            # full settings (width 1, 10k images, 30 + 10 epochs)
-    python benchmarks/exp_pruning.py --quick    # a small run for 2 CPU cores (width 0.5, 2k images, 4 + 1)
+    python benchmarks/exp_pruning.py --quick    # a small run for 2 CPU cores (width 0.5, 2k images, 5 + 2 epochs)
 """
 import argparse
 import copy
@@ -26,7 +26,7 @@ from rankprune.benchmark import environment, write_results  # noqa: E402
 
 FULL = dict(width=1.0, train_size=10000, test_size=2000, epochs=30, finetune_epochs=10, calib_images=512,
             batch_size=128, lr=0.1, finetune_lr=0.01)
-QUICK = dict(width=0.5, train_size=2000, test_size=1000, epochs=4, finetune_epochs=1, calib_images=128,
+QUICK = dict(width=0.5, train_size=2000, test_size=1000, epochs=5, finetune_epochs=2, calib_images=128,
              batch_size=100, lr=0.1, finetune_lr=0.01)
 
 
