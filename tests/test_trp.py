@@ -304,8 +304,8 @@ def test_cli_trp_writes_model_plan_and_report(tmp_path, capsys):
     from rankprune.cli import main
 
     out = tmp_path / "trp"
-    argv = ["trp", "--model", "resnet20", "--width", "0.25", "--epochs", "1", "--train-size", "64",
-            "--test-size", "32", "--batch-size", "32", "--period", "2", "--device", "cpu", "--no-progress",
+    argv = ["trp", "--model", "resnet20", "--width", "0.25", "--epochs", "1", "--train-size", "32",
+            "--test-size", "16", "--batch-size", "16", "--period", "2", "--device", "cpu", "--no-progress",
             "--out", str(out)]
     assert main(argv) == 0
     plan = json.loads((out / "plan.json").read_text())
