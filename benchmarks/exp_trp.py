@@ -128,6 +128,8 @@ def markdown(summary: List[Dict[str, object]], args, device_name: str) -> str:
         f"test images), {args.epochs} epochs, seeds {','.join(map(str, args.seeds))}; TRP energy {args.energy}, "
         f"lambda {args.lam}, period {args.period}; no fine-tuning after decomposition. Device: {device_name}.",
         "",
+        *(["**--quick smoke run**: too little training for the accuracies to mean anything; it checks the "
+           "pipeline and the FLOP accounting only.", ""] if args.quick else []),
         "| model | scheme | top-1 (%) | drop (pts) | FLOPs | FLOP reduction | params | >=2x at <=1 pt |",
         "|---|---|---|---|---|---|---|---|",
     ]
