@@ -137,7 +137,7 @@ def markdown(summary: List[Dict[str, object]], args, device_name: str) -> str:
         lines.append(
             f"| {e['method']} | {e['scheme'] or '-'} | {e['accuracy_mean']:.2f} ± {e['accuracy_std']:.2f} | "
             f"{e['accuracy_drop_points']:+.2f} | {e['flops_mean'] / 1e6:.2f} M | {e['flop_reduction']:.2f}x | "
-            f"{e['params_mean'] / 1e3:.1f} k | {'yes' if e['meets_targets'] else 'no'} |"
+            f"{e['params_mean'] / 1e3:.1f} k | {'-' if e['method'] == 'plain' else 'yes' if e['meets_targets'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 
