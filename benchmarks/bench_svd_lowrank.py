@@ -5,6 +5,7 @@ Every ratio is measured side by side in one run on one device (median of the rep
 
     python benchmarks/bench_svd_lowrank.py --device cuda            # the issue's shapes
     python benchmarks/bench_svd_lowrank.py --device cpu --quick     # scaled-down shapes for a small CPU
+    python benchmarks/bench_svd_lowrank.py --device cpu --quick --threads 1
 
 Writes benchmarks/results/bench_svd_lowrank-<device>-<stamp>.json (rankprune.benchmark.write_results).
 """
@@ -46,8 +47,11 @@ def main(argv=None):
     parser.add_argument("--oversample", type=int, default=8)
     parser.add_argument("--power-iters", type=int, default=2)
     parser.add_argument("--no-linalg", action="store_true", help="skip the torch.linalg.svd baseline of the lowrank cases")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU run")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     repeats = args.repeats or (20 if device.type == "cuda" else 3)
     warmup = 3 if device.type == "cuda" else 1

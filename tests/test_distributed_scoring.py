@@ -36,6 +36,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for criterion in CRITERIA:
             scores = scoring.score(make_net(), shard, criterion, progress=False)
             torch.save(scores, os.path.join(out_dir, f"{criterion}-rank{rank}.pt"))
+        # one batch for two ranks: rank 1 has an empty shard and still joins the all-reduce
+        scores = scoring.score(make_net(), make_batches()[:1][rank::world], "energy", progress=False)
+        torch.save(scores, os.path.join(out_dir, f"empty-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -49,3 +52,8 @@ def test_two_process_gloo_matches_single_process(tmp_path):
             assert got.keys() == single.keys()
             for name in single:
                 torch.testing.assert_close(got[name], single[name], rtol=1e-6, atol=1e-9)
+    single = scoring.score(make_net(), make_batches()[:1], "energy", progress=False)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"empty-rank{rank}.pt", weights_only=True)
+        for name in single:
+            torch.testing.assert_close(got[name], single[name], rtol=1e-6, atol=1e-9)

@@ -67,7 +67,7 @@ def test_plan_round_trip(tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     torch.save(pruned.state_dict(), tmp_path / "w.pt")
     fresh = models.build("resnet20", width=0.25)
-    pruning.apply_prune_plan(fresh, json.loads((tmp_path / "plan.json").read_text()))
+    rankprune.apply_plan(fresh, json.loads((tmp_path / "plan.json").read_text()))
     fresh.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
     fresh.eval()
     with torch.no_grad():

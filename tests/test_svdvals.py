@@ -36,7 +36,18 @@ def graded(b, m, n):
     return (u * s) @ v.mT
 
 
-FAMILIES = {"gaussian": gaussian, "relu_lowrank": relu_lowrank_noise, "rank5": rank_deficient, "graded": graded}
+def sparse_relu(b, m, n):
+    # Post-ReLU maps that are mostly zero: whole zero rows/columns and rounding residue in the reduction.
+    return torch.relu(torch.randn(b, m, n, dtype=torch.float64) - 2.0)
+
+
+FAMILIES = {
+    "gaussian": gaussian,
+    "relu_lowrank": relu_lowrank_noise,
+    "sparse_relu": sparse_relu,
+    "rank5": rank_deficient,
+    "graded": graded,
+}
 SHAPES = [(1, 1), (7, 7), (14, 14), (28, 28), (56, 56), (60, 20), (20, 60), (33, 5), (112, 112)]
 
 
@@ -66,6 +77,19 @@ def test_float32_accuracy(device, family, shape, seed):
     check_close(s.cpu(), ref)
     assert (s[..., :-1] >= s[..., 1:]).all(), "not descending"
     check_nuclear(ops.nuclear_norm(a).cpu(), ref.sum(-1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threshold", [1.0, 2.0, 2.5, 3.0])
+def test_sparse_post_relu_maps(device, dtype, threshold, seed):
+    # Regression: reflectors built from underflowed residue gave inf / wrong values on such maps.
+    a = torch.relu(torch.randn(2000, 14, 14, dtype=torch.float64) - threshold).to(dtype)
+    ref = ops.svdvals_reference(a)
+    s = ops.svdvals(a.to(device)).cpu()
+    assert torch.isfinite(s).all()
+    check_close(s, ref, rel=1e-5 if dtype == torch.float32 else 1e-12)
+    check_nuclear(ops.nuclear_norm(a.to(device)).cpu(), ref.sum(-1), rel=1e-5 if dtype == torch.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)

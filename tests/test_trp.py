@@ -304,8 +304,8 @@ def test_cli_trp_writes_model_plan_and_report(tmp_path, capsys):
     from rankprune.cli import main
 
     out = tmp_path / "trp"
-    argv = ["trp", "--model", "resnet20", "--width", "0.25", "--epochs", "1", "--train-size", "64",
-            "--test-size", "32", "--batch-size", "32", "--period", "2", "--device", "cpu", "--no-progress",
+    argv = ["trp", "--model", "resnet20", "--width", "0.25", "--epochs", "1", "--train-size", "32",
+            "--test-size", "16", "--batch-size", "16", "--period", "2", "--device", "cpu", "--no-progress",
             "--out", str(out)]
     assert main(argv) == 0
     plan = json.loads((out / "plan.json").read_text())
@@ -336,3 +336,28 @@ def test_low_precision_weights(seed):
     for name, r in ranks.items():
         s = reference_svdvals(net.get_submodule(name).weight, "channel")
         assert int((s > 1e-2 * s[0]).sum()) == r  # rank r up to bfloat16 rounding of the projected weight
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_cuda_matches_cpu(scheme, seed):
+    """The same TRP steps on CUDA and on the CPU give the same weights, gradients and ranks."""
+    nets = {"cpu": tiny_net(torch.float64)}
+    nets["cuda"] = tiny_net(torch.float64).cuda()
+    nets["cuda"].load_state_dict(nets["cpu"].state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    results = {}
+    for device, net in nets.items():
+        pruner = TrainedRankPruner(net, energy=0.8, lam=0.1, period=2, scheme=scheme)
+        for _ in range(3):
+            net.zero_grad(set_to_none=True)
+            net(x.to(device)).sum().backward()
+            pruner.regularize()
+            with torch.no_grad():
+                for p in net.parameters():
+                    p -= 0.05 * p.grad
+            pruner.step()
+        results[device] = ({k: v.cpu() for k, v in net.state_dict().items()}, pruner.ranks())
+    assert results["cuda"][1] == results["cpu"][1]
+    for name, w in results["cpu"][0].items():
+        torch.testing.assert_close(results["cuda"][0][name], w, rtol=1e-6, atol=1e-8, msg=name)

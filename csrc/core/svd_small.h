@@ -40,6 +40,19 @@ struct Teams {
 // rounding of the outputs (~4e-8). On the GPU FP64 runs at half the FP32 rate on H100/A100.
 using svd_compute_t = double;
 
+// f(i, j) for every cell of a rows x cols grid, split among the group's threads.
+template <typename G, typename F>
+RP_HD void for_each_cell(const G& g, int64_t rows, int64_t cols, F f) {
+  for (int64_t idx = g.rank(); idx < rows * cols; idx += g.size()) f(idx / cols, idx % cols);
+}
+
+// One CPU thread: nested loops, no index division per element.
+template <typename F>
+inline void for_each_cell(const SerialGroup&, int64_t rows, int64_t cols, F f) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) f(i, j);
+}
+
 // Jacobi settings: a pair rotates while |a_p . a_q| > tol ||a_p|| ||a_q||, tol = kJacobiTolFactor *
 // sqrt(rows) * eps (LAPACK gesvj uses sqrt(rows) * eps; the factor keeps rounding noise of the dot
 // products from forcing extra sweeps). The cap is LAPACK gesvj's.
@@ -189,14 +202,8 @@ RP_HD int jacobi_sweeps(const G& g, const Teams<S>& tm, T* w, int64_t rows, int6
 template <typename T, typename out_t, typename G>
 RP_HD void svd_fill(const G& g, bool zero, int64_t rows, int64_t cols, out_t* left, out_t* sigma, out_t* right) {
   const out_t nan = static_cast<out_t>(std::numeric_limits<T>::quiet_NaN());
-  for (int64_t idx = g.rank(); idx < rows * cols; idx += g.size()) {
-    const int64_t i = idx / cols, j = idx % cols;
-    left[idx] = zero ? out_t(i == j ? 1 : 0) : nan;
-  }
-  for (int64_t idx = g.rank(); idx < cols * cols; idx += g.size()) {
-    const int64_t i = idx / cols, j = idx % cols;
-    right[idx] = zero ? out_t(i == j ? 1 : 0) : nan;
-  }
+  for_each_cell(g, rows, cols, [&](int64_t i, int64_t j) { left[i * cols + j] = zero ? out_t(i == j ? 1 : 0) : nan; });
+  for_each_cell(g, cols, cols, [&](int64_t i, int64_t j) { right[i * cols + j] = zero ? out_t(i == j ? 1 : 0) : nan; });
   for (int64_t j = g.rank(); j < cols; j += g.size()) sigma[j] = zero ? out_t(0) : nan;
 }
 
@@ -272,7 +279,7 @@ RP_HD int svd_one(const G& g, const Teams<S>& tm, const scalar_t* base, const Ma
     svd_fill<T>(g, status == LoadStatus::Zero, rows, cols, left, sigma_out, right);
     return 0;
   }
-  for (int64_t idx = g.rank(); idx < cols * cols; idx += g.size()) v[idx] = (idx % cols == idx / cols) ? T(1) : T(0);
+  for_each_cell(g, cols, cols, [&](int64_t i, int64_t j) { v[i * cols + j] = i == j ? T(1) : T(0); });
   const T eps = std::numeric_limits<T>::epsilon();
   const T tiny = eps * eps * group_dot(g, w, w, 0, rows * cols);  // barrier: V is initialized
   // The rotations are exact to T's precision, so the tolerance only needs to match what out_t can hold.
@@ -303,14 +310,10 @@ RP_HD int svd_one(const G& g, const Teams<S>& tm, const scalar_t* base, const Ma
     negligible = state[j] == T(0) ? T(1) : negligible;
   }
   if (g.max(negligible) != T(0)) complete_basis(g, tm, w, rows, cols, coef, state, cover, perm, pick);
-  for (int64_t idx = g.rank(); idx < rows * cols; idx += g.size()) {
-    const int64_t i = idx / cols, c = idx % cols;
-    left[idx] = static_cast<out_t>(w[i + perm[c] * rows]);
-  }
-  for (int64_t idx = g.rank(); idx < cols * cols; idx += g.size()) {
-    const int64_t i = idx / cols, c = idx % cols;
-    right[idx] = static_cast<out_t>(v[i + perm[c] * cols]);
-  }
+  for_each_cell(g, rows, cols,
+                [&](int64_t i, int64_t c) { left[i * cols + c] = static_cast<out_t>(w[i + perm[c] * rows]); });
+  for_each_cell(g, cols, cols,
+                [&](int64_t i, int64_t c) { right[i * cols + c] = static_cast<out_t>(v[i + perm[c] * cols]); });
   for (int64_t c = g.rank(); c < cols; c += g.size()) sigma_out[c] = static_cast<out_t>(sigma[perm[c]] * scale);
   return sweeps;
 }
@@ -359,9 +362,8 @@ RP_HD void householder_qr_one(const G& g, const Teams<S>& tm, const scalar_t* ba
   const LoadStatus status = load_scaled(g, base, ref, a, m, scale);
   if (status == LoadStatus::NonFinite) {
     const out_t nan = static_cast<out_t>(std::numeric_limits<T>::quiet_NaN());
-    for (int64_t idx = g.rank(); idx < m * k; idx += g.size()) q[idx] = nan;
-    if (r != nullptr)
-      for (int64_t idx = g.rank(); idx < k * k; idx += g.size()) r[idx] = nan;
+    for_each_cell(g, m, k, [&](int64_t i, int64_t c) { q[i * k + c] = nan; });
+    if (r != nullptr) for_each_cell(g, k, k, [&](int64_t i, int64_t c) { r[i * k + c] = nan; });
     return;
   }
   // Factorization (geqr2): H_j = I - tau_j v v^T zeroes a[j+1:, j].
@@ -391,10 +393,9 @@ RP_HD void householder_qr_one(const G& g, const Teams<S>& tm, const scalar_t* ba
     g.sync();
   }
   if (r != nullptr) {
-    for (int64_t idx = g.rank(); idx < k * k; idx += g.size()) {
-      const int64_t i = idx / k, c = idx % k;
-      r[idx] = static_cast<out_t>(i <= c ? a[i + c * m] * scale : T(0));
-    }
+    for_each_cell(g, k, k, [&](int64_t i, int64_t c) {
+      r[i * k + c] = static_cast<out_t>(i <= c ? a[i + c * m] * scale : T(0));
+    });
     g.sync();  // R is read before Q overwrites it
   }
   // Thin Q in place (org2r): backward accumulation of the reflectors.
@@ -412,10 +413,7 @@ RP_HD void householder_qr_one(const G& g, const Teams<S>& tm, const scalar_t* ba
     for (int64_t i = g.rank(); i < m; i += g.size()) qj[i] = i < j ? T(0) : (i == j ? T(1) - t : -t * qj[i]);
     g.sync();
   }
-  for (int64_t idx = g.rank(); idx < m * k; idx += g.size()) {
-    const int64_t i = idx / k, c = idx % k;
-    q[idx] = static_cast<out_t>(a[i + c * m]);
-  }
+  for_each_cell(g, m, k, [&](int64_t i, int64_t c) { q[i * k + c] = static_cast<out_t>(a[i + c * m]); });
 }
 
 }  // namespace rankprune

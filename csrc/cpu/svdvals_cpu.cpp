@@ -10,9 +10,10 @@
 namespace rankprune {
 namespace {
 
-// The loops of core/svdvals_small.h are SIMD-friendly; on x86-64 they get an AVX2/FMA clone chosen at load time.
+// The loops of core/svdvals_small.h are SIMD-friendly; on x86-64 they get an AVX2/FMA clone chosen at load time
+// (flatten: the per-matrix code must be inlined into each clone, or it runs as the baseline build).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RP_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define RP_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
 #else
 #define RP_CPU_CLONES
 #endif

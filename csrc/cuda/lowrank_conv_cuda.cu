@@ -143,7 +143,23 @@ __global__ void __launch_bounds__(kThreads) fused_lowrank_conv_kernel(const Fuse
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int m0 = blockIdx.x * kBM;
-  const int hw_out = p.Ho * p.Wo;
+
+  // Index arithmetic hoisted out of the gathers: per tile row (output pixel) the image offsets and the top-left
+  // input coordinate, per tile column (k = (i, j, c)) the channel offsets and the tap displacement.
+  constexpr int kOutside = -(1 << 30);  // a coordinate that fails every bounds check
+  __shared__ int64_t row_x[kBM], row_out[kBM];
+  __shared__ int row_iy[kBM], row_ix[kBM];
+  __shared__ int64_t col_x[BK], col_w1[BK];
+  __shared__ int col_dy[BK], col_dx[BK];
+  if (tid < kBM) {
+    const int m = m0 + tid;
+    const int hw_out = p.Ho * p.Wo;
+    const int b = m / hw_out, oy = (m % hw_out) / p.Wo, ox = m % p.Wo;
+    row_x[tid] = b * p.xs[0];
+    row_out[tid] = b * p.os[0] + oy * p.os[2] + ox * p.os[3];
+    row_iy[tid] = m < p.M ? oy * p.sh - p.ph : kOutside;
+    row_ix[tid] = ox * p.sw - p.pw;
+  }
 
   // ---- phase 1: Y = im2col(x) * w1^T ----
   wmma::fragment<wmma::accumulator, 16, 16, MK, float> acc[RT];
@@ -151,34 +167,31 @@ __global__ void __launch_bounds__(kThreads) fused_lowrank_conv_kernel(const Fuse
   for (int f = 0; f < RT; ++f) wmma::fill_fragment(acc[f], 0.0f);
 
   for (int k0 = 0; k0 < p.K1; k0 += BK) {
+    // (The previous step's gathers finished before its MMA barrier, so the column table can be rewritten.)
+    if (tid < BK) {
+      const int k = k0 + tid;
+      const int c = k % p.C, ij = k / p.C;
+      const int i = ij / p.kw, j = ij % p.kw;
+      col_x[tid] = c * p.xs[1];
+      col_w1[tid] = c * p.w1s[1] + i * p.w1s[2] + j * p.w1s[3];
+      col_dy[tid] = k < p.K1 ? i * p.dh : kOutside;
+      col_dx[tid] = j * p.dw;
+    }
+    __syncthreads();
     for (int idx = tid; idx < kBM * BK; idx += kThreads) {
       const int row = p.pixel_fastest ? idx % kBM : idx / BK;
       const int col = p.pixel_fastest ? idx / kBM : idx % BK;
-      const int m = m0 + row;
-      const int k = k0 + col;
+      const int iy = row_iy[row] + col_dy[col];
+      const int ix = row_ix[row] + col_dx[col];
       T v = from_float<T>(0.0f);
-      if (m < p.M && k < p.K1) {
-        const int c = k % p.C;
-        const int ij = k / p.C;
-        const int i = ij / p.kw, j = ij % p.kw;
-        const int b = m / hw_out, rem = m % hw_out;
-        const int iy = (rem / p.Wo) * p.sh - p.ph + i * p.dh;
-        const int ix = (rem % p.Wo) * p.sw - p.pw + j * p.dw;
-        if (iy >= 0 && iy < p.H && ix >= 0 && ix < p.W) {
-          v = x[b * p.xs[0] + c * p.xs[1] + iy * p.xs[2] + ix * p.xs[3]];
-        }
+      if (iy >= 0 && iy < p.H && ix >= 0 && ix < p.W) {
+        v = x[row_x[row] + col_x[col] + iy * p.xs[2] + ix * p.xs[3]];
       }
       As[row * LDA + col] = v;
     }
     for (int idx = tid; idx < BK * R; idx += kThreads) {
       const int kk = idx % BK, r = idx / BK;
-      const int k = k0 + kk;
-      T v = from_float<T>(0.0f);
-      if (k < p.K1) {
-        const int c = k % p.C, ij = k / p.C;
-        v = w1[r * p.w1s[0] + c * p.w1s[1] + (ij / p.kw) * p.w1s[2] + (ij % p.kw) * p.w1s[3]];
-      }
-      Bs[kk * LDR + r] = v;
+      Bs[kk * LDR + r] = k0 + kk < p.K1 ? w1[r * p.w1s[0] + col_w1[kk]] : from_float<T>(0.0f);
     }
     __syncthreads();
 #pragma unroll
@@ -256,8 +269,7 @@ __global__ void __launch_bounds__(kThreads) fused_lowrank_conv_kernel(const Fuse
       if (m < p.M && n < n_end) {
         float v = os[(warp * 16 + row) * LDO + col];
         if (bias != nullptr) v += to_float<T>(bias[n]);
-        const int b = m / hw_out, rem = m % hw_out;
-        out[b * p.os[0] + n * p.os[1] + (rem / p.Wo) * p.os[2] + (rem % p.Wo) * p.os[3]] = from_float<T>(v);
+        out[row_out[warp * 16 + row] + n * p.os[1]] = from_float<T>(v);
       }
     }
     __syncthreads();  // w2s is refilled for the next chunk

@@ -314,10 +314,10 @@ def prune(
     try:
         base_flops = count_flops(model, example_inputs)
         base_params = sum(p.numel() for p in model.parameters())
-        names_ignored = _resolve_ignored(model, ignored_layers)
+        ignored_modules = set(_resolve_ignored(model, ignored_layers))
         if ignore_output_layer:
-            names_ignored += _output_layers(model, example_inputs)
-        ignored_names = [n for n, m in model.named_modules() if m in set(names_ignored)]
+            ignored_modules.update(_output_layers(model, example_inputs))
+        ignored_names = [n for n, m in model.named_modules() if m in ignored_modules]
 
         def attempt(r: float, target: nn.Module, dither: bool = False):
             ignored = [target.get_submodule(n) for n in ignored_names]

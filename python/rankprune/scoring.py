@@ -179,12 +179,30 @@ def find_taps(model: nn.Module, example_inputs: Any, convs: Dict[str, nn.Conv2d]
     return taps
 
 
-def _all_reduce_(tensors: List[Tensor]) -> None:
-    """Sum ``tensors`` over the ranks of the default process group in one call (if one is initialised)."""
+def _distributed() -> bool:
+    """Whether a default process group with more than one rank is initialised."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _finish(sums: Dict[str, Tensor], count: Tensor, saw_batches: bool, distributed: bool) -> Scores:
+    """Means ``sums / count``, all-reduced first under ``torch.distributed``. A rank with an empty shard
+    still joins the all-reduce (with zeros) so that the other ranks do not hang; only an empty total fails."""
+    distributed = distributed and _distributed()
+    if not saw_batches and not distributed:
+        raise ValueError("data yielded no batches: nothing to calibrate on")
+    if distributed:
+        _all_reduce_(list(sums.values()) + [count])
+    if count.item() == 0:
+        raise ValueError("data held no samples: nothing to calibrate on")
+    return {name: (s / count).cpu() for name, s in sums.items()}
+
+
+def _all_reduce_(tensors: List[Tensor]) -> None:
+    """Sum ``tensors`` over the ranks of the default process group in one call."""
+    import torch.distributed as dist
+
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     offset = 0
@@ -261,13 +279,7 @@ class FeatureMapCriterion(Criterion):
             for h in handles:
                 h.remove()
             model.train(was_training)
-        if not handles:
-            raise ValueError("data yielded no batches: nothing to calibrate on")
-        if self.distributed:
-            _all_reduce_(list(sums.values()) + [count])
-        if count.item() == 0:
-            raise ValueError("data held no samples: nothing to calibrate on")
-        return {name: (s / count).cpu() for name, s in sums.items()}
+        return _finish(sums, count, bool(handles), self.distributed)
 
     def _hook(self, acc: Tensor, tap: _Tap):
         def hook(module, inputs, output):
@@ -428,11 +440,7 @@ class Taylor(Criterion):
             for p, g in saved_grads.items():
                 p.grad = g
             model.train(was_training)
-        if seen == 0:
-            raise ValueError("data yielded no batches: nothing to calibrate on")
-        if self.distributed:
-            _all_reduce_(list(sums.values()) + [count])
-        return {name: (s / count).cpu() for name, s in sums.items()}
+        return _finish(sums, count, seen > 0, self.distributed)
 
 
 class Random(Criterion):

@@ -64,7 +64,7 @@ def run(args) -> int:
     dtype = resolve_dtype(args.dtype)
     seed_everything(args.seed)
     model = load_model(args, device, dtype)
-    loader, image_shape, _ = load_data(args)
+    loader, image_shape = load_data(args)
     example = torch.zeros(1, *image_shape, device=device, dtype=dtype)
     if args.scores:
         if not os.path.isfile(args.scores):

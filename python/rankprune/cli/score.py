@@ -55,9 +55,7 @@ def load_model(args, device, dtype):
 
 
 def load_data(args, split: str = "train"):
-    """The dataset named by ``--data``, the first ``--num-images`` of it, as a batch loader."""
-    import torch
-
+    """``(loader, image_shape)``: the first ``--num-images`` of the data named by ``--data``, in batches."""
     from rankprune import data
 
     from . import UsageError
@@ -70,7 +68,7 @@ def load_data(args, split: str = "train"):
     dataset = data.load(args.data, split=split, n=n, seed=args.seed)
     if len(dataset) > args.num_images:
         dataset = data.ImageTensorDataset(dataset.images[: args.num_images], dataset.labels[: args.num_images])
-    return data.batch_loader(dataset, args.batch_size), tuple(dataset.images.shape[1:]), torch.long
+    return data.batch_loader(dataset, args.batch_size), tuple(dataset.images.shape[1:])
 
 
 def make_criterion(args):
@@ -85,7 +83,7 @@ def make_criterion(args):
     kwargs = {}
     if issubclass(cls, scoring.FeatureMapCriterion):
         kwargs["tap"] = args.tap
-    if hasattr(cls, "needs_data") and cls.needs_data:
+    if cls.needs_data:
         kwargs["progress"] = not args.no_progress
     if cls is scoring.Random:
         kwargs["seed"] = args.seed
@@ -111,7 +109,7 @@ def run(args) -> int:
     seed_everything(args.seed)
     criterion = make_criterion(args)
     model = load_model(args, device, dtype)
-    loader, _, _ = load_data(args)
+    loader, _ = load_data(args)
     scores = criterion.scores(model, loader)
     out = check_output_dir(args.out)
     torch.save(scores, os.path.join(out, "scores.pt"))
