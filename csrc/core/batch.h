@@ -4,7 +4,15 @@
 
 #include <ATen/ATen.h>
 
+#include "core/group.h"
+
 namespace rankprune {
+
+// Where matrix b of a BatchView lies, in a form that kernels can take by value (BatchView holds a Tensor).
+struct BatchOffsets {
+  int64_t inner, outer_stride, inner_stride;
+  RP_HD int64_t offset(int64_t b) const { return (b / inner) * outer_stride + (b % inner) * inner_stride; }
+};
 
 struct BatchView {
   int64_t count = 0;         // number of matrices
@@ -14,7 +22,8 @@ struct BatchView {
   int64_t m = 0, n = 0, sm = 0, sn = 0;  // each matrix: m x n, element (i, j) at i * sm + j * sn
   at::Tensor tensor;         // the tensor the offsets refer to (a contiguous copy only when unavoidable)
 
-  int64_t offset(int64_t b) const { return (b / inner) * outer_stride + (b % inner) * inner_stride; }
+  BatchOffsets offsets() const { return {inner, outer_stride, inner_stride}; }
+  int64_t offset(int64_t b) const { return offsets().offset(b); }
 };
 
 // Matrices in row-major order of the batch dimensions of A.

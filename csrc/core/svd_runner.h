@@ -6,14 +6,6 @@
 
 namespace rankprune {
 
-// Where matrix b of a BatchView lies, in a form that kernels can take by value (BatchView holds a Tensor).
-struct BatchOffsets {
-  int64_t inner, outer_stride, inner_stride;
-  RP_HD int64_t offset(int64_t b) const { return (b / inner) * outer_stride + (b % inner) * inner_stride; }
-};
-
-inline BatchOffsets batch_offsets(const BatchView& v) { return {v.inner, v.outer_stride, v.inner_stride}; }
-
 // Thin SVD of every matrix of the batch, oriented by orient() (rows >= cols). Outputs contiguous, of the
 // compute dtype (float, double for double input): left [count, rows, cols], sigma [count, cols],
 // right [count, cols, cols], with matrix b (oriented) = left_b diag(sigma_b) right_b^T.

@@ -6,18 +6,10 @@
 #include <vector>
 
 #include "core/svd_runner.h"
+#include "cpu/clones.h"
 
 namespace rankprune {
 namespace {
-
-// The column loops of core/svd_small.h vectorize; on x86-64 they get an AVX2/FMA clone chosen at load time.
-// flatten: the per-matrix functions are too large for GCC to inline on its own, and only code inlined into
-// the clone is compiled for AVX2.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RP_CPU_CLONES __attribute__((flatten, target_clones("arch=x86-64-v3", "default")))
-#else
-#define RP_CPU_CLONES
-#endif
 
 template <typename T, typename scalar_t, typename out_t>
 RP_CPU_CLONES void svd_range(const BatchOffsets& where, const MatrixRef& ref, const scalar_t* base, out_t* left,
@@ -52,7 +44,7 @@ int64_t grain_for(int64_t rows, int64_t cols) {
 
 void run_svd_small_cpu(const BatchView& batch, at::Tensor& left, at::Tensor& sigma, at::Tensor& right) {
   const MatrixRef ref = orient(batch.m, batch.n, batch.sm, batch.sn);
-  const BatchOffsets where = batch_offsets(batch);
+  const BatchOffsets where = batch.offsets();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, batch.tensor.scalar_type(), "rankprune_svd_cpu", [&] {
     using out_t = typename ComputeType<scalar_t>::type;
     const scalar_t* base = batch.tensor.const_data_ptr<scalar_t>();
@@ -67,7 +59,7 @@ void run_svd_small_cpu(const BatchView& batch, at::Tensor& left, at::Tensor& sig
 
 void run_householder_qr_cpu(const BatchView& batch, at::Tensor& q, at::Tensor& r) {
   const MatrixRef ref{batch.m, batch.n, batch.sm, batch.sn};
-  const BatchOffsets where = batch_offsets(batch);
+  const BatchOffsets where = batch.offsets();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, batch.tensor.scalar_type(), "rankprune_qr_cpu", [&] {
     using T = typename ComputeType<scalar_t>::type;
     const scalar_t* base = batch.tensor.const_data_ptr<scalar_t>();

@@ -6,17 +6,10 @@
 #include <vector>
 
 #include "core/svdvals_runner.h"
+#include "cpu/clones.h"
 
 namespace rankprune {
 namespace {
-
-// The loops of core/svdvals_small.h are SIMD-friendly; on x86-64 they get an AVX2/FMA clone chosen at load time
-// (flatten: the per-matrix code must be inlined into each clone, or it runs as the baseline build).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RP_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
-#else
-#define RP_CPU_CLONES
-#endif
 
 template <typename T, typename scalar_t>
 RP_CPU_CLONES void svdvals_range(const BatchView& batch, const MatrixRef& ref, const scalar_t* base,

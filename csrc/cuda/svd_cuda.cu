@@ -111,7 +111,7 @@ void run_svd_small_cuda(const BatchView& batch, at::Tensor& left, at::Tensor& si
     auto kernel = svd_kernel<T, scalar_t, out_t>;
     allow_smem(kernel, l.smem);
     kernel<<<static_cast<unsigned>(l.grid), 32 * warps, l.smem, stream>>>(
-        batch.tensor.const_data_ptr<scalar_t>(), batch_offsets(batch), ref, batch.count, left.data_ptr<out_t>(),
+        batch.tensor.const_data_ptr<scalar_t>(), batch.offsets(), ref, batch.count, left.data_ptr<out_t>(),
         sigma.data_ptr<out_t>(), right.data_ptr<out_t>(), l.global_work ? work.data_ptr<T>() : nullptr, slots);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -131,7 +131,7 @@ void run_householder_qr_cuda(const BatchView& batch, at::Tensor& q, at::Tensor& 
     auto kernel = qr_kernel<T, scalar_t, T>;
     allow_smem(kernel, l.smem);
     kernel<<<static_cast<unsigned>(l.grid), threads, l.smem, stream>>>(
-        batch.tensor.const_data_ptr<scalar_t>(), batch_offsets(batch), ref, batch.count, q.data_ptr<T>(),
+        batch.tensor.const_data_ptr<scalar_t>(), batch.offsets(), ref, batch.count, q.data_ptr<T>(),
         r.defined() ? r.data_ptr<T>() : nullptr, l.global_work ? work.data_ptr<T>() : nullptr, slots);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

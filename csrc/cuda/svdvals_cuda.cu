@@ -20,39 +20,31 @@ namespace {
 constexpr int kWarpsPerBlock = 4;
 constexpr int kScratchDoubles = 32;  // BlockGroup reduction scratch: one double per warp
 
-struct BatchDesc {
-  int64_t count, inner, outer_stride, inner_stride;
-};
-
-__device__ __forceinline__ int64_t matrix_offset(const BatchDesc& b, int64_t i) {
-  return (i / b.inner) * b.outer_stride + (i % b.inner) * b.inner_stride;
-}
-
 template <typename T, typename scalar_t>
-__global__ void svdvals_warp_kernel(const scalar_t* __restrict__ base, BatchDesc batch, MatrixRef ref,
+__global__ void svdvals_warp_kernel(const scalar_t* __restrict__ base, int64_t count, BatchOffsets where, MatrixRef ref,
                                     SvdvalsEpilogue epilogue, double rtol, T* __restrict__ out, int64_t out_stride,
                                     int64_t ws) {
   extern __shared__ double smem[];
   const int warp = threadIdx.x >> 5;
   const WarpGroup g{static_cast<int>(threadIdx.x & 31)};
   T* work = reinterpret_cast<T*>(smem) + warp * ws;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; b < batch.count;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; b < count;
        b += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
-    svdvals_one<T>(g, base + matrix_offset(batch, b), ref, work, epilogue, rtol, out + b * out_stride);
+    svdvals_one<T>(g, base + where.offset(b), ref, work, epilogue, rtol, out + b * out_stride);
     g.sync();  // the next matrix overwrites the workspace
   }
 }
 
 template <typename T, typename scalar_t>
-__global__ void svdvals_block_kernel(const scalar_t* __restrict__ base, BatchDesc batch, MatrixRef ref,
+__global__ void svdvals_block_kernel(const scalar_t* __restrict__ base, int64_t count, BatchOffsets where, MatrixRef ref,
                                      SvdvalsEpilogue epilogue, double rtol, T* __restrict__ out, int64_t out_stride,
                                      T* global_work, int64_t ws) {
   extern __shared__ double smem[];
   const BlockGroup g{smem};
   T* work = global_work != nullptr ? global_work + static_cast<int64_t>(blockIdx.x) * ws
                                    : reinterpret_cast<T*>(smem + kScratchDoubles);
-  for (int64_t b = blockIdx.x; b < batch.count; b += gridDim.x) {
-    svdvals_one<T>(g, base + matrix_offset(batch, b), ref, work, epilogue, rtol, out + b * out_stride);
+  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
+    svdvals_one<T>(g, base + where.offset(b), ref, work, epilogue, rtol, out + b * out_stride);
     g.sync();
   }
 }
@@ -75,7 +67,7 @@ void run_svdvals_cuda(const BatchView& batch, SvdvalsEpilogue epilogue, double r
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const MatrixRef ref = orient(batch.m, batch.n, batch.sm, batch.sn);
   const int64_t out_stride = epilogue == SvdvalsEpilogue::Values ? ref.cols : 1;
-  const BatchDesc desc{batch.count, batch.inner, batch.outer_stride, batch.inner_stride};
+  const BatchOffsets where = batch.offsets();
   const int64_t ws = workspace_size(ref);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, batch.tensor.scalar_type(), "rankprune_svdvals_cuda", [&] {
@@ -88,7 +80,7 @@ void run_svdvals_cuda(const BatchView& batch, SvdvalsEpilogue epilogue, double r
                                                static_cast<int64_t>(prop->multiProcessorCount) * 64);
       auto kernel = svdvals_warp_kernel<T, scalar_t>;
       allow_shared_memory(kernel, bytes);
-      kernel<<<blocks, kWarpsPerBlock * 32, bytes, stream>>>(base, desc, ref, epilogue, rtol, out_ptr, out_stride, ws);
+      kernel<<<blocks, kWarpsPerBlock * 32, bytes, stream>>>(base, batch.count, where, ref, epilogue, rtol, out_ptr, out_stride, ws);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -98,13 +90,13 @@ void run_svdvals_cuda(const BatchView& batch, SvdvalsEpilogue epilogue, double r
     if (smem_bytes <= prop->sharedMemPerBlockOptin) {
       const int64_t blocks = std::min<int64_t>(batch.count, static_cast<int64_t>(prop->multiProcessorCount) * 32);
       allow_shared_memory(kernel, smem_bytes);
-      kernel<<<blocks, threads, smem_bytes, stream>>>(base, desc, ref, epilogue, rtol, out_ptr, out_stride, nullptr,
+      kernel<<<blocks, threads, smem_bytes, stream>>>(base, batch.count, where, ref, epilogue, rtol, out_ptr, out_stride, nullptr,
                                                         ws);
     } else {
       // Workspace in global memory: a few resident blocks per SM, each reusing its slice.
       const int64_t blocks = std::min<int64_t>(batch.count, static_cast<int64_t>(prop->multiProcessorCount) * 4);
       at::Tensor work = at::empty({blocks * ws}, out.options().dtype(c10::CppTypeToScalarType<T>::value));
-      kernel<<<blocks, threads, kScratchDoubles * sizeof(double), stream>>>(base, desc, ref, epilogue, rtol, out_ptr,
+      kernel<<<blocks, threads, kScratchDoubles * sizeof(double), stream>>>(base, batch.count, where, ref, epilogue, rtol, out_ptr,
                                                                            out_stride, work.data_ptr<T>(), ws);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
