@@ -77,10 +77,10 @@ def _fake_result(tmp_path, name, device, stamp, value):
 
 def test_summarize_fills_markers_with_newest_results(tmp_path):
     summarize = _script("summarize")
-    _fake_result(tmp_path, "svdvals", "cuda", "20260101T000000Z", 1.5)
-    _fake_result(tmp_path, "svdvals", "cuda", "20260301T000000Z", 0.5)  # newer: this one is shown
-    _fake_result(tmp_path, "svdvals", "cpu", "20260201T000000Z", 9.0)
-    _fake_result(tmp_path, "svdvals-big", "cuda", "20260401T000000Z", 7.0)  # another name, not this section
+    _fake_result(tmp_path, "svdvals", "cuda", "20260101T000000Z", 4.56)
+    _fake_result(tmp_path, "svdvals", "cuda", "20260301T000000Z", 0.123)  # newer: this one is shown
+    _fake_result(tmp_path, "svdvals", "cpu", "20260201T000000Z", 9.87)
+    _fake_result(tmp_path, "svdvals-big", "cuda", "20260401T000000Z", 7.77)  # another name, not this section
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:svdvals -->\nold\n<!-- /results:svdvals -->\n"
                       "<!-- results:missing -->\nold\n<!-- /results:missing -->\nend\n")
@@ -89,11 +89,13 @@ def test_summarize_fills_markers_with_newest_results(tmp_path):
     section = text.split("<!-- results:svdvals -->")[1].split("<!-- /results:svdvals -->")[0]
     assert "Fake cuda" in section and "2026-03-01" in section and "Fake cpu" in section
     assert section.index("Fake cuda") < section.index("Fake cpu")
-    assert "median_ms.ours" in section and "0.5" in section and "1.5" not in section and "7" not in section
+    tables = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    assert "median_ms.ours" in tables and "0.123" in tables and "9.87" in tables
+    assert "4.56" not in tables and "7.77" not in tables
     assert "No results yet" in text.split("<!-- results:missing -->")[1]
     assert text.startswith("intro\n") and text.endswith("end\n")
     assert summarize.main(["--readme", str(readme), "--results", str(tmp_path), "--check"]) == 0
-    readme.write_text(text.replace("0.5", "0.6"))
+    readme.write_text(text.replace("0.123", "0.124"))
     assert summarize.main(["--readme", str(readme), "--results", str(tmp_path), "--check"]) == 1
 
 
