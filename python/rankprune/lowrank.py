@@ -30,8 +30,7 @@ from .nn import (
     select_rank,
     weight_matrix,
 )
-
-PLAN_VERSION = 1
+from .plans import PLAN_VERSION, plan_layers
 
 
 @dataclass
@@ -363,7 +362,7 @@ def decompose(
         chosen_ranks = _allocate(candidates, kind, fraction * total, total, min_flop_saving,
                                  "target_flops" if kind == "flops" else "target_params")
 
-    plan_layers: Dict[str, dict] = {}
+    planned: Dict[str, dict] = {}
     report_layers: Dict[str, dict] = {}
     for layer in candidates:
         rank = chosen_ranks.get(layer.name)
@@ -388,7 +387,7 @@ def decompose(
             weight = sum(w for _, w in errors)
             rel_error = sum(e * w for e, w in errors) / weight if weight > 0 else errors[0][0]
         _set_submodule(model, layer.name, new)
-        plan_layers[layer.name] = {"kind": layer.kind, "scheme": layer.scheme, "rank": rank}
+        planned[layer.name] = {"kind": layer.kind, "scheme": layer.scheme, "rank": rank}
         report_layers[layer.name] = {
             "kind": layer.kind,
             "scheme": layer.scheme,
@@ -417,7 +416,7 @@ def decompose(
             "output_rel_error": _rel_error(output, dense_output) if inputs else None,
         },
     }
-    plan = {"method": "decompose", "version": PLAN_VERSION, "layers": plan_layers}
+    plan = {"method": "decompose", "version": PLAN_VERSION, "layers": planned}
     return model, plan, report
 
 
@@ -425,13 +424,7 @@ def apply_decompose_plan(model: nn.Module, plan: dict) -> nn.Module:
     """Replace, in place, the layers named by a ``decompose`` plan with low-rank layers of the planned ranks
     (weights uninitialised in the sense of a fresh module: load the state_dict saved after decomposition).
     Returns ``model``. Raises ValueError when the plan does not fit the model."""
-    if not isinstance(plan, dict) or plan.get("method") != "decompose":
-        raise ValueError("plan must be a dict from rankprune.decompose (plan['method'] == 'decompose')")
-    if plan.get("version") != PLAN_VERSION:
-        raise ValueError(f"plan version {plan.get('version')!r} is not supported (expected {PLAN_VERSION})")
-    entries = plan.get("layers")
-    if not isinstance(entries, dict):
-        raise ValueError("plan['layers'] must be a dict {module name: {kind, scheme, rank}}")
+    entries = plan_layers(plan, "decompose", "{kind, scheme, rank}")
     modules = dict(model.named_modules())
     for name, entry in entries.items():
         module = modules.get(name)

@@ -46,9 +46,9 @@ from torch_pruning.pruner import function as tp_function
 
 from . import scoring
 from ._inputs import call_model
+from .plans import PLAN_VERSION, plan_layers
 from .report import count_flops
 
-PLAN_VERSION = 1
 Scores = Dict[str, Tensor]
 
 # TP pruning functions that remove a conv's output channels (the ones our scores describe).
@@ -395,13 +395,7 @@ def apply_prune_plan(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
     channels, in place, and return it. Weights are sliced too, so applying the plan to the original trained
     model reproduces the pruned model; applying it to a fresh model gives the right shapes for
     ``load_state_dict`` of the pruned weights."""
-    if not isinstance(plan, dict) or plan.get("method") != "prune":
-        raise ValueError("plan: expected a dict with method 'prune' (as returned by rankprune.prune)")
-    if plan.get("version") != PLAN_VERSION:
-        raise ValueError(f"plan: version {plan.get('version')!r} is not supported (expected {PLAN_VERSION})")
-    layers = plan.get("layers")
-    if not isinstance(layers, dict):
-        raise ValueError("plan: 'layers' must be a dict {module_name: {'out_channels_kept': [...], ...}}")
+    layers = plan_layers(plan, "prune", "{'out_channels_kept': [...], ...}")
     modules = dict(model.named_modules())
     for name, entry in layers.items():
         module = modules.get(name)
