@@ -14,7 +14,8 @@ commit and date it was measured on, taken from the file's ``"environment"``.
 A result file renders its ``"rows"`` (a list of dicts; nested dicts become ``key.sub`` columns, a nested
 timing ``{"median_ms", "p10_ms", ...}`` becomes its median), limited to ``"columns"`` when the file names
 them, else every column but the spread ones (``p10_ms``, ``p90_ms``, ``repeats``: they stay in the JSON);
-without ``"rows"`` it renders its first list of dicts, else its scalar fields as a two-column table.
+without ``"rows"`` it renders its first list of dicts, else its scalar fields and small nested dicts as a
+two-column table.
 
     python benchmarks/summarize.py                  # update README.md in place
     python benchmarks/summarize.py --check          # exit 1 if README.md is not up to date
@@ -36,6 +37,7 @@ MARKER = re.compile(r"(<!-- results:(?P<name>[\w.\-]+) -->\n)(?P<body>.*?)(<!-- 
 RESULT_FILE = re.compile(r"^(?P<name>.+)-(?P<device>[a-z]+)-(?P<stamp>\d{8}T\d{6}Z)\.json$")
 # Spread columns stay in the JSON; the README shows medians (and everything else).
 SPREAD = re.compile(r"(^|\.)(p10_ms|p90_ms|repeats)($|\.)")
+MAX_FIELDS = 8
 NO_RESULTS = "_No results yet: run `python benchmarks/run_all.py` on a GPU machine, then this script._\n"
 
 
@@ -80,8 +82,10 @@ def render_table(payload: Dict[str, object]) -> str:
     """The Markdown table of one result file (see the module docstring for which fields it shows)."""
     rows = _rows_of(payload)
     if rows is None:
-        scalars = [(k, v) for k, v in payload.items() if k != "environment" and not isinstance(v, (dict, list))]
-        return markdown_table(["field", "value"], [[k, v] for k, v in scalars])
+        # Scalars and small nested dicts (up to MAX_FIELDS entries) as key.sub; bigger ones stay in the JSON.
+        small = {k: v for k, v in payload.items() if k != "environment" and not isinstance(v, list)
+                 and not (isinstance(v, dict) and len(v) > MAX_FIELDS)}
+        return markdown_table(["field", "value"], [[k, v] for k, v in _flatten(small).items()])
     flat = [_flatten(r) for r in rows]
     headers = list(payload.get("columns") or [])
     if not headers:
