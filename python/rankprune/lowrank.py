@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from ._inputs import call_model
 from .nn import (
     SCHEMES,
     LowRankConv2d,
@@ -113,12 +114,6 @@ class _Layer:
         return ratio < 1.0 and ratio <= 1.0 - min_flop_saving
 
 
-def _as_tuple(example_inputs) -> Tuple:
-    if example_inputs is None:
-        return ()
-    return example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
 def _matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -146,7 +141,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _run(model: nn.Module, inputs: Tuple, layers: Dict[str, _Layer], record: bool) -> Tuple[object, int]:
+def _run(model: nn.Module, example_inputs, layers: Dict[str, _Layer], record: bool) -> Tuple[object, int]:
     """One forward pass in eval mode without gradients (training flags restored): the output and its
     FlopCounterMode FLOPs; with ``record``, each layer's inputs and outputs are kept."""
     handles = []
@@ -161,7 +156,7 @@ def _run(model: nn.Module, inputs: Tuple, layers: Dict[str, _Layer], record: boo
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            output = model(*inputs)
+            output = call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
@@ -265,8 +260,8 @@ def decompose(
     ``include`` pattern (all when None) and no ``exclude`` pattern (fnmatch style, e.g. ``"layer1.*"``); with
     ``ranks`` the candidates are its keys. A layer is skipped (and reported) when its rank would not save FLOPs,
     or would save less than ``min_flop_saving`` of its FLOPs. ``scheme`` ("channel" or "spatial") applies to
-    convolutions; linear layers have one scheme ("channel"). ``example_inputs`` (a tensor or tuple of
-    positional arguments) are needed for ``target_flops`` and for the FLOPs and errors of the report; the
+    convolutions; linear layers have one scheme ("channel"). ``example_inputs`` (a tensor, a tuple of
+    positional arguments or a dict of keyword arguments) are needed for ``target_flops`` and for the FLOPs and errors of the report; the
     passes over them run in eval mode without gradients and leave the model's training flags as they were.
     ``inplace=False`` works on a deep copy.
 
@@ -294,8 +289,10 @@ def decompose(
     for arg, value in (("target_flops", target_flops), ("target_params", target_params)):
         if value is not None:
             _check_fraction(value, arg)
-    inputs = _as_tuple(example_inputs)
-    if target_flops is not None and not inputs:
+    if isinstance(example_inputs, (tuple, list)) and not example_inputs:
+        example_inputs = None  # an empty tuple: no inputs to run
+    has_inputs = example_inputs is not None
+    if target_flops is not None and not has_inputs:
         raise ValueError("target_flops needs example_inputs to count FLOPs")
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
 
@@ -336,7 +333,7 @@ def decompose(
                     continue
             layers[name] = _Layer(name, module, kind, scheme if kind == "conv2d" else "channel")
 
-    dense_output, flops_dense = _run(model, inputs, layers, record=True) if inputs else (None, None)
+    dense_output, flops_dense = _run(model, example_inputs, layers, record=True) if has_inputs else (None, None)
     params_dense = sum(p.numel() for p in model.parameters())
 
     for layer in tqdm(layers.values(), desc="decompose: SVD", unit="layer", leave=False):
@@ -404,7 +401,7 @@ def decompose(
         layer.inputs.clear()
         layer.outputs.clear()
 
-    output, flops = _run(model, inputs, {}, record=False) if inputs else (None, None)
+    output, flops = _run(model, example_inputs, {}, record=False) if has_inputs else (None, None)
     report = {
         "layers": report_layers,
         "skipped": skipped,
@@ -413,7 +410,7 @@ def decompose(
             "params": sum(p.numel() for p in model.parameters()),
             "flops_dense": flops_dense,
             "flops": flops,
-            "output_rel_error": _rel_error(output, dense_output) if inputs else None,
+            "output_rel_error": _rel_error(output, dense_output) if has_inputs else None,
         },
     }
     plan = {"method": "decompose", "version": PLAN_VERSION, "layers": planned}

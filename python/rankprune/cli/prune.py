@@ -31,25 +31,14 @@ def register(sub) -> None:
 
 
 def _accuracy_fn(args, device, dtype):
-    import torch
-
     from rankprune import data
-    from rankprune._inputs import to_device
+
+    from .trp import evaluate
 
     split = "test" if args.data in ("synthetic", "builtin") else "train"
     dataset = data.load(args.data, split=split, n=2000 if split == "test" else None, seed=args.seed)
     loader = data.batch_loader(dataset, 256)
-
-    def accuracy(model) -> float:
-        correct = total = 0
-        model.eval()
-        with torch.no_grad():
-            for x, y in loader:
-                correct += (model(to_device(x, device, dtype)).argmax(1).cpu() == y).sum().item()
-                total += len(y)
-        return correct / total
-
-    return accuracy
+    return lambda model: evaluate(model, loader, device, dtype)
 
 
 def run(args) -> int:
