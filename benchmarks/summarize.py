@@ -11,7 +11,8 @@ named ``<name>-<device_type>-<YYYYmmddTHHMMSSZ>.json`` in ``benchmarks/results/`
 ``rankprune.benchmark.write_results`` writes). Each table is headed by the device, torch/CUDA versions,
 commit and date it was measured on, taken from the file's ``"environment"``.
 
-A result file renders its ``"rows"`` (a list of dicts; nested dicts become ``key.sub`` columns, a nested
+An experiment's result file that carries its own Markdown (a ``"markdown"`` string: the experiment's
+table with its setting) is shown as that text. Any other result file renders its ``"rows"`` (a list of dicts; nested dicts become ``key.sub`` columns, a nested
 timing ``{"median_ms", "p10_ms", ...}`` becomes its median), limited to ``"columns"`` when the file names
 them, else every column but the spread ones (``p10_ms``, ``p90_ms``, ``repeats``: they stay in the JSON);
 without ``"rows"`` it renders its first list of dicts, else its scalar fields and small nested dicts as a
@@ -79,7 +80,9 @@ def _rows_of(payload: Dict[str, object]) -> Optional[List[Dict[str, object]]]:
 
 
 def render_table(payload: Dict[str, object]) -> str:
-    """The Markdown table of one result file (see the module docstring for which fields it shows)."""
+    """The Markdown of one result file (see the module docstring for which fields it shows)."""
+    if isinstance(payload.get("markdown"), str):
+        return payload["markdown"].rstrip("\n") + "\n"
     rows = _rows_of(payload)
     if rows is None:
         # Scalars and small nested dicts (up to MAX_FIELDS entries) as key.sub; bigger ones stay in the JSON.
@@ -104,8 +107,9 @@ def render_section(per_device: Dict[str, Tuple[str, str]]) -> str:
         env = payload.get("environment", {})
         date = str(env.get("date", "unknown date"))[:10]
         versions = f"torch {env.get('torch', '?')}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
+        details = "every run in" if isinstance(payload.get("markdown"), str) else "medians, spread in"
         parts.append(f"Measured on **{env.get('device', device)}** ({device}), {versions}, "
-                     f"commit `{env.get('commit', '?')}`, {date}; medians, spread in "
+                     f"commit `{env.get('commit', '?')}`, {date}; {details} "
                      f"`{os.path.relpath(path, ROOT)}`.\n\n"
                      f"{render_table(payload)}\n")
     return "\n".join(parts)

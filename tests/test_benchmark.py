@@ -99,6 +99,19 @@ def test_summarize_fills_markers_with_newest_results(tmp_path):
     assert summarize.main(["--readme", str(readme), "--results", str(tmp_path), "--check"]) == 1
 
 
+def test_summarize_shows_an_experiments_own_markdown(tmp_path):
+    summarize = _script("summarize")
+    payload = {"environment": {"device": "Fake cpu", "date": "2026-05-01T00:00:00"}, "runs": [{"a": 1}],
+               "markdown": "setting line\n\n| model | acc |\n|---|---|\n| plain | 95.1 |\n"}
+    (tmp_path / "exp_x-cpu-20260501T000000Z.json").write_text(json.dumps(payload))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:exp_x -->\n<!-- /results:exp_x -->\n")
+    assert summarize.main(["--readme", str(readme), "--results", str(tmp_path)]) == 0
+    section = readme.read_text()
+    assert "setting line" in section and "| plain | 95.1 |" in section and "every run in" in section
+    assert "| a |" not in section
+
+
 def test_summarize_missing_readme_is_an_error(tmp_path, capsys):
     assert _script("summarize").main(["--readme", str(tmp_path / "nope.md")]) == 2
     assert "no such file" in capsys.readouterr().err

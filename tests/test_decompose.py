@@ -114,6 +114,13 @@ def test_min_flop_saving(net_and_input):
     assert report["layers"] and all(e["flops"] <= 0.7 * e["flops_dense"] for e in report["layers"].values())
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_switch(net_and_input, progress, capfd):
+    model, x = net_and_input
+    rankprune.decompose(model, energy=0.9, example_inputs=x, progress=progress)
+    assert ("decompose: SVD" in capfd.readouterr().err) == progress
+
+
 def test_explicit_ranks_include_exclude(net_and_input):
     model, x = net_and_input
     new, plan, report = rankprune.decompose(model, ranks={"3.conv1": 4, "8": 2}, example_inputs=x)

@@ -182,7 +182,7 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
 
     with stages(f"decompose to {config.decompose_flops:.0%} of the FLOPs, fine-tune {config.finetune_epochs} epoch(s)"):
         decomposed, plan, _ = rankprune.decompose(baseline, target_flops=config.decompose_flops,
-                                                  example_inputs=(example.to(device),))
+                                                  example_inputs=(example.to(device),), progress=config.progress)
         before = evaluate(decomposed, test_loader, device)
         _finetune(decomposed, train_loader, config, device, "decomposed")
         add("decomposed", decomposed, "decompose", plan, target_flops=config.decompose_flops,
@@ -196,7 +196,7 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
             pruner = rankprune.trp.TrainedRankPruner(trained, energy=config.energy, lam=config.trp_lam)
             train(trained, train_loader, config.trp_epochs, config.finetune_lr, device, pruner=pruner,
                   weight_decay=_WEIGHT_DECAY, progress=config.progress, desc="trp")
-            trp_model, plan = pruner.finalize(example_inputs=(example.to(device),))
+            trp_model, plan = pruner.finalize(example_inputs=(example.to(device),), progress=config.progress)
             trp_ranks = {k: int(v) for k, v in pruner.ranks().items()}
             before = evaluate(trp_model, test_loader, device)
             _finetune(trp_model, train_loader, config, device, "trp fine-tune")

@@ -243,6 +243,7 @@ def decompose(
     min_flop_saving: float = 0.0,
     example_inputs=None,
     inplace: bool = False,
+    progress: bool = True,
 ) -> Tuple[nn.Module, dict, dict]:
     """Replace Conv2d/Linear layers of ``model`` by ``LowRankConv2d``/``LowRankLinear``.
 
@@ -263,7 +264,7 @@ def decompose(
     convolutions; linear layers have one scheme ("channel"). ``example_inputs`` (a tensor, a tuple of
     positional arguments or a dict of keyword arguments) are needed for ``target_flops`` and for the FLOPs and errors of the report; the
     passes over them run in eval mode without gradients and leave the model's training flags as they were.
-    ``inplace=False`` works on a deep copy.
+    ``inplace=False`` works on a deep copy. ``progress`` shows a progress bar over the layers' SVDs.
 
     Returns ``(model, plan, report)``: ``plan = {"method": "decompose", "version": 1, "layers": {name:
     {"kind": "conv2d"|"linear", "scheme": ..., "rank": r}}}`` and ``report = {"layers": {name: {kind, scheme,
@@ -336,7 +337,7 @@ def decompose(
     dense_output, flops_dense = _run(model, example_inputs, layers, record=True) if has_inputs else (None, None)
     params_dense = sum(p.numel() for p in model.parameters())
 
-    for layer in tqdm(layers.values(), desc="decompose: SVD", unit="layer", leave=False):
+    for layer in tqdm(layers.values(), desc="decompose: SVD", unit="layer", leave=False, disable=not progress):
         layer.factors = factorize(weight_matrix(layer.module.weight, layer.scheme))
         layer.S = layer.factors[1]
 

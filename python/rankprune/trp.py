@@ -422,16 +422,16 @@ class TrainedRankPruner:
         return out
 
     @torch.no_grad()
-    def finalize(self, example_inputs=None, min_flop_saving: float = 0.0):
+    def finalize(self, example_inputs=None, min_flop_saving: float = 0.0, progress: bool = True):
         """Decompose the trained model at TRP's ranks: returns ``(decomposed_model, plan)``.
 
         Unless the weights are still those of the last projection (e.g. :meth:`step` just projected),
         they are projected once more, in place, so the model being trained is the "projected model".
         Then ``rankprune.decompose(model, ranks=..., scheme=...)`` builds a new model with each selected
         layer factored at the rank of its projection (:meth:`ranks`); its output equals the projected
-        model's output up to rounding. The trained model itself is not restructured. ``example_inputs`` and
-        ``min_flop_saving`` are passed to ``decompose`` (layers whose factorisation would not save at least
-        that fraction of their FLOPs stay dense, with their projected weights).
+        model's output up to rounding. The trained model itself is not restructured. ``example_inputs``,
+        ``min_flop_saving`` and ``progress`` are passed to ``decompose`` (layers whose factorisation would not
+        save at least that fraction of their FLOPs stay dense, with their projected weights).
         """
         import rankprune  # at call time: the package imports this module
 
@@ -446,6 +446,7 @@ class TrainedRankPruner:
             example_inputs=example_inputs,
             min_flop_saving=min_flop_saving,
             inplace=False,
+            progress=progress,
         )
         return model, plan
 

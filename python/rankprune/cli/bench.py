@@ -154,7 +154,8 @@ def _pruned(dense: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
 def _decomposed(dense: nn.Module, x: torch.Tensor, rank_ratio: float) -> nn.Module:
     import rankprune
 
-    net, _, _ = rankprune.decompose(dense, rank_ratio=rank_ratio, example_inputs=(x,), inplace=False)
+    net, _, _ = rankprune.decompose(dense, rank_ratio=rank_ratio, example_inputs=(x,), inplace=False,
+                                   progress=False)
     return net
 
 

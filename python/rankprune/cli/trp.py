@@ -125,7 +125,7 @@ def run(args) -> int:
     train_s = time.perf_counter() - t0
 
     example = next(iter(test_loader))[0][:1].to(device, dtype)  # FLOPs at the size the model was trained on
-    small, plan = pruner.finalize(example_inputs=(example,))
+    small, plan = pruner.finalize(example_inputs=(example,), progress=not args.no_progress)
     acc_projected = evaluate(model, test_loader, device, dtype)
     acc_decomposed = evaluate(small, test_loader, device, dtype)
     dense, lowrank = report.model_stats(model, (example,)), report.model_stats(small, (example,))
