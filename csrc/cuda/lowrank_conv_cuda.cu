@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "core/lowrank_conv.h"
+#include "cuda/shared_memory.cuh"
 
 namespace rankprune {
 namespace {
@@ -283,10 +284,7 @@ template <typename T, int RT>
 void launch_fused(const FusedParams& p, int64_t n_blocks_y, cudaStream_t stream) {
   const size_t smem = Smem<T>::total_bytes(RT * 16);
   auto kernel = fused_lowrank_conv_kernel<T, RT>;
-  static std::once_flag configured;
-  std::call_once(configured, [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  });
+  allow_dynamic_shared_memory(kernel, smem);
   const dim3 grid((p.M + kBM - 1) / kBM, unsigned(n_blocks_y));
   kernel<<<grid, kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

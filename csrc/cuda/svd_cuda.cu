@@ -10,10 +10,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 
 #include "core/svd_runner.h"
+#include "cuda/shared_memory.cuh"
 
 namespace rankprune {
 namespace {
@@ -55,13 +57,6 @@ Launch plan_launch(int64_t count, int64_t slots_bytes) {
   return l;
 }
 
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t smem) {
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-}
-
 template <typename T, typename scalar_t, typename out_t>
 __global__ void svd_kernel(const scalar_t* base, BatchOffsets where, MatrixRef ref, int64_t count, out_t* left,
                            out_t* sigma, out_t* right, T* global_work, int64_t slots) {
@@ -98,6 +93,7 @@ __global__ void qr_kernel(const scalar_t* base, BatchOffsets where, MatrixRef re
 
 void run_svd_small_cuda(const BatchView& batch, at::Tensor& left, at::Tensor& sigma, at::Tensor& right) {
   using T = svd_compute_t;
+  const c10::cuda::CUDAGuard guard(batch.tensor.device());  // launch, stream and properties of its device
   const MatrixRef ref = orient(batch.m, batch.n, batch.sm, batch.sn);
   const int64_t slots = svd_workspace_size(ref.rows, ref.cols) + ints_in_slots<T>(svd_workspace_ints(ref.cols));
   const Launch l = plan_launch(batch.count, slots * static_cast<int64_t>(sizeof(T)));
@@ -109,7 +105,7 @@ void run_svd_small_cuda(const BatchView& batch, at::Tensor& left, at::Tensor& si
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, batch.tensor.scalar_type(), "rankprune_svd_cuda", [&] {
     using out_t = typename ComputeType<scalar_t>::type;
     auto kernel = svd_kernel<T, scalar_t, out_t>;
-    allow_smem(kernel, l.smem);
+    allow_dynamic_shared_memory(kernel, l.smem);
     kernel<<<static_cast<unsigned>(l.grid), 32 * warps, l.smem, stream>>>(
         batch.tensor.const_data_ptr<scalar_t>(), batch.offsets(), ref, batch.count, left.data_ptr<out_t>(),
         sigma.data_ptr<out_t>(), right.data_ptr<out_t>(), l.global_work ? work.data_ptr<T>() : nullptr, slots);
@@ -118,6 +114,7 @@ void run_svd_small_cuda(const BatchView& batch, at::Tensor& left, at::Tensor& si
 }
 
 void run_householder_qr_cuda(const BatchView& batch, at::Tensor& q, at::Tensor& r) {
+  const c10::cuda::CUDAGuard guard(batch.tensor.device());
   const MatrixRef ref{batch.m, batch.n, batch.sm, batch.sn};
   // Row loops use the whole block, column updates one warp per column.
   const int threads = ref.rows * ref.cols > 2048 ? 32 * kMaxWarps : 128;
@@ -129,7 +126,7 @@ void run_householder_qr_cuda(const BatchView& batch, at::Tensor& q, at::Tensor& 
     at::Tensor work;
     if (l.global_work) work = at::empty({l.grid * slots}, q.options());
     auto kernel = qr_kernel<T, scalar_t, T>;
-    allow_smem(kernel, l.smem);
+    allow_dynamic_shared_memory(kernel, l.smem);
     kernel<<<static_cast<unsigned>(l.grid), threads, l.smem, stream>>>(
         batch.tensor.const_data_ptr<scalar_t>(), batch.offsets(), ref, batch.count, q.data_ptr<T>(),
         r.defined() ? r.data_ptr<T>() : nullptr, l.global_work ? work.data_ptr<T>() : nullptr, slots);

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "core/svdvals_runner.h"
+#include "cuda/shared_memory.cuh"
 
 namespace rankprune {
 namespace {
@@ -52,13 +53,6 @@ __global__ void svdvals_block_kernel(const scalar_t* __restrict__ base, int64_t 
 // Threads per matrix on the block path: enough for one row or column each in the Householder updates.
 int block_threads(int64_t rows) { return rows <= 64 ? 64 : rows <= 128 ? 128 : 256; }
 
-template <typename Kernel>
-void allow_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
-}
-
 }  // namespace
 
 void run_svdvals_cuda(const BatchView& batch, SvdvalsEpilogue epilogue, double rtol, at::Tensor& out) {
@@ -79,7 +73,7 @@ void run_svdvals_cuda(const BatchView& batch, SvdvalsEpilogue epilogue, double r
       const int64_t blocks = std::min<int64_t>((batch.count + kWarpsPerBlock - 1) / kWarpsPerBlock,
                                                static_cast<int64_t>(prop->multiProcessorCount) * 64);
       auto kernel = svdvals_warp_kernel<T, scalar_t>;
-      allow_shared_memory(kernel, bytes);
+      allow_dynamic_shared_memory(kernel, bytes);
       kernel<<<blocks, kWarpsPerBlock * 32, bytes, stream>>>(base, batch.count, where, ref, epilogue, rtol, out_ptr, out_stride, ws);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
@@ -89,7 +83,7 @@ void run_svdvals_cuda(const BatchView& batch, SvdvalsEpilogue epilogue, double r
     auto kernel = svdvals_block_kernel<T, scalar_t>;
     if (smem_bytes <= prop->sharedMemPerBlockOptin) {
       const int64_t blocks = std::min<int64_t>(batch.count, static_cast<int64_t>(prop->multiProcessorCount) * 32);
-      allow_shared_memory(kernel, smem_bytes);
+      allow_dynamic_shared_memory(kernel, smem_bytes);
       kernel<<<blocks, threads, smem_bytes, stream>>>(base, batch.count, where, ref, epilogue, rtol, out_ptr, out_stride, nullptr,
                                                         ws);
     } else {
