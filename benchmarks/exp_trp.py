@@ -12,7 +12,7 @@ seeds).
 Writes ``benchmarks/results/exp_trp-<device>-<stamp>.json`` (``exp_trp-quick-...`` for ``--quick``) and a
 Markdown table next to it (``.md``).
 
-    python benchmarks/exp_trp.py                        # full: 3 seeds, 8 epochs, 8000 images (~40 min, 2 CPU cores)
+    python benchmarks/exp_trp.py                        # full: 3 seeds, 8 epochs, 8000 images (~50 min, 2 CPU cores)
     python benchmarks/exp_trp.py --quick --device cpu   # smoke run: width 0.25, 1000 images, 3 epochs
 """
 import argparse
