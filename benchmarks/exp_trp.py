@@ -2,17 +2,17 @@
 
 For each seed, three models start from the same initialisation and train for the same epochs with the same
 schedule (SGD, momentum 0.9, cosine learning rate, weight decay 1e-4): ``plain``, ``trp-channel`` and
-``trp-spatial`` (TrainedRankPruner, energy 0.93, period 20: chosen on seed 0, see docs/trp.md). The TRP models are decomposed with
-``finalize()`` and evaluated with no fine-tuning. For reference, the plain model is decomposed at the same
-FLOPs as each TRP model (``plain+decompose``: ``rankprune.decompose(target_flops=...)`` over the same layers,
-ranks allocated by discarded energy, no fine-tuning either), which is what TRP is meant to beat. Targets:
->= 2x FLOP reduction after ``finalize()`` with <= 1.0 point accuracy drop against ``plain`` (means over the
-seeds).
+``trp-spatial`` (TrainedRankPruner, energy 0.93, period 20: chosen on seed 0, see docs/trp.md). The TRP
+models are decomposed with ``finalize()`` and evaluated with no fine-tuning. For reference, the plain model
+is decomposed at the same FLOPs as each TRP model (``plain+decompose``: ``rankprune.decompose(target_flops=...)``
+over the same layers, ranks allocated by discarded energy, no fine-tuning either), which is what TRP is meant
+to beat. Targets: >= 2x FLOP reduction after ``finalize()`` with <= 1.0 point accuracy drop against
+``plain`` (means over the seeds).
 
 Writes ``benchmarks/results/exp_trp-<device>-<stamp>.json`` (``exp_trp-quick-...`` for ``--quick``) and a
 Markdown table next to it (``.md``).
 
-    python benchmarks/exp_trp.py                        # full: 3 seeds, 8 epochs, 8000 images (~50 min, 2 CPU cores)
+    python benchmarks/exp_trp.py                        # 3 seeds, 8 epochs, 8000 images: ~50 min on 2 CPU cores
     python benchmarks/exp_trp.py --quick --device cpu   # smoke run: width 0.25, 1000 images, 3 epochs
 """
 import argparse
@@ -42,7 +42,7 @@ def parse(argv):
     p.add_argument("--width", type=float, help="ResNet-20 width multiplier (default 1.0; --quick 0.25)")
     p.add_argument("--train-size", type=int, help="training images (default 8000; --quick 1000)")
     p.add_argument("--test-size", type=int, help="test images (default 2000; --quick 500)")
-    p.add_argument("--batch-size", type=int, help="batch size (default 100)")
+    p.add_argument("--batch-size", type=int, default=100, help="batch size (default 100)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine schedule (default 0.1)")
     p.add_argument("--energy", type=float, default=0.93, help="TRP energy (default 0.93)")
     p.add_argument("--lam", type=float, default=3e-4, help="TRP nuclear-norm weight (default 3e-4)")
@@ -51,8 +51,7 @@ def parse(argv):
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     quick = args.quick
-    defaults = {"epochs": (8, 3), "width": (1.0, 0.25), "train_size": (8000, 1000), "test_size": (2000, 500),
-                "batch_size": (100, 100)}
+    defaults = {"epochs": (8, 3), "width": (1.0, 0.25), "train_size": (8000, 1000), "test_size": (2000, 500)}
     for name, (full, small) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)

@@ -12,11 +12,11 @@ named ``<name>-<device_type>-<YYYYmmddTHHMMSSZ>.json`` in ``benchmarks/results/`
 commit and date it was measured on, taken from the file's ``"environment"``.
 
 An experiment's result file that carries its own Markdown (a ``"markdown"`` string: the experiment's
-table with its setting) is shown as that text. Any other result file renders its ``"rows"`` (a list of dicts; nested dicts become ``key.sub`` columns, a nested
-timing ``{"median_ms", "p10_ms", ...}`` becomes its median), limited to ``"columns"`` when the file names
-them, else every column but the spread ones (``p10_ms``, ``p90_ms``, ``repeats``: they stay in the JSON);
-without ``"rows"`` it renders its first list of dicts, else its scalar fields and small nested dicts as a
-two-column table.
+table with its setting) is shown as that text. Any other result file renders its ``"rows"`` (a list of
+dicts; nested dicts become ``key.sub`` columns, a nested timing ``{"median_ms", "p10_ms", ...}`` becomes
+its median), limited to ``"columns"`` when the file names them, else every column but the spread ones
+(``p10_ms``, ``p90_ms``, ``repeats``: they stay in the JSON); without ``"rows"`` it renders its first list of
+dicts, else its scalar fields and small nested dicts as a two-column table.
 
     python benchmarks/summarize.py                  # update README.md in place
     python benchmarks/summarize.py --check          # exit 1 if README.md is not up to date
@@ -79,10 +79,17 @@ def _rows_of(payload: Dict[str, object]) -> Optional[List[Dict[str, object]]]:
     return None
 
 
+def _own_markdown(payload: Dict[str, object]) -> Optional[str]:
+    """The Markdown an experiment wrote into its result file, if any."""
+    text = payload.get("markdown")
+    return text if isinstance(text, str) else None
+
+
 def render_table(payload: Dict[str, object]) -> str:
     """The Markdown of one result file (see the module docstring for which fields it shows)."""
-    if isinstance(payload.get("markdown"), str):
-        return payload["markdown"].rstrip("\n") + "\n"
+    own = _own_markdown(payload)
+    if own is not None:
+        return own.rstrip("\n") + "\n"
     rows = _rows_of(payload)
     if rows is None:
         # Scalars and small nested dicts (up to MAX_FIELDS entries) as key.sub; bigger ones stay in the JSON.
@@ -107,7 +114,7 @@ def render_section(per_device: Dict[str, Tuple[str, str]]) -> str:
         env = payload.get("environment", {})
         date = str(env.get("date", "unknown date"))[:10]
         versions = f"torch {env.get('torch', '?')}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
-        details = "every run in" if isinstance(payload.get("markdown"), str) else "medians, spread in"
+        details = "medians, spread in" if _own_markdown(payload) is None else "every run in"
         parts.append(f"Measured on **{env.get('device', device)}** ({device}), {versions}, "
                      f"commit `{env.get('commit', '?')}`, {date}; {details} "
                      f"`{os.path.relpath(path, ROOT)}`.\n\n"
