@@ -99,18 +99,23 @@ class CSP(nn.Module):
         return self.head(self.fuse(self.tie(torch.cat([a + self.bottleneck(a), self.split_b(x)], 1)))).mean((2, 3))
 
 
-def plant_dead_channels(model: nn.Module, dead, calibration) -> None:
-    """BatchNorm statistics from ``calibration`` and a positive shift everywhere (every channel alive after
-    its ReLU), then the channels ``dead[block]`` of each conv-BN-ReLU block made dead: zero filters, zero BN
-    scale, BN shift -1 (the map is 0 after the ReLU, whatever the statistics)."""
-    rankprune.recalibrate(model, calibration)
+def planted(name):
+    """``(model, dead, n_dead, inputs, calibration)`` for ``CASES[name]``: a positive BatchNorm shift
+    everywhere, the channels ``dead[block]`` of each conv-BN-ReLU block made dead (zero filters, zero BN
+    scale, BN shift -1: the map is 0 after the ReLU, whatever the statistics), then BatchNorm statistics
+    from the calibration batches, so that every other channel is alive after its ReLU."""
+    torch.manual_seed(0)
+    make, dead, n_dead = CASES[name]
+    model = make()
+    calibration = [torch.randn(4, 3, 8, 8) for _ in range(2)]
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.bias.fill_(0.5)
         for block, idxs in dead.items():
             kill(model.get_submodule(block), idxs)
-    model.eval()
+    rankprune.recalibrate(model, calibration)
+    return model.eval(), dead, n_dead, torch.randn(6, 3, 8, 8), calibration
 
 
 def kill(block: nn.Sequential, idxs):
@@ -133,6 +138,10 @@ CASES = {
     "csp": (lambda: CSP(tie=False), {"split_a": [0, 2], "bottleneck.1": [0, 2], "split_b": [1, 3]}, 4),
     "csp_tied": (lambda: CSP(tie=True),
                  {"split_a": [0, 2], "bottleneck.1": [0, 2], "split_b": [1, 3], "tie": [0, 2, 5, 7]}, 4),
+    "concatnet": (lambda: models.build("concatnet", width=0.25),
+                  {"stem": [1], "dense.layers.0": [0], "dense.layers.1": [2], "inception.branch1": [1],
+                   "inception.branch3.1": [0], "inception.branch_pool": [3], "csp.split_a": [1],
+                   "csp.bottleneck.1": [1], "csp.split_b": [0]}, 8),
 }
 
 
@@ -146,12 +155,7 @@ def prunable_channels(model, x):
 @pytest.mark.parametrize("criterion", ["energy", "l1", "bn_scale"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_dead_channels_behind_concatenations_are_exactly_the_ones_removed(name, criterion):
-    torch.manual_seed(0)
-    make, dead, n_dead = CASES[name]
-    model = make()
-    x = torch.randn(6, 3, 8, 8)
-    calibration = [torch.randn(4, 3, 8, 8) for _ in range(2)]
-    plant_dead_channels(model, dead, calibration)
+    model, dead, n_dead, x, calibration = planted(name)
     # global ranking: exactly the n_dead lowest group channels go, wherever they are
     ratio = (n_dead + 0.5) / prunable_channels(model, x[:1])
     pruned, plan = rankprune.prune(model, x[:1], criterion, data=calibration, ratio=ratio, global_ranking=True,
@@ -172,15 +176,10 @@ def test_dead_channels_behind_concatenations_are_exactly_the_ones_removed(name, 
 def test_group_scores_are_zero_exactly_at_dead_root_channels(name, criterion):
     """ScoreImportance, group by group: every scored conv of a group puts its scores at its channels' root
     positions, so a group's importance is 0 exactly at the dead channels of its root conv."""
-    torch.manual_seed(0)
-    make, dead, _ = CASES[name]
-    model = make()
-    x = torch.randn(1, 3, 8, 8)
-    calibration = [torch.randn(4, 3, 8, 8) for _ in range(2)]
-    plant_dead_channels(model, dead, calibration)
+    model, dead, _, x, calibration = planted(name)
     scores = rankprune.scoring.score(model, calibration, criterion, **({"progress": False} if criterion == "energy" else {}))
     importance = pruning.ScoreImportance(scores).bind(model)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
     names = {m: n for n, m in model.named_modules()}
     seen = 0
     for group in graph.get_all_groups(root_module_types=[nn.Conv2d]):
