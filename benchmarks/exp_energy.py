@@ -4,8 +4,9 @@ One trained ResNet-20 (width 0.5, built-in data; trained once and saved, ``--che
 in a JSON next to it so that other experiments can reuse it), pruned to 80% and 60% of its FLOPs by each
 criterion and each variant of the energy criterion, BatchNorm recalibrated on the calibration images, no
 fine-tuning; test accuracy raw and after recalibration. Variants of energy: where the map is read (the
-``tap``), local vs global ranking, the number of calibration images, the group reduction of residual
-groups, and the DC (mean) part of each map, which recalibration absorbs (see docs and
+``tap``; "residual at BN" is where ``tap="auto"`` read the convs of residual groups before it read the
+block output), local vs global ranking, the number of calibration images, the group reduction of residual
+groups, and the DC (mean) part of each map, which recalibration absorbs (see docs/pruning.md and
 ``rankprune.scoring.Energy``). Prints a Markdown table and writes JSON + Markdown to benchmarks/results/.
 
     python benchmarks/exp_energy.py --checkpoint /work/coord/resnet20_w05.pt
@@ -61,23 +62,23 @@ def load_or_train(path: str, progress: bool, seed: int = 0):
     return model.eval(), cfg
 
 
-def energy_scores(model, calibration, centred=False, block_output=False):
+def energy_scores(model, calibration, centred=False, residual_at_bn=False):
     """``energy`` with the default taps, changed in two ways the library does not offer:
 
     - ``centred``: the nuclear norm of each map minus its channel's mean over the calibration data (a first
       pass), i.e. the part of a channel that BatchNorm recalibration cannot absorb once it is removed;
-    - ``block_output``: the convs of a residual group (each block's second conv and the shortcut conv) read
-      on the block's output after the addition and its ReLU, as HRank does, instead of on their own
-      BatchNorm output before the addition.
+    - ``residual_at_bn``: the convs of a residual group (each block's second conv and the shortcut conv)
+      read on their own BatchNorm output before the addition, as ``tap="auto"`` did before it read the
+      block output after the addition and its ReLU (HRank's place).
     """
     convs = scoring.conv_layers(model)
     taps = scoring.find_taps(model, calibration[0][0][:1], convs, "auto")
-    if block_output:
+    if residual_at_bn:
         for name, block in model.named_modules():
             if hasattr(block, "relu2"):
-                taps[f"{name}.conv2"] = scoring._Tap(block.relu2, None)
+                taps[f"{name}.conv2"] = scoring._Tap(block.bn2, None)
                 if f"{name}.shortcut.0" in taps:
-                    taps[f"{name}.shortcut.0"] = scoring._Tap(block.relu2, None)
+                    taps[f"{name}.shortcut.0"] = scoring._Tap(block.shortcut[1], None)
     means = {name: torch.zeros(conv.out_channels, dtype=torch.float64) for name, conv in convs.items()}
     sums = {name: torch.zeros(conv.out_channels, dtype=torch.float64) for name, conv in convs.items()}
 
@@ -126,6 +127,7 @@ def unnormalized_groups():
 # variant -> (criterion name or scoring function, criterion kwargs, calibration images, prune kwargs, context)
 VARIANTS = {
     "energy": ("energy", {}, 1000, {}, None),
+    "energy residual at BN": (energy_scores, {"residual_at_bn": True}, 1000, {}, None),
     "energy tap=relu": ("energy", {"tap": "relu"}, 1000, {}, None),
     "energy tap=bn": ("energy", {"tap": "bn"}, 1000, {}, None),
     "energy tap=conv": ("energy", {"tap": "conv"}, 1000, {}, None),
@@ -134,8 +136,6 @@ VARIANTS = {
     "energy unnormalised groups": ("energy", {}, 1000, {}, unnormalized_groups),
     "energy centred": (energy_scores, {"centred": True}, 1000, {}, None),
     "energy centred global": (energy_scores, {"centred": True}, 1000, {"global_ranking": True}, None),
-    "energy block output": (energy_scores, {"block_output": True}, 1000, {}, None),
-    "energy block output centred": (energy_scores, {"block_output": True, "centred": True}, 1000, {}, None),
     "hrank": ("hrank", {}, 1000, {}, None),
     "l1": ("l1", {}, 0, {}, None),
     "l1 global": ("l1", {}, 0, {"global_ranking": True}, None),
