@@ -201,3 +201,18 @@ def test_energy_of_sparse_float32_maps_is_finite():
     got = ops.feature_energy(maps, reduction="none")
     torch.testing.assert_close(got.double(), ops.feature_energy_reference(maps, reduction="none"),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_probe_runs_a_forward_that_modifies_its_input_in_place():
+    class InPlaceInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x.mul_(2)))
+
+    net = InPlaceInput().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    assert scoring.find_taps(net, torch.randn(1, 3, 5, 5), scoring.conv_layers(net))["conv"].host is net.bn

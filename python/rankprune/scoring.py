@@ -198,10 +198,11 @@ def find_taps(model: nn.Module, example_inputs: Any, convs: Dict[str, nn.Conv2d]
 
 
 def _requiring_grad(inputs: Any) -> Any:
-    """``inputs`` with every floating tensor a detached copy that requires grad (the probe's autograd graph
-    then exists even when no parameter requires grad)."""
+    """``inputs`` with every floating tensor a copy in an autograd graph (so that the probe's graph exists
+    even when no parameter requires grad); a non-leaf copy, so that a forward that modifies its input in
+    place still runs."""
     if isinstance(inputs, Tensor):
-        return inputs.detach().requires_grad_() if inputs.is_floating_point() else inputs
+        return inputs.detach().requires_grad_().clone() if inputs.is_floating_point() else inputs
     if isinstance(inputs, dict):
         return {k: _requiring_grad(v) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
