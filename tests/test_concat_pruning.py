@@ -189,3 +189,37 @@ def test_group_scores_are_zero_exactly_at_dead_root_channels(name, criterion):
         assert (imp == 0).nonzero().flatten().tolist() == expected, (root, imp)
         seen += bool(expected)
     assert seen >= 1
+
+
+@pytest.mark.parametrize("criterion", ["energy", "l1", "bn_scale"])
+def test_dead_channels_of_a_residual_group_read_at_the_block_output(criterion):
+    """A ResNet block with a conv shortcut: channels dead in both terms of the addition (second conv and
+    shortcut conv; energy reads both on the block output after the addition's ReLU) and in the first conv
+    are exactly the ones removed, and the output does not change."""
+    from rankprune.models.resnet_cifar import BasicBlock
+
+    torch.manual_seed(0)
+    net = nn.Sequential(cbr(3, 4, 3), BasicBlock(4, 6), nn.Conv2d(6, 3, 1))
+    block = net[1]
+    calibration = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.fill_(0.5)
+        for conv, bn, idxs in ((block.conv2, block.bn2, [1, 4]), (block.shortcut[0], block.shortcut[1], [1, 4]),
+                               (block.conv1, block.bn1, [2])):
+            conv.weight[idxs] = 0
+            bn.weight[idxs] = 0
+            bn.bias[idxs] = -1.0
+    rankprune.recalibrate(net, calibration)
+    net.eval()
+    x = torch.randn(6, 3, 8, 8)
+    ratio = (3 + 0.5) / prunable_channels(net, x[:1])
+    pruned, plan = rankprune.prune(net, x[:1], criterion, data=calibration, ratio=ratio, global_ranking=True,
+                                   recalibrate=False, max_layer_ratio=0.99, progress=False)
+    layers = plan["layers"]
+    assert layers["1.conv2"]["out_channels_kept"] == layers["1.shortcut.0"]["out_channels_kept"] == [0, 2, 3, 5]
+    assert layers["1.conv1"]["out_channels_kept"] == [0, 1, 3, 4, 5]
+    assert "out_channels_kept" not in layers.get("0.0", {})
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), net(x), rtol=1e-5, atol=1e-6)
