@@ -122,6 +122,10 @@ def test_residual_convs_are_scored_on_the_block_output():
     scores = scoring.score(block, data, "energy", progress=False)
     torch.testing.assert_close(scores["conv2"], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores["shortcut.0"], expected, rtol=1e-5, atol=1e-5)
+    # hrank keeps reading the terms of the addition on their BatchNorm output
+    assert not scoring.HRank.residual_output and scoring.Energy.residual_output
+    own = scoring.find_taps(block, data[0][:1], scoring.conv_layers(block), residual_output=False)
+    assert own["conv2"].host is block.bn2 and own["shortcut.0"].host is block.shortcut[1]
 
     class AddNoActivation(nn.Module):
         def __init__(self):

@@ -24,12 +24,13 @@ read (``tap``):
 
 - ``"auto"`` (default): after the conv's BatchNorm when a BatchNorm module takes the conv output, and after
   the activation module (ReLU, ReLU6, ...) that takes the BatchNorm output, where HRank and EAP read it.
-  When the BatchNorm output is instead added to another branch (a residual connection) and the sum goes
-  into an activation module, the map is read after that activation: the block output, which is what a
-  channel of the residual group carries and where HRank reads the second conv of a block (this was worth
-  +2 and +19 points at 60% of the FLOPs on two trained ResNet-20s against reading the BatchNorm output:
-  ``docs/pruning.md``). Activations written as functions in ``forward`` (``F.relu``) cannot be seen; there
-  the map is read after the BatchNorm.
+  For ``energy``, when the BatchNorm output is instead added to another branch (a residual connection) and
+  the sum goes into an activation module, the map is read after that activation: the block output, which
+  is what a channel of the residual group carries and where HRank's code reads the second conv of a block
+  (worth +2 and +19 points at 60% of the FLOPs on two trained ResNet-20s against reading the BatchNorm
+  output; ``hrank`` keeps reading the BatchNorm output, which measured better for it: ``docs/pruning.md``).
+  Activations written as functions in ``forward`` (``F.relu``) cannot be seen; there the map is read after
+  the BatchNorm.
 - ``"relu"``: as ``"auto"``, but where no activation module follows, ``torch.relu`` is applied to the map
   (HRank's convention for ReLU networks, also for functional ReLUs and additions without an activation).
 - ``"bn"``: after the BatchNorm (or the conv when none follows). ``"conv"``: the raw conv output.
@@ -131,8 +132,11 @@ def _non_inplace(act: nn.Module) -> nn.Module:
     return act
 
 
-def find_taps(model: nn.Module, example_inputs: Any, convs: Dict[str, nn.Conv2d], tap: str = "auto") -> Dict[str, _Tap]:
-    """Locate each conv's BatchNorm and activation by one forward on ``example_inputs`` (see module doc)."""
+def find_taps(model: nn.Module, example_inputs: Any, convs: Dict[str, nn.Conv2d], tap: str = "auto",
+              residual_output: bool = True) -> Dict[str, _Tap]:
+    """Locate each conv's BatchNorm and activation by one forward on ``example_inputs`` (see module doc).
+    ``residual_output=False``: the terms of a residual addition are read on their BatchNorm output (with
+    ``tap="relu"``, through ``torch.relu``) instead of on the block output."""
     if tap not in TAPS:
         raise ValueError(f"tap must be one of {TAPS}, got {tap!r}")
     consumers: Dict[int, List[nn.Module]] = {}  # id(tensor) -> modules taking it as first input, in call order
@@ -189,7 +193,7 @@ def find_taps(model: nn.Module, example_inputs: Any, convs: Dict[str, nn.Conv2d]
                 act = consumer(host, _ACTIVATIONS)
                 if act is not None:
                     activation = _non_inplace(act)
-                elif host in residual_activation:  # the block output: after the addition and its activation
+                elif residual_output and host in residual_activation:  # the block output: after the addition and its activation
                     host = residual_activation[host]
                 elif tap == "relu":
                     activation = torch.relu
@@ -290,6 +294,7 @@ class FeatureMapCriterion(Criterion):
     """
 
     needs_data = True
+    residual_output = True  # the convs of a residual addition read on the block output (module doc)
 
     def __init__(self, tap: str = "auto", max_batches: Optional[int] = None, progress: bool = True,
                  distributed: bool = True, layers: Optional[Sequence[str]] = None):
@@ -319,7 +324,7 @@ class FeatureMapCriterion(Criterion):
                 for batch in _progress(_batches(data, self.max_batches), f"scoring ({self.name})", self.progress):
                     inputs = to_device(batch_inputs(batch), device, dtype)
                     if not handles:  # first batch: find the taps on its first sample, then hook them
-                        taps = find_taps(model, _first_sample(inputs), convs, self.tap)
+                        taps = find_taps(model, _first_sample(inputs), convs, self.tap, self.residual_output)
                         handles = [tap.host.register_forward_hook(self._hook(sums[name], tap))
                                    for name, tap in taps.items()]
                     call_model(model, inputs)
@@ -366,9 +371,15 @@ class Energy(FeatureMapCriterion):
 
 
 class HRank(FeatureMapCriterion):
-    """HRank: mean numerical rank of each channel's map (``ops.feature_rank``; ``rtol`` as there)."""
+    """HRank: mean numerical rank of each channel's map (``ops.feature_rank``; ``rtol`` as there).
+
+    The convs of a residual addition are read on their own BatchNorm output, not on the block output as
+    for ``energy``: the block output (a sum of branches after a ReLU) is near full rank in every channel, and
+    reading it cost HRank 12 to 14 points on a trained ResNet-20 (``docs/pruning.md``).
+    """
 
     name = "hrank"
+    residual_output = False
 
     def __init__(self, rtol: Optional[float] = None, **kwargs):
         super().__init__(**kwargs)
