@@ -12,7 +12,7 @@ import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._inputs import batch_inputs, call_model, to_device
