@@ -119,10 +119,11 @@ def test_bad_stride_type():
 
 @pytest.fixture
 def allow_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    # The fused kernel takes float32 only in TF32, keyed on cuDNN's flag (on by default) like the cuDNN pair.
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
     yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+    torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.cuda
