@@ -316,10 +316,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("GPU CHECK STOPS: the CUDA build failed (build.log)", file=sys.stderr)
             return 1
 
+    # Every later process imports the package built in place (ahead of any carried wheels on PYTHONPATH).
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH")]))
     deadline = check.deadline(remaining("verify"))
     t = time.monotonic()
     log = os.path.join(WORK, "logs", "verify.log")
-    rc = wait_all({"v": start([python(), "-c", VERIFY], log, {"PYTHONPATH": os.path.join(ROOT, "python")})}, deadline)["v"]
+    rc = wait_all({"v": start([python(), "-c", VERIFY], log)}, deadline)["v"]
     text = read(log)
     env_info = parse_json_lines(text)
     check.summary["environment"] = env_info[-1] if env_info else None
@@ -329,7 +331,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if rc != 0:
         print("GPU CHECK STOPS: " + (text.strip().splitlines() or ["verify failed"])[-1], file=sys.stderr)
         return 1
-    os.environ["PYTHONPATH"] = os.path.join(ROOT, "python") + os.pathsep + os.environ.get("PYTHONPATH", "")
 
     failed = False
     if "smoke" in steps:
