@@ -7,7 +7,8 @@ from rankprune import ops
 
 from conftest import devices
 
-# (C, N, r, kernel, stride, padding, dilation, H, W)
+# (C, N, r, kernel, stride, padding, dilation, H, W). With r = 2-4 these run the cuDNN pair on CUDA (the fused kernel
+# needs r a multiple of 16): the fused path's geometry is tested in test_cuda_lowrank_conv_paths.py.
 SHAPES = [
     (4, 6, 3, (3, 3), (1, 1), (1, 1), (1, 1), 7, 6),
     (5, 7, 2, (3, 2), (2, 1), (1, 2), (1, 2), 9, 8),
