@@ -106,13 +106,18 @@ SVDVALS = {
 # ---- svd family --------------------------------------------------------------------------------------
 
 
+def _product(U, S, V):
+    """U diag(S) V^T in float64 on the CPU."""
+    return (U.double().cpu() * S.double().cpu()[..., None, :]) @ V.double().cpu().mT
+
+
 def _svd_case(batch, m, n, dtype=torch.float32):
     def run(device, small):
         a = _randn(1 if small else batch, m, n, dtype=dtype)
         U, S, V = ops.svd(a.to(device))
         Uc, Sc, Vc = ops.svd(a)
         ref = ops.svdvals_reference(a)
-        recon = (U.double().cpu() * S.double().cpu()[..., None, :]) @ V.double().cpu().mT
+        recon = _product(U, S, V)
         return max(_sigma_err(S, Sc), _sigma_err(S, ref), _rel_err(recon, a.double()))
     return run
 
@@ -136,7 +141,7 @@ def _svd_lowrank_case(batch, m, n, k):
         a = left @ torch.randn(left.shape[0], k, n, generator=g)  # exact rank k
         gen = torch.Generator(device=device).manual_seed(0)
         U, S, V = ops.svd_lowrank(a.to(device), k, generator=gen)
-        recon = (U.double().cpu() * S.double().cpu()[..., None, :]) @ V.double().cpu().mT
+        recon = _product(U, S, V)
         return max(_sigma_err(S, ops.svdvals_reference(a)[..., :k]), _rel_err(recon, a.double()))
     return run
 
