@@ -98,3 +98,20 @@ def test_case_script_on_cpu():
     results = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(results) == sum(f == "svd" for f in (line.split(":")[0] for line in listed.stdout.splitlines()))
     assert all(r["ok"] and r["err"] <= r["tol"] for r in results)
+
+
+def test_deadline_kills_a_step_and_keeps_its_output(tmp_path):
+    # The machinery of every step: processes run side by side under one deadline; one that outlives it is
+    # killed with its children, and what each printed is appended to its OUTDIR log and recorded.
+    driver = load_driver()
+    driver.WORK = str(tmp_path / "work")
+    os.makedirs(os.path.join(driver.WORK, "logs"))
+    check = driver.Check(str(tmp_path), budget_s=60, commit="abc")
+    cmds = {"quick": ["bash", "-c", "echo done"],
+            "slow": ["bash", "-c", "echo started; sleep 30 & wait"]}
+    rcs = driver.run_parallel(check, "demo", cmds, {"quick": "a.log", "slow": "b.log"}, deadline_s=2)
+    assert rcs == {"quick": 0, "slow": None}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(s["name"], s["status"]) for s in summary["steps"]] == [("demo:quick", "passed"), ("demo:slow", "timed out")]
+    assert summary["steps"][0]["note"] == "done" and summary["commit"] == "abc"
+    assert "started" in (tmp_path / "b.log").read_text()
