@@ -156,9 +156,9 @@ class Check:
 
 def start(cmd: List[str], log_path: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
     """A process in its own session (so that a deadline kills its children too), output to log_path."""
-    log = open(log_path, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def wait_all(procs: Dict[str, subprocess.Popen], deadline_s: float) -> Dict[str, Optional[int]]:
