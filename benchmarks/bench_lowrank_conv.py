@@ -3,8 +3,10 @@ model level (ResNet-50 decomposed to about half its FLOPs vs dense).
 
 Layer shapes are ResNet-50's 3x3 convolutions (C -> C at 56, 28, 14, 7) at rank C/4, channels_last inputs,
 ``torch.backends.cudnn.benchmark = True`` on CUDA, one dtype for every path. "op" is
-``rankprune.ops.lowrank_conv2d`` as dispatched (it may pick the cuDNN pair); on CUDA "fused" forces the fused
-kernel (RANKPRUNE_LOWRANK_CONV2D=fused). Results go to benchmarks/results/ as JSON.
+``rankprune.ops.lowrank_conv2d`` as dispatched (under cudnn.benchmark it times both paths once per shape and
+keeps the faster); on CUDA "fused" forces the fused kernel (RANKPRUNE_LOWRANK_CONV2D=fused) and "op_static" is
+the op with cudnn.benchmark off, i.e. the path its static estimate picks (what a default user gets).
+Results go to benchmarks/results/ as JSON.
 
     python benchmarks/bench_lowrank_conv.py --device cpu --quick
     python benchmarks/bench_lowrank_conv.py --device cuda
@@ -39,6 +41,17 @@ def _forced_path(path):
     return run
 
 
+def _without_cudnn_benchmark(fn):
+    def run():
+        old = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False
+        try:
+            return fn()
+        finally:
+            torch.backends.cudnn.benchmark = old
+    return run
+
+
 def bench_layer(device, dtype, channels, size, batch, timing):
     rank = channels // 4
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -59,6 +72,7 @@ def bench_layer(device, dtype, channels, size, batch, timing):
     if device == "cuda":
         forced = _forced_path("fused")
         paths["fused"] = lambda: forced(lambda: ops.lowrank_conv2d(x, w1, w2, bias, 1, 1, 1))
+        paths["op_static"] = _without_cudnn_benchmark(paths["op"])
     row = {"channels": channels, "size": size, "rank": rank, "batch": batch, "dtype": str(dtype).split(".")[-1]}
     with torch.no_grad():
         for name, fn in paths.items():
@@ -68,6 +82,8 @@ def bench_layer(device, dtype, channels, size, batch, timing):
     row["speedup_vs_dense"] = t["dense"] / t["op"]
     if "fused" in t:
         row["fused_kernel_vs_unfused"] = t["unfused"] / t["fused"]
+        # Below 1 where the static estimate picked the slower path (the target: never below 0.95 where fused).
+        row["op_static_vs_best"] = min(t["unfused"], t["fused"]) / t["op_static"]
     print(f"  {row['dtype']:9s} C={channels:3d}@{size:2d} r={rank:3d} B={batch:3d}  "
           + "  ".join(f"{k}={v:.3f}ms" for k, v in t.items())
           + f"  op vs unfused x{row['speedup_vs_unfused']:.2f}, vs dense x{row['speedup_vs_dense']:.2f}", flush=True)
@@ -89,6 +105,7 @@ def summarize(rows):
         }
         if "fused_kernel_vs_unfused" in sel[0]:
             out[dtype]["geomean_fused_kernel_vs_unfused"] = _geomean([r["fused_kernel_vs_unfused"] for r in sel])
+            out[dtype]["min_op_static_vs_best"] = min(r["op_static_vs_best"] for r in sel)
     return out
 
 
@@ -133,6 +150,8 @@ def main(argv=None):
     parser.add_argument("--batches", default=None, help="comma-separated, default 1,8,32,128 (quick: 1,8)")
     parser.add_argument("--model-batch", type=int, default=None, help="default 32 on CUDA, 1 on CPU")
     parser.add_argument("--no-model", action="store_true", help="skip the ResNet-50 model-level comparison")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per path, with a tenth as many warm-up calls (default 50; quick 5)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     device = torch.device(args.device).type
@@ -143,6 +162,8 @@ def main(argv=None):
     dtypes = (args.dtypes or ("float32" if args.quick else "bfloat16,float32")).split(",")
     batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32,128")).split(",")]
     timing = dict(warmup=2, repeats=5) if args.quick else dict(warmup=10, repeats=50, min_time_s=0.2)
+    if args.repeats is not None:
+        timing = dict(warmup=max(1, args.repeats // 10), repeats=args.repeats)
 
     print(f"layer level on {device}:", flush=True)
     rows = [bench_layer(device, DTYPES[d], c, s, b, timing) for d in dtypes for c, s in LAYER_SHAPES

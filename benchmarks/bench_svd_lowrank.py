@@ -47,6 +47,8 @@ def main(argv=None):
     parser.add_argument("--oversample", type=int, default=8)
     parser.add_argument("--power-iters", type=int, default=2)
     parser.add_argument("--no-linalg", action="store_true", help="skip the torch.linalg.svd baseline of the lowrank cases")
+    parser.add_argument("--no-small", action="store_true",
+                        help="skip the full SVD of many small matrices (torch.linalg.svd loops cuSOLVER over them)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU run")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -91,7 +93,7 @@ def main(argv=None):
         print(f"{'':<34} rel. error rank-{k}: rankprune {row['rel_error_rankprune']:.3e}, "
               f"torch.svd_lowrank {row['rel_error_torch_svd_lowrank_rank_k']:.3e}")
         rows.append(row)
-    for batch, size in QUICK_SMALL if args.quick else FULL_SMALL:
+    for batch, size in [] if args.no_small else QUICK_SMALL if args.quick else FULL_SMALL:
         A = torch.randn(batch, size, size, device=device, generator=gen)
         t_ours = timed(lambda: rankprune.ops.svd(A))
         t_full = timed(lambda: torch.linalg.svd(A, full_matrices=False))

@@ -7,7 +7,8 @@ from rankprune import ops
 
 from conftest import devices
 
-# (C, N, r, kernel, stride, padding, dilation, H, W)
+# (C, N, r, kernel, stride, padding, dilation, H, W). With r = 2-4 these run the cuDNN pair on CUDA (the fused kernel
+# needs r a multiple of 16): the fused path's geometry is tested in test_cuda_lowrank_conv_paths.py.
 SHAPES = [
     (4, 6, 3, (3, 3), (1, 1), (1, 1), (1, 1), 7, 6),
     (5, 7, 2, (3, 2), (2, 1), (1, 2), (1, 2), 9, 8),
@@ -119,10 +120,11 @@ def test_bad_stride_type():
 
 @pytest.fixture
 def allow_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    # The fused kernel takes float32 only in TF32, keyed on cuDNN's flag (on by default) like the cuDNN pair.
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
     yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+    torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.cuda

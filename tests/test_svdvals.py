@@ -95,7 +95,7 @@ def test_sparse_post_relu_maps(device, dtype, threshold, seed):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(130, 130), (300, 40), (40, 257)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_large_matrices(device, shape, seed):
-    # Beyond the fused on-chip sizes (on the GPU: the shared-memory limit and the global-memory path).
+    # Larger block-path sizes (GPU: 128/256 threads, opt-in shared memory); the global path: test_cuda_svdvals_paths.py
     a = relu_lowrank_noise(2, *shape).float().to(device)
     ref = ops.svdvals_reference(a.cpu())
     check_close(ops.svdvals(a).cpu(), ref)

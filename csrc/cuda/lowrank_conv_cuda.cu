@@ -6,9 +6,11 @@
 //            registers (each of the 4 warps holds 16 rows x r columns);
 //   phase 2: Y is rounded to the input dtype (as the unfused pair would store it) into shared memory, then
 //            out[BM, n-chunk] = Y * w2^T + bias over output-channel chunks of BN = 64.
-// The r-channel intermediate never leaves the chip. float32 runs in TF32 (only where the matmul TF32 flag allows).
-// Shapes outside the kernel's cover (r not a multiple of 16 or above 128, float64, pre-Ampere GPUs) and, under
-// cudnn.benchmark, shapes where the kernel measured slower than the cuDNN pair run the unfused path.
+// The r-channel intermediate never leaves the chip. float32 runs in TF32, only where the cuDNN TF32 flag
+// (torch.backends.cudnn.allow_tf32, on by default) lets the unfused convolutions do the same.
+// Shapes outside the kernel's cover (r not a multiple of 16 or above 128, float64, pre-Ampere GPUs) run the
+// unfused path, and so, in auto mode, do shapes where the kernel is not expected to win (see `fused_expected_faster`)
+// or, under cudnn.benchmark, measured slower than the cuDNN pair.
 // The kernel is deliberately plain (single-buffered shared memory, no cp.async): a baseline for tuning.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -305,11 +307,14 @@ void launch_fused_rank(const FusedParams& p, int64_t n_blocks_y, cudaStream_t st
   }
 }
 
+int64_t pixel_tiles(const at::Tensor& out) { return (out.size(0) * out.size(2) * out.size(3) + kBM - 1) / kBM; }
+
 // Why the fused kernel cannot run this call, or nullptr when it can.
 const char* fused_refusal(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& out) {
   const auto dtype = x.scalar_type();
   if (dtype == at::kDouble) return "float64";
-  if (dtype == at::kFloat && !at::globalContext().allowTF32CuBLAS()) return "float32 without TF32";
+  // The op is a convolution: its fp32 precision follows cuDNN's flag (which the unfused pair obeys), not matmul's.
+  if (dtype == at::kFloat && !at::globalContext().allowTF32CuDNN()) return "float32 without TF32";
   const int64_t r = w1.size(0);
   if (r % 16 != 0 || r > kMaxRank) return "rank not a multiple of 16 up to 128";
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return "GPU older than sm_80";
@@ -354,7 +359,7 @@ void run_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
   p.w2s[1] = w2.stride(1);
   // Few pixel tiles (small batch, deep layers) leave SMs idle: split the output channels over blockIdx.y,
   // each split recomputing phase 1 (r/N of the work per extra split), until there are about 2 CTAs per SM.
-  const int64_t m_blocks = (p.M + kBM - 1) / kBM;
+  const int64_t m_blocks = pixel_tiles(out);
   const int64_t n_chunks = (p.N + kBN - 1) / kBN;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t splits = std::min<int64_t>(n_chunks, std::max<int64_t>(1, (2 * sms + m_blocks - 1) / m_blocks));
@@ -371,10 +376,31 @@ void run_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
 }
 
 // ---- path choice ----
-// RANKPRUNE_LOWRANK_CONV2D=fused|unfused forces a path (fused still needs a covered shape); "auto" (default)
-// runs the fused kernel on covered shapes, and when torch.backends.cudnn.benchmark is on it times both paths
-// once per shape (outside CUDA graph capture) and remembers the faster one, like cuDNN's own benchmark mode.
+// RANKPRUNE_LOWRANK_CONV2D=fused|unfused forces a path (fused still needs a covered shape). "auto" (default)
+// takes the static estimate below; when torch.backends.cudnn.benchmark is on it instead times both paths once
+// per shape and remembers the faster one, like cuDNN's own benchmark mode. Timing cannot run inside CUDA-graph
+// capture (it synchronizes), so a captured call uses the remembered choice when the shape was timed eagerly
+// before (a graph then replays what the eager run chose) and the static estimate otherwise.
 enum class Path { Fused, Unfused };
+
+// Static estimate of whether the fused kernel beats the cuDNN pair; nothing here is measured yet.
+// Fusion saves at most the r-channel round trip through memory, while the kernel has no split-K and no
+// pipelining: each CTA walks all C*kh*kw / BK K-steps of phase 1 serially, and when there are few 64-pixel
+// tiles the output channels are split over blockIdx.y, each split recomputing phase 1. The estimate for an
+// H200 (docs/ and the CUDA review) puts it 3-5x behind cuDNN on deep layers (512 channels at 7x7, r = 128:
+// 4608-long K, a few hundred CTAs at most) and at batch 1, and about even to ahead on shallow, wide-image
+// layers. So auto fuses only when both hold:
+//  * at least two waves of pixel tiles, 2 * #SMs (no phase-1 recomputation, latency hidden across CTAs);
+//  * K1 = C*kh*kw <= 1152 (e.g. 128 channels with a 3x3 kernel: at most 36 serial K-steps in 16-bit).
+// On ResNet-50 at batch 32 this fuses the 3x3 layers at 56x56 and 28x28 and leaves 14x14 and 7x7 to cuDNN.
+constexpr int64_t kFusedMinWaves = 2;
+constexpr int64_t kFusedMaxK1 = 1152;
+
+bool fused_expected_faster(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& out) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t k1 = x.size(1) * w1.size(2) * w1.size(3);
+  return pixel_tiles(out) >= kFusedMinWaves * sms && k1 <= kFusedMaxK1;
+}
 
 std::string path_setting() {
   const char* env = std::getenv("RANKPRUNE_LOWRANK_CONV2D");
@@ -438,22 +464,22 @@ at::Tensor lowrank_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& w1, con
                 "does not cover this call (", why, ")");
     return lowrank_conv2d_unfused(x, w1, w2, bias, a);
   }
-  if (setting == "auto" && at::globalContext().benchmarkCuDNN() &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
-    static std::mutex mutex;
-    static std::map<ShapeKey, Path> chosen;
-    const ShapeKey key = shape_key(x, w1, w2, bias.has_value(), a);
-    Path path;
-    {
+  if (setting == "auto") {
+    Path path = fused_expected_faster(x, w1, out) ? Path::Fused : Path::Unfused;
+    if (at::globalContext().benchmarkCuDNN()) {
+      static std::mutex mutex;
+      static std::map<ShapeKey, Path> chosen;
+      const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+      const ShapeKey key = shape_key(x, w1, w2, bias.has_value(), a);
       std::lock_guard<std::mutex> lock(mutex);
       auto it = chosen.find(key);
-      if (it == chosen.end()) {
+      if (it == chosen.end() && !capturing) {
         cudaStream_t stream = at::cuda::getCurrentCUDAStream();
         const float fused_ms = time_ms([&] { run_fused(x, w1, w2, bias, a, out); }, stream);
         const float unfused_ms = time_ms([&] { lowrank_conv2d_unfused(x, w1, w2, bias, a); }, stream);
         it = chosen.emplace(key, fused_ms <= unfused_ms ? Path::Fused : Path::Unfused).first;
       }
-      path = it->second;
+      if (it != chosen.end()) path = it->second;
     }
     if (path == Path::Unfused) return lowrank_conv2d_unfused(x, w1, w2, bias, a);
   }

@@ -38,8 +38,9 @@ def lowrank_conv2d(
     ``bias [N]`` or None, one dtype (float16/bfloat16/float32/float64) and device. Returns ``[B, N, H', W']``
     in the memory format of ``x``. On CUDA the r-channel intermediate stays on chip when the fused kernel
     covers the shape (float16/bfloat16, or float32 with TF32 allowed by
-    ``torch.backends.cuda.matmul.allow_tf32``; r a multiple of 16 up to 128); other shapes run two cuDNN
-    convolutions. Under autocast the operands are cast to the autocast dtype, as ``F.conv2d`` would be.
+    ``torch.backends.cudnn.allow_tf32``, the default; r a multiple of 16 up to 128) and is expected to win
+    (by default a static estimate, under ``torch.backends.cudnn.benchmark`` a timing per shape; see
+    docs/lowrank.md); other shapes run two cuDNN convolutions. Under autocast the operands are cast to the autocast dtype, as ``F.conv2d`` would be.
     """
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
