@@ -111,13 +111,15 @@ def main(argv=None):
         x = layer1.to(memory_format=torch.channels_last)
         t_cl = measure(lambda: ops.feature_energy(x, "mean"), device=device, warmup=1, repeats=repeats)
         t_nchw = measure(lambda: ops.feature_energy(layer1, "mean"), device=device, warmup=1, repeats=repeats)
-        extra = {"feature_energy_layer1_nchw_ms": t_nchw.median_ms, "feature_energy_layer1_channels_last_ms": t_cl.median_ms}
+        extra = {"feature_energy_layer1_nchw_ms": t_nchw.median_ms,
+                 "feature_energy_layer1_channels_last_ms": t_cl.median_ms}
         print(f"feature_energy resnet50.layer1: NCHW {t_nchw.median_ms:.3f} ms, channels_last {t_cl.median_ms:.3f} ms")
 
     load = {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()}
     print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']} on {load['cpus']} CPUs")
     payload = {"benchmark": "svdvals", "environment": environment(device), "quick": args.quick,
-               "shapes": args.shapes, "rounds": args.rounds, "dtype": "float32", "load_average": load, "rows": rows, **extra}
+               "shapes": args.shapes, "rounds": args.rounds, "dtype": "float32", "load_average": load, "rows": rows,
+               **extra}
     path = write_results("svdvals", payload, args.out)
     print(f"wrote {path}")
     return 0

@@ -179,7 +179,8 @@ def test_subnormal_matrices_svdvals(device, dtype, seed):
     check_scaled_close(ops.svdvals(a.to(device)).cpu(), ref, scale, dtype, rel)
     check_scaled_close(ops.nuclear_norm(a.to(device)).cpu().unsqueeze(-1), ref.sum(-1, keepdim=True), scale, dtype, rel)
     x = a.reshape(2, 3, 9, 7).to(device)
-    check_scaled_close(ops.feature_energy(x, "none").cpu().unsqueeze(-1), ref.sum(-1).reshape(2, 3, 1), scale, dtype, rel)
+    energy = ops.feature_energy(x, "none").cpu().unsqueeze(-1)
+    check_scaled_close(energy, ref.sum(-1).reshape(2, 3, 1), scale, dtype, rel)
     rank_ref = ops.feature_rank_reference(normal.reshape(2, 3, 9, 7).to(dtype), reduction="none")
     assert torch.equal(ops.feature_rank(x, reduction="none").cpu().double(), rank_ref)
 
@@ -227,19 +228,21 @@ def adversarial_cases():
     n = 24
     ones = torch.ones(n, dtype=torch.float64)
     graded = torch.logspace(0, -6, n, dtype=torch.float64)
+    step = torch.arange(12, dtype=torch.float64)
     zeros_on_diagonal = torch.rand(3, n, dtype=torch.float64) + 0.5
     zeros_on_diagonal[:, ::3] = 0
     return {
         "identity": torch.eye(n, dtype=torch.float64).expand(3, n, n),
         "orthogonal": torch.linalg.qr(torch.randn(3, n, n, dtype=torch.float64)).Q,
-        "repeated": with_spectrum(torch.cat([torch.full((8,), 3.0), torch.full((8,), 1.0), torch.full((8,), 1e-3)]).double()),
+        "repeated": with_spectrum(torch.tensor([3.0] * 8 + [1.0] * 8 + [1e-3] * 8, dtype=torch.float64)),
         "clustered": with_spectrum(1.0 + 1e-7 * torch.arange(n, dtype=torch.float64)),
-        "two_clusters": with_spectrum(torch.cat([2.0 + 1e-9 * torch.arange(12.0), 1e-4 * (1 + 1e-9 * torch.arange(12.0))]).double()),
+        "two_clusters": with_spectrum(torch.cat([2.0 + 1e-9 * step, 1e-4 * (1 + 1e-9 * step)])),
         "graded_tiny_offdiagonal": bidiagonal(graded.expand(3, n), 1e-20 * torch.rand(3, n - 1, dtype=torch.float64)),
         "graded_offdiagonal_equal": bidiagonal(graded.expand(3, n), graded[1:].expand(3, n - 1)),
         "zeros_on_diagonal": bidiagonal(zeros_on_diagonal, torch.rand(3, n - 1, dtype=torch.float64) + 0.5),
         "all_zero_diagonal": bidiagonal(torch.zeros(3, n, dtype=torch.float64), ones[1:].expand(3, n - 1)),
-        "wilkinson_like": bidiagonal((torch.arange(n, dtype=torch.float64) - n / 2).abs().expand(3, n), ones[1:].expand(3, n - 1)),
+        "wilkinson_like": bidiagonal((torch.arange(n, dtype=torch.float64) - n / 2).abs().expand(3, n),
+                                     ones[1:].expand(3, n - 1)),
         "rank_one": torch.ones(3, n, n, dtype=torch.float64),
         "tiny_and_huge": with_spectrum(torch.cat([torch.ones(n // 2), torch.full((n - n // 2,), 1e-30)]).double()),
         "two_by_two": torch.tensor([[[1.0, 1e-8], [0.0, 1.0]], [[0.0, 1.0], [0.0, 0.0]], [[3.0, 4.0], [4.0, -3.0]]],

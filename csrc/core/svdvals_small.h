@@ -1,6 +1,6 @@
 // Singular values of one small dense matrix, computed by a thread group (csrc/core/group.h).
 //
-// Algorithm (values only; see docs/architecture.md for why):
+// Algorithm (values only; docs/architecture.md summarises it):
 //   1. load the matrix, divided by the power of two 2^k with max |a_ij| / 2^k in [1, 2) (exact, and valid for
 //      subnormal maxima), into a column-major workspace with rows >= cols (sigma(A) = sigma(A^T)), so sums of
 //      squares neither overflow nor underflow;
@@ -10,10 +10,10 @@
 //      TGK = tridiag(0; d0, e0, d1, e1, ..., d_{n-1}; 0), whose eigenvalues are +-sigma_i: one pass over the
 //      pivots of TGK - x gives a Sturm count (how many sigma_i are below x, a bracket that always holds the
 //      wanted value) and a Newton step; bisection until the value is isolated, then safeguarded Newton
-//      (quadratic), ~8-12 passes per value instead of bisection's 28 (float). Each thread owns its own sigma_i,
-//      so this phase is as parallel as the group; every search has a pass cap (no loop that could hang on
-//      NaN) and is accurate to about eps * sigma_max absolutely, which covers rank-deficient and graded
-//      spectra where Gram-based methods lose ~sqrt(eps) * sigma_max. The Rank epilogue needs sigma_max and
+//      (quadratic), 6-9 passes per value with the shared grid instead of bisection's 28 (float). Each thread
+//      owns its own sigma_i, so this phase is as parallel as the group; every search has a pass cap (no loop
+//      that could hang on NaN) and is accurate to a few eps * sigma_max absolutely, which covers
+//      rank-deficient and graded spectra where Gram-based methods lose ~sqrt(eps) * sigma_max. The Rank epilogue needs sigma_max and
 //      a single Sturm count at the tolerance.
 #pragma once
 
@@ -51,7 +51,9 @@ RP_HD MatrixRef orient(int64_t m, int64_t n, int64_t sm, int64_t sn) {
 // then d[cols], e[cols], sigma[cols], w[rows], grid_below[kMaxGrid] (see bidiagonal_svdvals).
 constexpr int kMaxGrid = 32;
 RP_HD int64_t workspace_lda(int64_t rows) { return rows | 1; }  // odd: column walks hit distinct smem banks
-RP_HD int64_t workspace_size(const MatrixRef& a) { return workspace_lda(a.rows) * a.cols + 3 * a.cols + a.rows + kMaxGrid; }
+RP_HD int64_t workspace_size(const MatrixRef& a) {
+  return workspace_lda(a.rows) * a.cols + 3 * a.cols + a.rows + kMaxGrid;
+}
 
 // What happened while loading: the scale applied, or that the matrix is zero / not finite.
 enum class LoadStatus { Ok, Zero, NonFinite };
@@ -121,7 +123,9 @@ RP_HD LoadStatus load_scaled(const G& g, const scalar_t* base, const MatrixRef& 
   if (amax == T(0)) return LoadStatus::Zero;
   const PowerOfTwoScale<T> p = power_of_two_scale(amax);
   scale = p.scale;
-  for_each_index2(g, ref.rows, ref.cols, [&](int64_t i, int64_t j) { a[i + j * lda] = a[i + j * lda] * p.inv_hi * p.inv_lo; });
+  for_each_index2(g, ref.rows, ref.cols, [&](int64_t i, int64_t j) {
+    a[i + j * lda] = a[i + j * lda] * p.inv_hi * p.inv_lo;
+  });
   g.sync();
   return LoadStatus::Ok;
 }
@@ -313,11 +317,11 @@ RP_HD void bidiagonalize(const G& g, T* a, int64_t lda, int64_t m, int64_t n, T*
 //   - p'(x) / p(x) for the characteristic polynomial p(x) = det(TGK - x) = prod (x^2 - sigma_i^2), i.e. a
 //     Newton step in y = x^2 (where a zero singular value is a simple root of prod (y - sigma_i^2)).
 // The search bisects until the bracket holds the wanted value alone, then takes Newton steps, falling back to
-// bisection whenever a step leaves the bracket or fails to halve the previous step. It stops when the bracket is
-// at most 2 tol wide, tol = eps * bound: once Newton has converged, one probe just beyond its iterate closes
-// the bracket, so the counts alone decide which root was found. About 8-12 passes per value (quadratic convergence
-// once isolated) instead of the 28 (float) / 58 (double) of plain bisection; clusters that never isolate end
-// as bisection, and every search is capped at kSearchSteps passes, so NaN cannot make it loop.
+// bisection whenever a step leaves the bracket or fails to halve the previous step. It stops when the bracket
+// is at most 2 tol wide, tol = eps * bound: once Newton has converged, one probe just beyond its iterate
+// closes the bracket, so the counts alone decide which root was found. About 6-9 passes per value (quadratic
+// convergence once isolated) instead of the 28 (float) / 58 (double) of plain bisection; clusters that never
+// isolate end as bisection, and every search is capped at kSearchSteps passes, so NaN cannot make it loop.
 template <typename T>
 struct TgkSetup {
   T bound;   // every sigma_i is below it (Gershgorin on TGK), bound <= 2 sigma_max
