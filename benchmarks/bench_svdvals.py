@@ -6,9 +6,14 @@ nuclear-norm relative error of each route against float64 LAPACK on the first ma
 
     python benchmarks/bench_svdvals.py                 # CUDA if available, else CPU
     python benchmarks/bench_svdvals.py --device cpu --quick
+    python benchmarks/bench_svdvals.py --device cpu --shapes 1024x56 4096x14   # focused: BATCHxN, no layer1 row
+
+The results JSON records the load average before and after the run (the CPU machines are shared).
 """
 import argparse
 import math
+import os
+import statistics
 import sys
 
 import torch
@@ -58,6 +63,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="batches divided by 16 (CPU smoke run)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per route (default 20 GPU, 3 CPU)")
+    p.add_argument("--rounds", type=int, default=1, help="alternating measurement rounds per case (ratios: median)")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="BATCHxN",
+                   help="only these square shapes, e.g. 1024x56 (skips the ResNet-50 layer1 row and feature_energy)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -66,34 +74,52 @@ def main(argv=None):
     torch.manual_seed(0)
 
     rows = []
-    cases = [(f"{b // div}x{n}x{n}", relu_maps((b // div, n, n), device)) for b, n in SHAPES]
-    n_img = max(1, RESNET50_LAYER1[0] // div)
-    layer1 = relu_maps((n_img, *RESNET50_LAYER1[1:]), device)
-    cases.append((f"resnet50.layer1 [{n_img},256,56,56]", layer1.reshape(-1, 56, 56)))
+    load_before = os.getloadavg()
+    if args.shapes:
+        shapes = [tuple(int(v) for v in spec.lower().split("x")) for spec in args.shapes]
+        cases = [(f"{b}x{n}x{n}", relu_maps((b, n, n), device)) for b, n in shapes]
+    else:
+        cases = [(f"{b // div}x{n}x{n}", relu_maps((b // div, n, n), device)) for b, n in SHAPES]
+        n_img = max(1, RESNET50_LAYER1[0] // div)
+        layer1 = relu_maps((n_img, *RESNET50_LAYER1[1:]), device)
+        cases.append((f"resnet50.layer1 [{n_img},256,56,56]", layer1.reshape(-1, 56, 56)))
     for name, a in cases:
         row = {"case": name, "batch": a.shape[0], "n": a.shape[-1], "median_ms": {}, "p10_ms": {}, "p90_ms": {},
                "nuclear_rel_err": {}}
+        # Rounds alternate the routes so that a change of load on a shared machine hits all of them; each
+        # round's ratios are taken within the round, and the medians over rounds are reported.
+        timings = {route: [] for route in routes(device)}
+        for _ in range(args.rounds):
+            for route, fn in routes(device).items():
+                # LAPACK's and cuSOLVER's per-matrix loops get fewer repeats on the big batches.
+                timings[route].append(measure(lambda: fn(a), device=device, warmup=1,
+                                              repeats=repeats if route == "rankprune" else max(1, repeats // 2)))
         for route, fn in routes(device).items():
-            # LAPACK's and cuSOLVER's per-matrix loops get fewer repeats on the big batches.
-            t = measure(lambda: fn(a), device=device, warmup=1, repeats=repeats if route == "rankprune" else max(1, repeats // 2))
-            row["median_ms"][route] = t.median_ms
-            row["p10_ms"][route] = t.p10_ms
-            row["p90_ms"][route] = t.p90_ms
+            row["median_ms"][route] = statistics.median(t.median_ms for t in timings[route])
+            row["p10_ms"][route] = min(t.p10_ms for t in timings[route])
+            row["p90_ms"][route] = max(t.p90_ms for t in timings[route])
             row["nuclear_rel_err"][route] = nuclear_error(fn, a)
-        ours = row["median_ms"]["rankprune"]
-        row["speedup"] = {r: v / ours for r, v in row["median_ms"].items() if r != "rankprune"}
+        ours = timings["rankprune"]
+        row["speedup"] = {r: statistics.median(t.median_ms / o.median_ms for t, o in zip(ts, ours))
+                          for r, ts in timings.items() if r != "rankprune"}
         rows.append(row)
         print(format_row(row), flush=True)
 
-    # The scoring path proper: feature_energy on the channels_last activations, read in place.
-    x = layer1.to(memory_format=torch.channels_last)
-    t_cl = measure(lambda: ops.feature_energy(x, "mean"), device=device, warmup=1, repeats=repeats)
-    t_nchw = measure(lambda: ops.feature_energy(layer1, "mean"), device=device, warmup=1, repeats=repeats)
-    extra = {"feature_energy_layer1_nchw_ms": t_nchw.median_ms, "feature_energy_layer1_channels_last_ms": t_cl.median_ms}
-    print(f"feature_energy resnet50.layer1: NCHW {t_nchw.median_ms:.3f} ms, channels_last {t_cl.median_ms:.3f} ms")
+    extra = {}
+    if not args.shapes:
+        # The scoring path proper: feature_energy on the channels_last activations, read in place.
+        x = layer1.to(memory_format=torch.channels_last)
+        t_cl = measure(lambda: ops.feature_energy(x, "mean"), device=device, warmup=1, repeats=repeats)
+        t_nchw = measure(lambda: ops.feature_energy(layer1, "mean"), device=device, warmup=1, repeats=repeats)
+        extra = {"feature_energy_layer1_nchw_ms": t_nchw.median_ms,
+                 "feature_energy_layer1_channels_last_ms": t_cl.median_ms}
+        print(f"feature_energy resnet50.layer1: NCHW {t_nchw.median_ms:.3f} ms, channels_last {t_cl.median_ms:.3f} ms")
 
+    load = {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()}
+    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']} on {load['cpus']} CPUs")
     payload = {"benchmark": "svdvals", "environment": environment(device), "quick": args.quick,
-               "dtype": "float32", "rows": rows, **extra}
+               "shapes": args.shapes, "rounds": args.rounds, "dtype": "float32", "load_average": load, "rows": rows,
+               **extra}
     path = write_results("svdvals", payload, args.out)
     print(f"wrote {path}")
     return 0

@@ -48,7 +48,7 @@ FAMILIES = {
     "rank5": rank_deficient,
     "graded": graded,
 }
-SHAPES = [(1, 1), (7, 7), (14, 14), (28, 28), (56, 56), (60, 20), (20, 60), (33, 5), (112, 112)]
+SHAPES = [(1, 1), (1, 9), (9, 1), (2, 2), (7, 7), (14, 14), (28, 28), (56, 56), (60, 20), (20, 60), (33, 5), (112, 112)]
 
 
 def check_close(values, reference, rel=1e-5):
@@ -144,6 +144,144 @@ def test_non_finite_matrix_is_nan_alone(device, bad, n, seed):
     x = a.reshape(5, 1, n, n).to(device)
     assert torch.isnan(ops.feature_energy(x, "none").cpu()[2]).all()
     assert torch.isnan(ops.feature_rank(x, reduction="none").cpu()[2]).all()
+
+
+# ---- subnormal inputs ----------------------------------------------------------------------------------
+# A matrix whose largest entry is subnormal is finite: its values are the scaled values of a normal matrix.
+# The reference scales by an exact power of two, so it is the float64 value of the very same matrix. The
+# outputs (singular values, norms) are subnormal too and carry an output ulp (the smallest subnormal) of
+# rounding, which the checks allow.
+
+
+def subnormal_case(dtype, b, m, n):
+    """(a, normal, scale): a = normal * scale with max |a| in [tiny / 4, tiny / 2), scale a power of two."""
+    base = relu_lowrank_noise(b, m, n)
+    k = int(torch.floor(torch.log2(torch.finfo(dtype).tiny / base.abs().max()))) - 1
+    a = torch.ldexp(base, torch.tensor(k)).to(dtype)
+    assert a.abs().max() < torch.finfo(dtype).tiny and (a != 0).any()
+    return a, torch.ldexp(a.double(), torch.tensor(-k)), 2.0 ** k
+
+
+def check_scaled_close(got, want, scale, dtype, rel):
+    """got / scale within rel * max|want| (per row) of want, plus one output ulp."""
+    assert torch.isfinite(got).all()
+    ulp = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps / scale
+    err = (got.double() / scale - want).abs() - ulp
+    assert (err <= rel * want.abs().amax(-1, keepdim=True)).all(), f"max error {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_subnormal_matrices_svdvals(device, dtype, seed):
+    a, normal, scale = subnormal_case(dtype, 6, 9, 7)
+    ref = ops.svdvals_reference(normal)
+    rel = 1e-5 if dtype == torch.float32 else 1e-12
+    check_scaled_close(ops.svdvals(a.to(device)).cpu(), ref, scale, dtype, rel)
+    check_scaled_close(ops.nuclear_norm(a.to(device)).cpu().unsqueeze(-1), ref.sum(-1, keepdim=True), scale, dtype, rel)
+    x = a.reshape(2, 3, 9, 7).to(device)
+    energy = ops.feature_energy(x, "none").cpu().unsqueeze(-1)
+    check_scaled_close(energy, ref.sum(-1).reshape(2, 3, 1), scale, dtype, rel)
+    rank_ref = ops.feature_rank_reference(normal.reshape(2, 3, 9, 7).to(dtype), reduction="none")
+    assert torch.equal(ops.feature_rank(x, reduction="none").cpu().double(), rank_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_subnormal_matrices_svd_and_orthonormalize(device, dtype, seed):
+    a, normal, scale = subnormal_case(dtype, 4, 12, 5)
+    u, s, v = ops.svd(a.to(device))
+    u, s, v = u.cpu().double(), s.cpu().double(), v.cpu().double()
+    assert torch.isfinite(u).all() and torch.isfinite(v).all()
+    check_scaled_close(s, ops.svdvals_reference(normal), scale, dtype, 1e-5 if dtype == torch.float32 else 1e-12)
+    eye = torch.eye(5, dtype=torch.float64)
+    assert (u.mT @ u - eye).abs().max() < 1e-5 and (v.mT @ v - eye).abs().max() < 1e-5
+    rec = (u * (s / scale).unsqueeze(-2)) @ v.mT
+    assert ((rec - normal).norm(dim=(-2, -1)) <= 1e-5 * normal.norm(dim=(-2, -1))).all()
+    q = ops.orthonormalize(a.to(device)).cpu().double()
+    assert torch.isfinite(q).all()
+    assert (q.mT @ q - eye).abs().max() < 1e-5
+    resid = normal - q @ (q.mT @ normal)  # span(Q) holds span(A)
+    assert (resid.norm(dim=(-2, -1)) <= 1e-5 * normal.norm(dim=(-2, -1))).all()
+
+
+# ---- adversarial spectra for the per-value search ------------------------------------------------------
+# The values come from Sturm counts and Newton steps on the Golub-Kahan matrix of the bidiagonal form:
+# clusters never isolate (they end as bisection), exact zeros on the diagonal make zero pivots, graded
+# bidiagonals with tiny off-diagonals nearly split. An upper bidiagonal input stays bidiagonal through the
+# Householder stage (up to signs), so these reach the search as written.
+
+
+def bidiagonal(d, e):
+    return torch.diag_embed(d) + torch.diag_embed(e, offset=1)
+
+
+def with_spectrum(s, b=4, m=None):
+    """Random singular vectors around the given singular values (float64)."""
+    n = s.shape[-1]
+    m = m or n
+    u = torch.linalg.qr(torch.randn(b, m, n, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(b, n, n, dtype=torch.float64)).Q
+    return (u * s) @ v.mT
+
+
+def adversarial_cases():
+    n = 24
+    ones = torch.ones(n, dtype=torch.float64)
+    graded = torch.logspace(0, -6, n, dtype=torch.float64)
+    step = torch.arange(12, dtype=torch.float64)
+    zeros_on_diagonal = torch.rand(3, n, dtype=torch.float64) + 0.5
+    zeros_on_diagonal[:, ::3] = 0
+    return {
+        "identity": torch.eye(n, dtype=torch.float64).expand(3, n, n),
+        "orthogonal": torch.linalg.qr(torch.randn(3, n, n, dtype=torch.float64)).Q,
+        "repeated": with_spectrum(torch.tensor([3.0] * 8 + [1.0] * 8 + [1e-3] * 8, dtype=torch.float64)),
+        "clustered": with_spectrum(1.0 + 1e-7 * torch.arange(n, dtype=torch.float64)),
+        "two_clusters": with_spectrum(torch.cat([2.0 + 1e-9 * step, 1e-4 * (1 + 1e-9 * step)])),
+        "graded_tiny_offdiagonal": bidiagonal(graded.expand(3, n), 1e-20 * torch.rand(3, n - 1, dtype=torch.float64)),
+        "graded_offdiagonal_equal": bidiagonal(graded.expand(3, n), graded[1:].expand(3, n - 1)),
+        "zeros_on_diagonal": bidiagonal(zeros_on_diagonal, torch.rand(3, n - 1, dtype=torch.float64) + 0.5),
+        "all_zero_diagonal": bidiagonal(torch.zeros(3, n, dtype=torch.float64), ones[1:].expand(3, n - 1)),
+        "wilkinson_like": bidiagonal((torch.arange(n, dtype=torch.float64) - n / 2).abs().expand(3, n),
+                                     ones[1:].expand(3, n - 1)),
+        "rank_one": torch.ones(3, n, n, dtype=torch.float64),
+        "tiny_and_huge": with_spectrum(torch.cat([torch.ones(n // 2), torch.full((n - n // 2,), 1e-30)]).double()),
+        "two_by_two": torch.tensor([[[1.0, 1e-8], [0.0, 1.0]], [[0.0, 1.0], [0.0, 0.0]], [[3.0, 4.0], [4.0, -3.0]]],
+                                   dtype=torch.float64),
+        "row": torch.randn(3, 1, 9, dtype=torch.float64),
+        "column": torch.randn(3, 9, 1, dtype=torch.float64),
+        "wide_zero_diagonal": bidiagonal(zeros_on_diagonal, torch.rand(3, n - 1, dtype=torch.float64)).mT[:, :10, :],
+    }
+
+
+ADVERSARIAL = list(adversarial_cases())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ADVERSARIAL)
+def test_adversarial_spectra(device, dtype, case, seed):
+    a = adversarial_cases()[case].to(dtype)
+    ref = ops.svdvals_reference(a)  # of the rounded matrix itself
+    rel = 1e-5 if dtype == torch.float32 else 1e-12
+    s = ops.svdvals(a.to(device)).cpu()
+    check_close(s, ref, rel=rel)
+    assert (s[..., :-1] >= s[..., 1:]).all(), "not descending"
+    check_nuclear(ops.nuclear_norm(a.to(device)).cpu(), ref.sum(-1), rel=rel)
+    # The Rank epilogue (sigma_max and one Sturm count) against the float64 count, away from the threshold.
+    x = a.unsqueeze(0).to(device)
+    tol = max(a.shape[-2:]) * torch.finfo(dtype).eps * ref[..., :1]
+    if ((ref - tol).abs() > 0.01 * tol).all():
+        assert torch.equal(ops.feature_rank(x, reduction="none").cpu()[0].long(), (ref > tol).sum(-1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_zero_singular_values_are_tiny(device):
+    # Exactly rank-deficient bidiagonal inputs: the zero singular values come back below eps * sigma_max.
+    d = torch.tensor([2.0, 0.0, 1.0, 0.0, 0.5], dtype=torch.float64)
+    a = bidiagonal(d, torch.zeros(4, dtype=torch.float64)).expand(2, 5, 5).to(device)
+    s = ops.svdvals(a).cpu()
+    torch.testing.assert_close(s[:, :3], torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64).expand(2, 3))
+    assert (s[:, 3:] <= 4 * torch.finfo(torch.float64).eps * 2.0).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

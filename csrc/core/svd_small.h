@@ -40,17 +40,10 @@ struct Teams {
 // rounding of the outputs (~4e-8). On the GPU FP64 runs at half the FP32 rate on H100/A100.
 using svd_compute_t = double;
 
-// f(i, j) for every cell of a rows x cols grid, split among the group's threads.
+// f(i, j) for every cell of a rows x cols grid (row-major: j varies fastest), split among the group's threads.
 template <typename G, typename F>
 RP_HD void for_each_cell(const G& g, int64_t rows, int64_t cols, F f) {
-  for (int64_t idx = g.rank(); idx < rows * cols; idx += g.size()) f(idx / cols, idx % cols);
-}
-
-// One CPU thread: nested loops, no index division per element.
-template <typename F>
-inline void for_each_cell(const SerialGroup&, int64_t rows, int64_t cols, F f) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) f(i, j);
+  for_each_index2(g, cols, rows, [&](int64_t j, int64_t i) { f(i, j); });
 }
 
 // Jacobi settings: a pair rotates while |a_p . a_q| > tol ||a_p|| ||a_q||, tol = kJacobiTolFactor *
@@ -76,30 +69,6 @@ RP_HD void pair_gram(const S& s, const T* x, const T* y, int64_t len, T& xx, T& 
   xx = s.sum(a);
   yy = s.sum(b);
   xy = s.sum(c);
-}
-
-// x . y for one CPU thread on explicit 32-byte vectors with two accumulators: GCC's SLP vectorizer turns
-// the four partial sums of dot() into shuffles and scalar adds (measured: ~3x slower QR at 576 x 40).
-template <typename T>
-inline T dot_simd(const T* x, const T* y, int64_t len) {
-  constexpr int kLanes = 32 / sizeof(T);
-  typedef T V __attribute__((vector_size(32)));
-  V s0 = V{}, s1 = V{};
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-    V x0, x1, y0, y1;
-    __builtin_memcpy(&x0, x + i, sizeof(V));
-    __builtin_memcpy(&y0, y + i, sizeof(V));
-    __builtin_memcpy(&x1, x + i + kLanes, sizeof(V));
-    __builtin_memcpy(&y1, y + i + kLanes, sizeof(V));
-    s0 += x0 * y0;
-    s1 += x1 * y1;
-  }
-  s0 += s1;
-  T total = T(0);
-  for (int l = 0; l < kLanes; ++l) total += s0[l];
-  for (; i < len; ++i) total += x[i] * y[i];
-  return total;
 }
 
 // The same for one CPU thread: three vectorized passes.

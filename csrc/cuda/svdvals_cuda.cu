@@ -8,6 +8,14 @@
 //   - global path: beyond that, the same block kernel with the workspace in global memory (one slice per
 //     resident block, reused across the grid-stride loop). Still one launch for the whole batch.
 // No host synchronisation, no per-matrix library calls.
+//
+// What each lane does (core/svdvals_small.h): the load is strided over the group's lanes in column-major
+// order (consecutive lanes read consecutive rows, the smaller stride: coalesced); the bidiagonalization gives
+// each lane whole columns (left reflectors) or whole rows (right reflectors), with a group reduction per
+// reflector; the singular values: first a grid of 32 Sturm probes, one per lane, then one lane per singular
+// value running its own search (6-9 passes of 2n divisions; lanes diverge only in their number of passes);
+// one lane restores the descending order (linear on nearly sorted values) for the Values epilogue. The Rank
+// epilogue needs sigma_max and one Sturm count, which every lane computes redundantly (no broadcast).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -13,8 +13,9 @@ def svdvals(A: Tensor) -> Tensor:
     """Singular values of every matrix of ``A [..., m, n]``, descending: ``[..., min(m, n)]``.
 
     Any float dtype and strides; results are float32 (float64 for float64 input). A matrix holding NaN or
-    Inf gives NaN singular values (the rest of the batch is unaffected). Householder bidiagonalization +
-    bisection, one CUDA warp/block per matrix on the GPU, one matrix per task on the CPU.
+    Inf gives NaN singular values (the rest of the batch is unaffected). Householder bidiagonalization, then
+    a Sturm-count-bracketed Newton search per value; one CUDA warp/block per matrix on the GPU, one matrix per
+    task on the CPU.
     """
     return torch.ops.rankprune.svdvals.default(A)
 
