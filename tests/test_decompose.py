@@ -52,7 +52,8 @@ def net_and_input(seed):
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_target_flops_is_met(net_and_input, target, scheme):
     model, x = net_and_input
-    new, plan, report = rankprune.decompose(model, target_flops=target, scheme=scheme, example_inputs=x)
+    new, plan, report = rankprune.decompose(model, target_flops=target, scheme=scheme, example_inputs=x,
+                                            min_rank=1)
     ratio = _flops(new, x) / _flops(model, x)
     assert abs(ratio - target) <= 0.05 * target, ratio
     assert report["total"]["flops"] == _flops(new, x)
@@ -63,7 +64,7 @@ def test_target_flops_is_met(net_and_input, target, scheme):
 @pytest.mark.parametrize("target", [0.4, 0.7])
 def test_target_params_is_met(net_and_input, target):
     model, x = net_and_input
-    new, _, report = rankprune.decompose(model, target_params=target)
+    new, _, report = rankprune.decompose(model, target_params=target, min_rank=1)
     ratio = sum(p.numel() for p in new.parameters()) / sum(p.numel() for p in model.parameters())
     assert abs(ratio - target) <= 0.05 * target
     assert report["total"]["flops"] is None
@@ -76,7 +77,7 @@ def test_budget_keeps_the_energy_of_important_layers(seed):
         u, v = torch.randn(8, 1), torch.randn(1, 72)
         model[0].weight.copy_((u @ v + 1e-3 * torch.randn(8, 72)).reshape(8, 8, 3, 3))
     x = torch.randn(1, 8, 6, 6)
-    _, plan, report = rankprune.decompose(model, target_flops=0.6, example_inputs=x)
+    _, plan, report = rankprune.decompose(model, target_flops=0.6, example_inputs=x, min_rank=1)
     assert plan["layers"]["0"]["rank"] == 1
     assert report["layers"]["0"]["energy_kept"] > 0.999
 
@@ -124,8 +125,8 @@ def test_progress_switch(net_and_input, progress, capfd):
 def test_explicit_ranks_include_exclude(net_and_input):
     model, x = net_and_input
     new, plan, report = rankprune.decompose(model, ranks={"3.conv1": 4, "8": 2}, example_inputs=x)
-    assert plan["layers"] == {"3.conv1": {"kind": "conv2d", "scheme": "channel", "rank": 4},
-                              "8": {"kind": "linear", "scheme": "channel", "rank": 2}}
+    assert plan["layers"] == {"3.conv1": {"kind": "conv2d", "scheme": "channel", "rank": 4, "data_aware": False},
+                              "8": {"kind": "linear", "scheme": "channel", "rank": 2, "data_aware": False}}
     assert isinstance(new[3].conv1, LowRankConv2d) and isinstance(new[8], LowRankLinear)
     _, plan, _ = rankprune.decompose(model, rank_ratio=0.25, include="5.*", exclude=["5.shortcut.*"])
     assert set(plan["layers"]) == {"5.conv1", "5.conv2"}

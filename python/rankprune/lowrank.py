@@ -1,5 +1,12 @@
 """Decompose a model's Conv2d/Linear layers into low-rank layers, choosing ranks per layer or by a budget.
 
+Without calibration data each layer's weight matrix ``W`` is truncated by its own SVD (minimising
+``||W - W_r||_F``). With ``data`` the factors minimise the error of the layer's *output* on the calibration
+inputs ``X``: with ``C = X X^T + damping * mean(diag) * I = L L^T`` (Cholesky), the best rank-r weight is
+``(W L)_r L^{-1}``, and the discarded squared singular values of ``W L`` are the output error
+``||(W - W_r) X||_F^2`` of every rank, which puts all layers on one scale for the rank allocation
+(see docs/lowrank.md).
+
 ``decompose`` returns the model, a plan (plain JSON: per layer kind, scheme and rank) and a report. The plan
 rebuilds the architecture with ``apply_decompose_plan`` so that a state_dict saved after decomposition (and
 fine-tuning) loads with ``torch.load(..., weights_only=True)``.
@@ -20,7 +27,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from ._inputs import call_model
+from . import ops
+from ._inputs import batch_inputs, call_model, to_device
 from .nn import (
     SCHEMES,
     LowRankConv2d,
@@ -32,6 +40,18 @@ from .nn import (
     weight_matrix,
 )
 from .plans import PLAN_VERSION, plan_layers
+
+# Default smallest rank a layer may get, as a fraction of its full rank: keeps any budget from collapsing a
+# layer to rank 1 (issue 12).
+DEFAULT_MIN_RANK = 0.25
+# Default damping of the input covariance, relative to its mean diagonal (SVD-LLM, ASVD use 1e-6..1e-2).
+DEFAULT_DAMPING = 1e-4
+# Calibration columns (im2col patches / tokens) kept per batch and layer: the covariance costs d^2 per column,
+# so large feature maps are subsampled (uniformly, seeded).
+MAX_SAMPLES_PER_BATCH = 4096
+# Layers whose input dimension d exceeds this keep weight SVD even with data: the float64 covariance is d^2
+# (8192: 512 MiB).
+MAX_COVARIANCE_DIM = 8192
 
 
 @dataclass
@@ -46,6 +66,11 @@ class _Layer:
     outputs: List[Tensor] = field(default_factory=list)
     S: Optional[Tensor] = None
     factors: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+    # data-aware: the float64 input covariance X X^T (None: weight SVD) and the number of columns in it
+    covariance: Optional[Tensor] = None
+    samples: int = 0
+    min_rank: int = 1
+    rank_multiple: int = 1
 
     @property
     def full_rank(self) -> int:
@@ -102,11 +127,27 @@ class _Layer:
         total = float(s2.sum())
         return float(s2[rank:].sum()) / total if total > 0 else 0.0
 
+    @property
+    def data_aware(self) -> bool:
+        return self.covariance is not None
+
+    def lowest_rank(self) -> int:
+        """The smallest allowed rank: ``min_rank`` rounded up to a multiple of ``rank_multiple``."""
+        return -(-self.min_rank // self.rank_multiple) * self.rank_multiple
+
+    def allowed(self, rank: int) -> int:
+        """``rank`` raised to the lowest allowed rank and up to a multiple of ``rank_multiple`` (at most the
+        full rank, which never saves FLOPs)."""
+        rank = max(rank, self.lowest_rank())
+        return min(-(-rank // self.rank_multiple) * self.rank_multiple, self.full_rank)
+
     def max_saving_rank(self, min_flop_saving: float) -> int:
-        """Largest rank whose FLOPs are below dense and at most ``1 - min_flop_saving`` of dense (0: none)."""
+        """Largest allowed rank (see ``allowed``) whose FLOPs are below dense and at most
+        ``1 - min_flop_saving`` of dense (0: none)."""
         best = 0  # FLOPs grow linearly with the rank
-        while best < self.full_rank and self.saves(best + 1, min_flop_saving):
-            best += 1
+        rank = self.lowest_rank()
+        while rank < self.full_rank and self.saves(rank, min_flop_saving):
+            best, rank = rank, rank + self.rank_multiple
         return best
 
     def saves(self, rank: int, min_flop_saving: float) -> bool:
@@ -165,6 +206,91 @@ def _run(model: nn.Module, example_inputs, layers: Dict[str, _Layer], record: bo
     return output, counter.get_total_flops()
 
 
+def _layer_columns(layer: _Layer, x: Tensor, generator: torch.Generator) -> Tensor:
+    """The calibration columns of one call as rows ``[n, d]``: the input features of a Linear (every leading
+    dimension is a sample), the im2col patches of a Conv2d with its own stride, padding and dilation, at most
+    ``MAX_SAMPLES_PER_BATCH`` of them (a uniform subsample of the pixels of large maps)."""
+    m = layer.module
+    if layer.kind == "linear":
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        patches = nn.functional.unfold(x, m.kernel_size, m.dilation, _explicit_padding(m), m.stride)  # [B, d, L]
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    if rows.shape[0] > MAX_SAMPLES_PER_BATCH:
+        keep = torch.randperm(rows.shape[0], generator=generator, device=generator.device)[:MAX_SAMPLES_PER_BATCH]
+        rows = rows[keep.to(rows.device)]
+    return rows
+
+
+def _collect_covariances(model: nn.Module, data, layers: List[_Layer], progress: bool) -> None:
+    """Stream ``data`` through ``model`` (eval mode, no gradients, training flags restored) and accumulate each
+    layer's float64 input covariance ``sum_n x_n x_n^T`` on the layer's device (memory d^2 per layer,
+    independent of the number of batches). Raises ValueError for empty data and for NaN/Inf activations."""
+    device = next(iter(model.parameters())).device
+    generator = torch.Generator(device=device).manual_seed(0)
+    for layer in layers:
+        d = layer.module.weight[0].numel()
+        layer.covariance = torch.zeros(d, d, dtype=torch.float64, device=layer.module.weight.device)
+        layer.samples = 0
+
+    def hook(module, args, output, layer):
+        x = args[0].detach()
+        if not torch.isfinite(x).all():
+            raise ValueError(f"decompose: the calibration data gives NaN or Inf inputs to layer {layer.name!r}")
+        rows = _layer_columns(layer, x, generator).to(torch.float64)
+        layer.covariance.addmm_(rows.T, rows)
+        layer.samples += rows.shape[0]
+
+    handles = [l.module.register_forward_hook(lambda m, a, o, l=l: hook(m, a, o, l)) for l in layers]
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    batches = 0
+    try:
+        with torch.no_grad():
+            for batch in tqdm(data, desc="decompose: calibration", unit="batch", leave=False, disable=not progress):
+                call_model(model, to_device(batch_inputs(batch), device))
+                batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in training.items():
+            m.train(t)
+    if batches == 0:
+        raise ValueError("decompose: data holds no batches (empty calibration data)")
+
+
+def _whitened_factors(layer: _Layer, damping: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(U, S, V)`` with ``W L = U diag(S) V_L^T`` and ``V = L^{-T} V_L``, so that ``U_r S_r V_r^T`` is the
+    rank-r weight with the least output error ``||(W - W_r) X||_F`` on the calibration inputs (up to the
+    damping); ``S`` are the singular values of ``W L`` (float64, on the layer's device)."""
+    W = weight_matrix(layer.module.weight, "channel").detach().to(torch.float64)
+    C = layer.covariance
+    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    scale = float(C.diagonal().mean())
+    if not scale > 0:  # the layer only ever saw zeros: every rank gives the same (zero) output error
+        L = eye
+    else:
+        # Raise the damping until the Cholesky succeeds (dead inputs make C singular in float64).
+        for attempt in range(8):
+            L, info = torch.linalg.cholesky_ex(C + (damping * 10 ** attempt) * scale * eye)
+            if int(info) == 0:
+                break
+        else:
+            raise ValueError(f"decompose: the input covariance of layer {layer.name!r} is not positive definite "
+                             f"even with damping {damping * 10 ** 7:g}; it cannot be factored on this data")
+    U, S, V = ops.svd(W @ L)
+    return U, S, torch.linalg.solve_triangular(L.mT, V, upper=True)
+
+
+def _calibration_error(layer: _Layer, rank: int) -> Tuple[float, float]:
+    """``(||(W - W_r) X||_F^2, ||W X||_F^2)`` on the calibration inputs (float64, from the covariance)."""
+    U, S, V = layer.factors
+    W = weight_matrix(layer.module.weight, "channel").detach().to(torch.float64)
+    E = W - (U[:, :rank] * S[:rank]) @ V[:, :rank].T
+    C = layer.covariance
+    return float(((E @ C) * E).sum()), float(((W @ C) * W).sum())
+
+
 def _rel_error(got, want) -> Optional[float]:
     if not isinstance(got, Tensor) or not isinstance(want, Tensor):
         return None
@@ -177,11 +303,13 @@ def _allocate(layers: List[_Layer], cost_kind: str, budget: float, total: float,
               arg: str) -> Dict[str, int]:
     """Ranks minimising the summed normalised discarded energy with total cost <= budget.
 
-    Greedy on a heap: each move is either switching a dense layer to its largest FLOP-saving rank, or dropping
-    one more singular value of a decomposed layer; the move with the least discarded energy per unit of cost
-    saved goes first. The discarded energy of a layer is convex in its rank (singular values descend), so the
-    rank-dropping moves of each layer come in the right order and the result misses the budget by at most one
-    move.
+    The normalised discarded energy of a layer is ``sum_{i>r} s_i^2 / sum_i s_i^2`` of the singular values of
+    its factored matrix: for a data-aware layer (``W L``) its relative output error on the calibration data,
+    for a weight-SVD layer its relative weight error. Greedy on a heap: each move is either switching a dense
+    layer to its largest allowed FLOP-saving rank, or lowering a decomposed layer by ``rank_multiple``, never
+    below its lowest allowed rank; the move with the least discarded energy per unit of cost saved goes first.
+    The discarded energy of a layer is convex in its rank (singular values descend), so the rank-lowering moves
+    of each layer come in the right order and the result misses the budget by at most one move.
     """
     def cost(layer: _Layer, rank: Optional[int]) -> float:
         return layer.flops(rank) if cost_kind == "flops" else layer.params(rank)
@@ -199,11 +327,11 @@ def _allocate(layers: List[_Layer], cost_kind: str, budget: float, total: float,
             saving = cost(layer, None) - cost(layer, target)
             lost = layer.discarded(target)
         else:
-            if rank <= 1:
+            target = rank - layer.rank_multiple
+            if target < layer.lowest_rank():
                 return
-            target = rank - 1
             saving = cost(layer, rank) - cost(layer, target)
-            lost = float(energy2[layer.name][rank - 1])
+            lost = float(energy2[layer.name][target:rank].sum())
         if saving > 0:
             heapq.heappush(heap, (lost / saving, layer.name, target, saving))
 
@@ -218,7 +346,7 @@ def _allocate(layers: List[_Layer], cost_kind: str, budget: float, total: float,
     if total > budget * 1.0000001:
         raise ValueError(
             f"{arg} cannot be met by decomposing the selected layers: the smallest reachable {cost_kind} is "
-            f"{total:.4g}, the budget {budget:.4g}"
+            f"{total:.4g}, the budget {budget:.4g} (lower min_rank or rank_multiple, or include more layers)"
         )
     return {name: rank for name, rank in ranks.items() if rank is not None}
 
@@ -227,6 +355,25 @@ def _check_fraction(value, arg: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
         raise ValueError(f"{arg} must be a number in (0, 1], got {value!r}")
     return float(value)
+
+
+def _check_min_rank(min_rank) -> None:
+    if isinstance(min_rank, bool) or not isinstance(min_rank, (int, float)):
+        raise TypeError(f"min_rank must be an int >= 1 or a fraction of the full rank in (0, 1], got {min_rank!r}")
+    if isinstance(min_rank, int) and min_rank < 1 or isinstance(min_rank, float) and not 0.0 < min_rank <= 1.0:
+        raise ValueError(f"min_rank must be an int >= 1 or a fraction of the full rank in (0, 1], got {min_rank!r}")
+
+
+def _resolve_min_rank(min_rank: Union[int, float], full_rank: int) -> int:
+    if isinstance(min_rank, float):
+        return max(1, math.ceil(min_rank * full_rank - 1e-9))
+    return min_rank
+
+
+def _recalibrate(model: nn.Module, data, progress: bool) -> None:
+    from .training import recalibrate
+
+    recalibrate(model, data, progress=progress)
 
 
 def decompose(
@@ -242,6 +389,11 @@ def decompose(
     exclude: Union[str, Sequence[str], None] = None,
     min_flop_saving: float = 0.0,
     example_inputs=None,
+    data=None,
+    recalibrate: bool = True,
+    min_rank: Union[int, float] = DEFAULT_MIN_RANK,
+    rank_multiple: int = 1,
+    damping: float = DEFAULT_DAMPING,
     inplace: bool = False,
     progress: bool = True,
 ) -> Tuple[nn.Module, dict, dict]:
@@ -249,28 +401,52 @@ def decompose(
 
     Exactly one way of choosing ranks:
 
-    - ``ranks={name: rank}``: these layers at these ranks;
-    - ``energy``: per layer the smallest rank keeping ``energy`` (in (0, 1]) of the squared singular values;
-    - ``rank_ratio``: per layer ``max(1, round(rank_ratio * full_rank))``;
+    - ``ranks={name: rank}``: these layers at these ranks (taken as given: ``min_rank`` and ``rank_multiple``
+      do not apply);
+    - ``energy``: per layer the smallest rank keeping ``energy`` (in (0, 1]) of the squared singular values
+      (with ``data``: of the layer's output energy on the calibration inputs);
+    - ``rank_ratio``: per layer ``round(rank_ratio * full_rank)``;
     - ``target_flops`` / ``target_params``: a fraction in (0, 1] of the whole model's FLOPs (on
       ``example_inputs``, counted like FlopCounterMode) / parameters to keep; ranks are allocated across
       the layers to minimise the total normalised discarded energy ``sum_l sum_{i>r_l} s_i^2 / sum_i s_i^2``
-      within the budget (greedy, within one rank step of it).
+      within the budget (greedy, within one rank step of it). With ``data`` that is the sum of the layers'
+      relative output errors on the calibration inputs; without, of their relative weight errors.
+
+    ``energy``, ``rank_ratio`` and the budgets never give a layer less than ``min_rank`` (an int, or a fraction
+    of the layer's full rank, rounded up; default 0.25) and only ranks that are multiples of ``rank_multiple``
+    (e.g. 8 for tensor cores; a layer whose smallest allowed rank saves no FLOPs stays dense).
+
+    ``data`` (an iterable of calibration batches: tensors, ``(inputs, target)`` tuples whose first item is
+    used, or dicts of keyword inputs; moved to the model's device) makes the decomposition data-aware: each
+    layer's float64 input covariance ``C`` (im2col patches of a Conv2d with its stride, padding and dilation,
+    subsampled to ``MAX_SAMPLES_PER_BATCH`` per batch; the input features of a Linear) is accumulated in one
+    streaming pass, and the factors minimise the layer's output error ``||(W - W_r) X||_F`` through the
+    SVD of ``W L``, ``C + damping * mean(diag C) * I = L L^T``. The spatial scheme stays weight-only (its second
+    factor mixes the horizontal taps, so its output error is not one whitened SVD), as do layers with more
+    than ``MAX_COVARIANCE_DIM`` inputs and layers the data never reaches; ``report["layers"][name]["method"]``
+    says which. With ``data`` and ``recalibrate=True`` (default) the BatchNorm statistics of the decomposed
+    model are then re-estimated on ``data`` (``rankprune.training.recalibrate``). A one-shot iterator is read
+    into a list first (it is used twice). Without ``example_inputs`` the first batch of ``data`` serves as them.
 
     Candidates are the ``nn.Conv2d`` (groups=1, zero padding) and ``nn.Linear`` modules whose names match an
     ``include`` pattern (all when None) and no ``exclude`` pattern (fnmatch style, e.g. ``"layer1.*"``); with
     ``ranks`` the candidates are its keys. A layer is skipped (and reported) when its rank would not save FLOPs,
     or would save less than ``min_flop_saving`` of its FLOPs. ``scheme`` ("channel" or "spatial") applies to
     convolutions; linear layers have one scheme ("channel"). ``example_inputs`` (a tensor, a tuple of
-    positional arguments or a dict of keyword arguments) are needed for ``target_flops`` and for the FLOPs and errors of the report; the
-    passes over them run in eval mode without gradients and leave the model's training flags as they were.
-    ``inplace=False`` works on a deep copy. ``progress`` shows a progress bar over the layers' SVDs.
+    positional arguments or a dict of keyword arguments) are needed for ``target_flops`` and for the FLOPs and
+    errors of the report; the passes over inputs and data run in eval mode without gradients and leave the
+    model's training flags as they were. ``inplace=False`` works on a deep copy: the caller's model is not
+    changed, even when an error is raised. ``progress`` shows progress bars.
 
     Returns ``(model, plan, report)``: ``plan = {"method": "decompose", "version": 1, "layers": {name:
-    {"kind": "conv2d"|"linear", "scheme": ..., "rank": r}}}`` and ``report = {"layers": {name: {kind, scheme,
-    rank, full_rank, energy_kept, params_dense, params, flops_dense, flops, rel_error}}, "skipped": {name:
-    reason}, "total": {params_dense, params, flops_dense, flops, output_rel_error}}`` (FLOPs and errors are
-    None without example inputs).
+    {"kind": "conv2d"|"linear", "scheme": ..., "rank": r, "data_aware": bool}}}`` and ``report = {"layers":
+    {name: {kind, scheme, method, rank, full_rank, energy_kept, params_dense, params, flops_dense, flops,
+    rel_error, output_error, output_energy}}, "skipped": {name: reason}, "total": {params_dense, params,
+    flops_dense, flops, output_rel_error}, "recalibrated": bool}``. ``output_error`` and ``output_energy``
+    (data-aware layers, else None) are ``||(W - W_r) X||_F^2`` and ``||W X||_F^2`` summed over the
+    calibration columns, in float64; ``energy_kept`` is ``1 - `` the normalised discarded energy above;
+    ``rel_error`` is the layer's relative output error on ``example_inputs``. FLOPs and ``rel_error`` are None
+    without example inputs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -283,6 +459,11 @@ def decompose(
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if not isinstance(min_flop_saving, (int, float)) or not 0.0 <= min_flop_saving < 1.0:
         raise ValueError(f"min_flop_saving must be a number in [0, 1), got {min_flop_saving!r}")
+    _check_min_rank(min_rank)
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0.0:
+        raise ValueError(f"damping must be a number >= 0, got {damping!r}")
     if energy is not None:
         _check_fraction(energy, "energy")
     if rank_ratio is not None:
@@ -290,11 +471,25 @@ def decompose(
     for arg, value in (("target_flops", target_flops), ("target_params", target_params)):
         if value is not None:
             _check_fraction(value, arg)
+    if data is not None:
+        if isinstance(data, (Tensor, dict)) or not hasattr(data, "__iter__"):
+            raise TypeError("data must be an iterable of calibration batches (e.g. a DataLoader or a list of "
+                            f"tensors), got {type(data).__name__}")
+        if iter(data) is data:  # a one-shot iterator: read it once, it is used for covariances and recalibration
+            data = list(data)
     if isinstance(example_inputs, (tuple, list)) and not example_inputs:
         example_inputs = None  # an empty tuple: no inputs to run
+    if example_inputs is None and data is not None:
+        first = next(iter(data), None)
+        if first is None:
+            raise ValueError("decompose: data holds no batches (empty calibration data)")
+        example_inputs = batch_inputs(first)
+        params = list(model.parameters())
+        if params:
+            example_inputs = to_device(example_inputs, params[0].device)
     has_inputs = example_inputs is not None
     if target_flops is not None and not has_inputs:
-        raise ValueError("target_flops needs example_inputs to count FLOPs")
+        raise ValueError("target_flops needs example_inputs (or data) to count FLOPs")
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
 
     if not inplace:
@@ -334,12 +529,35 @@ def decompose(
                     continue
             layers[name] = _Layer(name, module, kind, scheme if kind == "conv2d" else "channel")
 
+    weight_only: Dict[str, str] = {}  # data given, but this layer keeps weight SVD: why
+    if data is not None:
+        covariance_layers = []
+        for layer in layers.values():
+            d = layer.module.weight[0].numel()
+            if layer.scheme == "spatial":
+                weight_only[layer.name] = "the spatial scheme is factored by weight SVD"
+            elif d > MAX_COVARIANCE_DIM:
+                weight_only[layer.name] = (f"{d} inputs: the covariance would exceed {MAX_COVARIANCE_DIM}^2 "
+                                           "entries")
+            else:
+                covariance_layers.append(layer)
+        _collect_covariances(model, data, covariance_layers, progress)
+        for layer in covariance_layers:
+            if layer.samples == 0:
+                layer.covariance = None
+                weight_only[layer.name] = "the calibration data never reaches it"
+
     dense_output, flops_dense = _run(model, example_inputs, layers, record=True) if has_inputs else (None, None)
     params_dense = sum(p.numel() for p in model.parameters())
 
     for layer in tqdm(layers.values(), desc="decompose: SVD", unit="layer", leave=False, disable=not progress):
-        layer.factors = factorize(weight_matrix(layer.module.weight, layer.scheme))
+        if layer.data_aware:
+            layer.factors = _whitened_factors(layer, damping)
+        else:
+            layer.factors = factorize(weight_matrix(layer.module.weight, layer.scheme))
         layer.S = layer.factors[1]
+        layer.min_rank = _resolve_min_rank(min_rank, layer.full_rank)
+        layer.rank_multiple = rank_multiple
 
     candidates = list(layers.values())
     if ranks is not None:
@@ -349,9 +567,9 @@ def decompose(
                                  f"{layer.full_rank}")
         chosen_ranks = {l.name: ranks[l.name] for l in candidates}
     elif energy is not None:
-        chosen_ranks = {l.name: select_rank(l.S, None, energy) for l in candidates}
+        chosen_ranks = {l.name: l.allowed(select_rank(l.S, None, energy)) for l in candidates}
     elif rank_ratio is not None:
-        chosen_ranks = {l.name: max(1, round(rank_ratio * l.full_rank)) for l in candidates}
+        chosen_ranks = {l.name: l.allowed(max(1, round(rank_ratio * l.full_rank))) for l in candidates}
     else:
         if target_flops is not None:
             kind, fraction, total = "flops", target_flops, float(flops_dense)
@@ -365,7 +583,10 @@ def decompose(
     for layer in candidates:
         rank = chosen_ranks.get(layer.name)
         if rank is None:
-            skipped[layer.name] = "keeping it dense costs less discarded energy within the budget"
+            skipped[layer.name] = (
+                "keeping it dense costs less discarded energy within the budget" if layer.max_saving_rank(
+                    min_flop_saving) else f"no allowed rank (min_rank {layer.lowest_rank()}, multiple of "
+                f"{layer.rank_multiple}) saves FLOPs (min_flop_saving={min_flop_saving})")
             continue
         if not layer.saves(rank, min_flop_saving):
             skipped[layer.name] = (f"rank {rank} would keep {layer.flop_ratio(rank):.1%} of the layer's FLOPs "
@@ -384,11 +605,14 @@ def decompose(
                                                                                            layer.outputs)]
             weight = sum(w for _, w in errors)
             rel_error = sum(e * w for e, w in errors) / weight if weight > 0 else errors[0][0]
+        output_error, output_energy = _calibration_error(layer, rank) if layer.data_aware else (None, None)
         _set_submodule(model, layer.name, new)
-        planned[layer.name] = {"kind": layer.kind, "scheme": layer.scheme, "rank": rank}
+        planned[layer.name] = {"kind": layer.kind, "scheme": layer.scheme, "rank": rank,
+                               "data_aware": layer.data_aware}
         report_layers[layer.name] = {
             "kind": layer.kind,
             "scheme": layer.scheme,
+            "method": "data-aware" if layer.data_aware else "weight",
             "rank": rank,
             "full_rank": layer.full_rank,
             "energy_kept": 1.0 - layer.discarded(rank),
@@ -397,11 +621,19 @@ def decompose(
             "flops_dense": layer.flops(None) if layer.inputs else None,
             "flops": layer.flops(rank) if layer.inputs else None,
             "rel_error": rel_error,
+            "output_error": output_error,
+            "output_energy": output_energy,
         }
-    for layer in candidates:  # drop the recorded activations
+        if layer.name in weight_only:
+            report_layers[layer.name]["weight_only_reason"] = weight_only[layer.name]
+    for layer in candidates:  # drop the recorded activations and covariances
         layer.inputs.clear()
         layer.outputs.clear()
+        layer.covariance = None
 
+    recalibrated = data is not None and recalibrate and bool(planned)
+    if recalibrated:
+        _recalibrate(model, data, progress)
     output, flops = _run(model, example_inputs, {}, record=False) if has_inputs else (None, None)
     report = {
         "layers": report_layers,
@@ -413,6 +645,7 @@ def decompose(
             "flops": flops,
             "output_rel_error": _rel_error(output, dense_output) if has_inputs else None,
         },
+        "recalibrated": recalibrated,
     }
     plan = {"method": "decompose", "version": PLAN_VERSION, "layers": planned}
     return model, plan, report
@@ -422,7 +655,7 @@ def apply_decompose_plan(model: nn.Module, plan: dict) -> nn.Module:
     """Replace, in place, the layers named by a ``decompose`` plan with low-rank layers of the planned ranks
     (weights uninitialised in the sense of a fresh module: load the state_dict saved after decomposition).
     Returns ``model``. Raises ValueError when the plan does not fit the model."""
-    entries = plan_layers(plan, "decompose", "{kind, scheme, rank}")
+    entries = plan_layers(plan, "decompose", "{kind, scheme, rank[, data_aware]}")
     modules = dict(model.named_modules())
     for name, entry in entries.items():
         module = modules.get(name)
