@@ -32,8 +32,7 @@ def register(sub) -> None:
 
 def _accuracy_fn(args, device, dtype):
     from rankprune import data
-
-    from .trp import evaluate
+    from rankprune.training import evaluate
 
     split = "test" if args.data in ("synthetic", "builtin") else "train"
     dataset = data.load(args.data, split=split, n=2000 if split == "test" else None, seed=args.seed)
