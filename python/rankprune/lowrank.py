@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from . import ops
+from . import ops, training
 from ._inputs import batch_inputs, call_model, to_device
 from .nn import (
     SCHEMES,
@@ -370,12 +370,6 @@ def _resolve_min_rank(min_rank: Union[int, float], full_rank: int) -> int:
     return min_rank
 
 
-def _recalibrate(model: nn.Module, data, progress: bool) -> None:
-    from .training import recalibrate
-
-    recalibrate(model, data, progress=progress)
-
-
 def decompose(
     model: nn.Module,
     *,
@@ -425,7 +419,8 @@ def decompose(
     factor mixes the horizontal taps, so its output error is not one whitened SVD), as do layers with more
     than ``MAX_COVARIANCE_DIM`` inputs and layers the data never reaches; ``report["layers"][name]["method"]``
     says which. With ``data`` and ``recalibrate=True`` (default) the BatchNorm statistics of the decomposed
-    model are then re-estimated on ``data`` (``rankprune.training.recalibrate``). A one-shot iterator is read
+    model are then re-estimated on ``data`` (``rankprune.training.recalibrate``; a model without BatchNorm is
+    left as is and ``report["recalibrated"]`` is False). A one-shot iterator is read
     into a list first (it is used twice). Without ``example_inputs`` the first batch of ``data`` serves as them.
 
     Candidates are the ``nn.Conv2d`` (groups=1, zero padding) and ``nn.Linear`` modules whose names match an
@@ -631,9 +626,10 @@ def decompose(
         layer.outputs.clear()
         layer.covariance = None
 
-    recalibrated = data is not None and recalibrate and bool(planned)
+    recalibrated = (data is not None and recalibrate and bool(planned)
+                    and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()))
     if recalibrated:
-        _recalibrate(model, data, progress)
+        training.recalibrate(model, data, progress=progress)
     output, flops = _run(model, example_inputs, {}, record=False) if has_inputs else (None, None)
     report = {
         "layers": report_layers,
