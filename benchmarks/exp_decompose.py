@@ -80,8 +80,12 @@ def main(argv=None) -> int:
                                                      recalibrate=False, **options)
         alloc, _, alloc_report = rankprune.decompose(model, target_flops=fraction, example_inputs=example,
                                                      data=calib, recalibrate=False, **options)
+        symmetric, _, symmetric_report = rankprune.decompose(model, target_flops=fraction, example_inputs=example,
+                                                             data=calib, recalibrate=False, asymmetric=False,
+                                                             **options)
         for method, net, rep in (("weight-svd", weight, weight_report), ("data-aware", aware, aware_report),
-                                 ("data-aware+alloc", alloc, alloc_report)):
+                                 ("data-aware+alloc", alloc, alloc_report),
+                                 ("data-aware+alloc, symmetric", symmetric, symmetric_report)):
             raw = evaluate(net, test, device)
             recal = evaluate(recalibrate(copy.deepcopy(net), calib), test, device)
             layer_ranks = [e["rank"] / e["full_rank"] for e in rep["layers"].values()]

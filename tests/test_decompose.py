@@ -289,7 +289,7 @@ def test_energy_with_data_keeps_output_energy(seed):
     model = small_resnet().eval()
     images = [torch.randn(4, 3, 16, 16) for _ in range(2)]
     _, _, report = rankprune.decompose(model, energy=0.95, data=images, min_rank=1, recalibrate=False,
-                                       progress=False)
+                                       asymmetric=False, progress=False)
     for entry in report["layers"].values():  # the output error on the calibration data is at most 5% of the energy
         assert entry["output_error"] <= 0.05 * entry["output_energy"] * (1 + 1e-6)
 
@@ -390,3 +390,25 @@ def test_spatial_scheme_and_unreached_layers_stay_weight_only(seed):
     assert report["layers"]["body.8"]["method"] == "data-aware"
     assert report["layers"]["unused"]["weight_only_reason"] == "the calibration data never reaches it"
     assert not plan["layers"]["unused"]["data_aware"]
+
+
+def test_asymmetric_refit_corrects_the_error_of_earlier_layers(seed):
+    # Two chained Linear layers at low rank: refitting the second on the inputs the decomposed first one
+    # gives it brings the network's output closer to the dense one than fitting it to the dense inputs.
+    model = nn.Sequential(nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 24))
+    batches = [torch.randn(64, 24) for _ in range(4)]
+    x = torch.cat(batches)
+    with torch.no_grad():
+        want = model(x)
+        errors = {}
+        for asymmetric in (False, True):
+            new, _, _ = rankprune.decompose(model, ranks={"0": 6, "2": 6}, data=batches, asymmetric=asymmetric,
+                                            progress=False)
+            errors[asymmetric] = float((new(x) - want).norm())
+            first = new[0]
+            # the first layer is the same either way (it sees the dense inputs)
+            if asymmetric:
+                torch.testing.assert_close(first.dense_weight(), first_symmetric)
+            else:
+                first_symmetric = first.dense_weight()
+    assert errors[True] < 0.95 * errors[False], errors

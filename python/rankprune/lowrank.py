@@ -69,6 +69,7 @@ class _Layer:
     # data-aware: the float64 input covariance X X^T (None: weight SVD) and the number of columns in it
     covariance: Optional[Tensor] = None
     samples: int = 0
+    order: float = math.inf  # position of its first call in a calibration pass
     min_rank: int = 1
     rank_multiple: int = 1
 
@@ -228,6 +229,7 @@ def _collect_covariances(model: nn.Module, data, layers: List[_Layer], progress:
     independent of the number of batches). Raises ValueError for empty data and for NaN/Inf activations."""
     device = next(iter(model.parameters())).device
     generator = torch.Generator(device=device).manual_seed(0)
+    called = []
     for layer in layers:
         d = layer.module.weight[0].numel()
         layer.covariance = torch.zeros(d, d, dtype=torch.float64, device=layer.module.weight.device)
@@ -237,6 +239,9 @@ def _collect_covariances(model: nn.Module, data, layers: List[_Layer], progress:
         x = args[0].detach()
         if not torch.isfinite(x).all():
             raise ValueError(f"decompose: the calibration data gives NaN or Inf inputs to layer {layer.name!r}")
+        if layer.samples == 0 and layer.order == math.inf:
+            layer.order = len(called)
+            called.append(layer.name)
         rows = _layer_columns(layer, x, generator).to(torch.float64)
         layer.covariance.addmm_(rows.T, rows)
         layer.samples += rows.shape[0]
@@ -259,27 +264,83 @@ def _collect_covariances(model: nn.Module, data, layers: List[_Layer], progress:
         raise ValueError("decompose: data holds no batches (empty calibration data)")
 
 
-def _whitened_factors(layer: _Layer, damping: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(U, S, V)`` with ``W L = U diag(S) V_L^T`` and ``V = L^{-T} V_L``, so that ``U_r S_r V_r^T`` is the
-    rank-r weight with the least output error ``||(W - W_r) X||_F`` on the calibration inputs (up to the
-    damping); ``S`` are the singular values of ``W L`` (float64, on the layer's device)."""
-    W = weight_matrix(layer.module.weight, "channel").detach().to(torch.float64)
-    C = layer.covariance
+def _cholesky(C: Tensor, damping: float, name: str) -> Tensor:
+    """Lower ``L`` with ``L L^T = C + damping * mean(diag C) * I`` (the damping raised tenfold until the
+    factorisation succeeds: dead inputs make C singular); the identity for an all-zero C."""
     eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
     scale = float(C.diagonal().mean())
     if not scale > 0:  # the layer only ever saw zeros: every rank gives the same (zero) output error
-        L = eye
+        return eye
+    for attempt in range(8):
+        L, info = torch.linalg.cholesky_ex(C + (damping * 10 ** attempt) * scale * eye)
+        if int(info) == 0:
+            return L
+    raise ValueError(f"decompose: the input covariance of layer {name!r} is not positive definite even with "
+                     f"damping {damping * 10 ** 7:g}; it cannot be factored on this data")
+
+
+def _whitened_factors(layer: _Layer, damping: float, cross: Optional[Tensor] = None,
+                      inputs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(U, S, V)`` such that ``U_r S_r V_r^T`` is the rank-r weight with the least output error.
+
+    Symmetric (default): the error ``||(W - W_r) X||_F`` on the layer's calibration inputs ``X``
+    (``layer.covariance = X X^T = L L^T`` up to the damping): the SVD ``W L = U S V_L^T`` and ``V = L^{-T} V_L``;
+    ``S`` are then the singular values of ``W L``. Asymmetric (``inputs = H H^T``, ``cross = H X^T`` with ``H``
+    the inputs the layer gets in the partly decomposed model): the error ``||W X - W_r H||_F``, minimised by
+    the same whitened SVD of ``W X H^T L_H^{-T}`` with ``H H^T = L_H L_H^T`` (reduced-rank regression)."""
+    W = weight_matrix(layer.module.weight, "channel").detach().to(torch.float64)
+    if inputs is None:
+        L = _cholesky(layer.covariance, damping, layer.name)
+        target = W @ L
     else:
-        # Raise the damping until the Cholesky succeeds (dead inputs make C singular in float64).
-        for attempt in range(8):
-            L, info = torch.linalg.cholesky_ex(C + (damping * 10 ** attempt) * scale * eye)
-            if int(info) == 0:
-                break
-        else:
-            raise ValueError(f"decompose: the input covariance of layer {layer.name!r} is not positive definite "
-                             f"even with damping {damping * 10 ** 7:g}; it cannot be factored on this data")
-    U, S, V = ops.svd(W @ L)
+        L = _cholesky(inputs, damping, layer.name)
+        target = torch.linalg.solve_triangular(L, (W @ cross.mT).mT, upper=False).mT
+    U, S, V = ops.svd(target)
     return U, S, torch.linalg.solve_triangular(L.mT, V, upper=True)
+
+
+class _Reached(Exception):
+    """Raised by a hook to stop a forward pass once the layer of interest has been called."""
+
+
+def _layer_inputs(model: nn.Module, name: str, inputs) -> Tensor:
+    """The input of module ``name`` at its first call in ``model(inputs)`` (the rest of the pass is skipped)."""
+    seen = []
+
+    def hook(module, args):
+        seen.append(args[0].detach())
+        raise _Reached
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        call_model(model, inputs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _asymmetric_factors(layer: _Layer, dense: nn.Module, model: nn.Module, data, damping: float
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Factors of ``layer`` fitted to the dense model's outputs of the layer from the inputs it gets in
+    ``model``, where the layers before it are already decomposed (Zhang et al.'s asymmetric reconstruction):
+    one pass over ``data`` through both models, each stopped at the layer (eval mode, no gradients)."""
+    device = layer.module.weight.device
+    d = layer.module.weight[0].numel()
+    inputs = torch.zeros(d, d, dtype=torch.float64, device=device)
+    cross = torch.zeros(d, d, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for index, batch in enumerate(data):
+            batch = to_device(batch_inputs(batch), device)
+            # the same seed for both: the same pixels are subsampled from the two inputs
+            x = _layer_columns(layer, _layer_inputs(dense, layer.name, batch),
+                               torch.Generator(device=device).manual_seed(index)).to(torch.float64)
+            h = _layer_columns(layer, _layer_inputs(model, layer.name, batch),
+                               torch.Generator(device=device).manual_seed(index)).to(torch.float64)
+            inputs.addmm_(h.T, h)
+            cross.addmm_(h.T, x)
+    return _whitened_factors(layer, damping, cross, inputs)
 
 
 def _calibration_error(layer: _Layer, rank: int) -> Tuple[float, float]:
@@ -370,6 +431,60 @@ def _resolve_min_rank(min_rank: Union[int, float], full_rank: int) -> int:
     return min_rank
 
 
+def _replace(layer: _Layer, rank: Optional[int], model: nn.Module, dense: Optional[nn.Module], data,
+             damping: float, training: bool, min_flop_saving: float, skipped: Dict[str, str],
+             planned: Dict[str, dict], report_layers: Dict[str, dict], weight_only: Dict[str, str]) -> None:
+    """Put the rank-``rank`` layer in place of ``layer`` in ``model`` (or record why it stays dense) and fill
+    its plan and report entries. With ``dense`` (asymmetric), a data-aware layer is refitted first on the
+    inputs it gets in ``model`` as decomposed so far."""
+    if rank is None:
+        skipped[layer.name] = (
+            "keeping it dense costs less discarded energy within the budget" if layer.max_saving_rank(
+                min_flop_saving) else f"no allowed rank (min_rank {layer.lowest_rank()}, multiple of "
+            f"{layer.rank_multiple}) saves FLOPs (min_flop_saving={min_flop_saving})")
+        return
+    if not layer.saves(rank, min_flop_saving):
+        skipped[layer.name] = (f"rank {rank} would keep {layer.flop_ratio(rank):.1%} of the layer's FLOPs "
+                               f"(min_flop_saving={min_flop_saving})")
+        return
+    if dense is not None and layer.data_aware and planned:  # the first decomposed layer sees dense inputs
+        layer.factors = _asymmetric_factors(layer, dense, model, data, damping)
+    U, S, V = layer.factors
+    if layer.kind == "conv2d":
+        new = LowRankConv2d.from_factors(layer.module, U, S, V, rank, layer.scheme)
+    else:
+        new = LowRankLinear.from_factors(layer.module, U, S, V, rank)
+    rel_error = None
+    if layer.inputs:
+        with torch.no_grad():
+            errors = [(_rel_error(new(x), y), float(y.double().norm())) for x, y in zip(layer.inputs,
+                                                                                       layer.outputs)]
+        weight = sum(w for _, w in errors)
+        rel_error = sum(e * w for e, w in errors) / weight if weight > 0 else errors[0][0]
+    new.train(training)
+    output_error, output_energy = _calibration_error(layer, rank) if layer.data_aware else (None, None)
+    _set_submodule(model, layer.name, new)
+    planned[layer.name] = {"kind": layer.kind, "scheme": layer.scheme, "rank": rank,
+                           "data_aware": layer.data_aware}
+    report_layers[layer.name] = {
+        "kind": layer.kind,
+        "scheme": layer.scheme,
+        "method": "data-aware" if layer.data_aware else "weight",
+        "rank": rank,
+        "full_rank": layer.full_rank,
+        "energy_kept": 1.0 - layer.discarded(rank),
+        "params_dense": layer.params(None),
+        "params": layer.params(rank),
+        "flops_dense": layer.flops(None) if layer.inputs else None,
+        "flops": layer.flops(rank) if layer.inputs else None,
+        "rel_error": rel_error,
+        "output_error": output_error,
+        "output_energy": output_energy,
+    }
+    if layer.name in weight_only:
+        report_layers[layer.name]["weight_only_reason"] = weight_only[layer.name]
+
+
 def decompose(
     model: nn.Module,
     *,
@@ -388,6 +503,7 @@ def decompose(
     min_rank: Union[int, float] = DEFAULT_MIN_RANK,
     rank_multiple: int = 1,
     damping: float = DEFAULT_DAMPING,
+    asymmetric: bool = True,
     inplace: bool = False,
     progress: bool = True,
 ) -> Tuple[nn.Module, dict, dict]:
@@ -575,52 +691,21 @@ def decompose(
 
     planned: Dict[str, dict] = {}
     report_layers: Dict[str, dict] = {}
-    for layer in candidates:
-        rank = chosen_ranks.get(layer.name)
-        if rank is None:
-            skipped[layer.name] = (
-                "keeping it dense costs less discarded energy within the budget" if layer.max_saving_rank(
-                    min_flop_saving) else f"no allowed rank (min_rank {layer.lowest_rank()}, multiple of "
-                f"{layer.rank_multiple}) saves FLOPs (min_flop_saving={min_flop_saving})")
-            continue
-        if not layer.saves(rank, min_flop_saving):
-            skipped[layer.name] = (f"rank {rank} would keep {layer.flop_ratio(rank):.1%} of the layer's FLOPs "
-                                   f"(min_flop_saving={min_flop_saving})")
-            continue
-        U, S, V = layer.factors
-        if layer.kind == "conv2d":
-            new = LowRankConv2d.from_factors(layer.module, U, S, V, rank, layer.scheme)
-        else:
-            new = LowRankLinear.from_factors(layer.module, U, S, V, rank)
-        new.train(layer.module.training)
-        rel_error = None
-        if layer.inputs:
-            with torch.no_grad():
-                errors = [(_rel_error(new(x), y), float(y.double().norm())) for x, y in zip(layer.inputs,
-                                                                                           layer.outputs)]
-            weight = sum(w for _, w in errors)
-            rel_error = sum(e * w for e, w in errors) / weight if weight > 0 else errors[0][0]
-        output_error, output_energy = _calibration_error(layer, rank) if layer.data_aware else (None, None)
-        _set_submodule(model, layer.name, new)
-        planned[layer.name] = {"kind": layer.kind, "scheme": layer.scheme, "rank": rank,
-                               "data_aware": layer.data_aware}
-        report_layers[layer.name] = {
-            "kind": layer.kind,
-            "scheme": layer.scheme,
-            "method": "data-aware" if layer.data_aware else "weight",
-            "rank": rank,
-            "full_rank": layer.full_rank,
-            "energy_kept": 1.0 - layer.discarded(rank),
-            "params_dense": layer.params(None),
-            "params": layer.params(rank),
-            "flops_dense": layer.flops(None) if layer.inputs else None,
-            "flops": layer.flops(rank) if layer.inputs else None,
-            "rel_error": rel_error,
-            "output_error": output_error,
-            "output_energy": output_energy,
-        }
-        if layer.name in weight_only:
-            report_layers[layer.name]["weight_only_reason"] = weight_only[layer.name]
+    # asymmetric: refit each data-aware layer, in forward order, on the inputs it gets once the layers before
+    # it are decomposed, against the outputs of the dense model (a copy kept for that)
+    dense = copy.deepcopy(model).eval() if data is not None and asymmetric else None
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        for layer in sorted(candidates, key=lambda l: l.order):
+            _replace(layer, chosen_ranks.get(layer.name), model, dense, data, damping, flags[layer.module],
+                     min_flop_saving, skipped, planned, report_layers, weight_only)
+    finally:
+        for m, t in flags.items():
+            m.train(t)
+    del dense
+    report_layers = {l.name: report_layers[l.name] for l in candidates if l.name in report_layers}
+    planned = {l.name: planned[l.name] for l in candidates if l.name in planned}
     for layer in candidates:  # drop the recorded activations and covariances
         layer.inputs.clear()
         layer.outputs.clear()
