@@ -412,3 +412,62 @@ def test_asymmetric_refit_corrects_the_error_of_earlier_layers(seed):
             else:
                 first_symmetric = first.dense_weight()
     assert errors[True] < 0.95 * errors[False], errors
+
+
+class TinyEncoder(nn.Module):
+    """A ViT-style block: nn.MultiheadAttention (whose projections cannot be swapped) and an MLP."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.attn = nn.MultiheadAttention(dim, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head((x + self.mlp(x)).mean(1))
+
+
+def test_transformer_linears_data_aware(seed):
+    model = TinyEncoder().eval()
+    tokens = [torch.randn(4, 10, 12) for _ in range(3)]
+    new, plan, report = rankprune.decompose(model, rank_ratio=0.25, data=tokens, include=["mlp.*", "attn.*"],
+                                            progress=False)
+    assert set(plan["layers"]) == {"mlp.0", "mlp.2"}
+    assert all(e["method"] == "data-aware" for e in report["layers"].values())
+    assert "MultiheadAttention" in report["skipped"]["attn.out_proj"]
+    with pytest.raises(ValueError, match="attn.out_proj.*MultiheadAttention"):
+        rankprune.decompose(model, ranks={"attn.out_proj": 4}, progress=False)
+    with torch.no_grad():
+        assert new(tokens[0]).shape == (4, 5)
+
+
+def test_gpt2_conv1d_and_tied_head(seed):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    batches = [{"input_ids": torch.randint(0, 50, (2, 12))} for _ in range(3)]
+    new, plan, report = rankprune.decompose(model, rank_ratio=0.25, data=batches, exclude="*.attn.c_proj",
+                                            progress=False)
+    conv1d = type(model.transformer.h[0].mlp.c_fc)
+    assert type(conv1d).__name__ != "Conv1D" and conv1d.__name__ == "Conv1D"
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj"} <= set(
+        plan["layers"])
+    assert not any(name.endswith("attn.c_proj") for name in plan["layers"])
+    assert "tied" in report["skipped"]["lm_head"]
+    # a Conv1D weight ([in, out]) of rank 8 is reproduced at rank 8: the transposed weight was factored
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.copy_(torch.randn(32, 8) @ torch.randn(8, 128))
+    exact, _, _ = rankprune.decompose(model, ranks={"transformer.h.0.mlp.c_fc": 8}, progress=False)
+    assert isinstance(exact.transformer.h[0].mlp.c_fc, LowRankLinear)
+    with torch.no_grad():
+        x = torch.randn(2, 5, 32)
+        torch.testing.assert_close(exact.transformer.h[0].mlp.c_fc(x), model.transformer.h[0].mlp.c_fc(x),
+                                   rtol=1e-4, atol=1e-4)
+    rebuilt = rankprune.apply_plan(transformers.GPT2LMHeadModel(config).eval(), json.loads(json.dumps(plan)))
+    rebuilt.load_state_dict(new.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**batches[0]).logits, new(**batches[0]).logits)

@@ -19,6 +19,7 @@ import copy
 import fnmatch
 import heapq
 import math
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -90,7 +91,8 @@ class _Layer:
         m = self.module
         if self.kind == "linear":
             rows = math.prod(shape[:-1]) if shape is not None else 1
-            per_row = m.in_features * m.out_features if rank is None else rank * (m.in_features + m.out_features)
+            n_out, n_in = _linear_features(m)
+            per_row = n_in * n_out if rank is None else rank * (n_in + n_out)
             return 2 * rows * per_row
         n, c, kh, kw = m.weight.shape
         if shape is None:
@@ -132,6 +134,18 @@ class _Layer:
     def data_aware(self) -> bool:
         return self.covariance is not None
 
+    def matrix(self) -> Tensor:
+        """The factored matrix: ``weight_matrix`` of the weight (a Hugging Face Conv1D's ``[in, out]`` weight
+        transposed to ``[out, in]``)."""
+        w = self.module.weight.detach()
+        return w.T if _is_hf_conv1d(self.module) else weight_matrix(w, self.scheme)
+
+    @property
+    def in_dim(self) -> int:
+        """Inputs per output of the channel-scheme matrix: ``C*kh*kw`` of a Conv2d, ``in`` of a Linear."""
+        w = self.module.weight
+        return w.shape[0] if _is_hf_conv1d(self.module) else w[0].numel()
+
     def lowest_rank(self) -> int:
         """The smallest allowed rank: ``min_rank`` rounded up to a multiple of ``rank_multiple``."""
         return -(-self.min_rank // self.rank_multiple) * self.rank_multiple
@@ -170,12 +184,46 @@ def _patterns(value, arg: str) -> Optional[List[str]]:
     raise TypeError(f"{arg} must be a module name pattern or a list of them (fnmatch style), got {value!r}")
 
 
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2): a Linear whose weight is ``[in, out]``
+    (``y = x @ weight + bias``), recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _linear_features(module: nn.Module) -> Tuple[int, int]:
+    """``(out_features, in_features)`` of an nn.Linear or a Hugging Face Conv1D."""
+    if _is_hf_conv1d(module):
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
 def _kind(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.Conv2d):
         return "conv2d"
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
         return "linear"
     return None
+
+
+def _unreplaceable(model: nn.Module) -> Dict[str, str]:
+    """Layers that cannot be swapped for a low-rank module, by name, with the reason: the projections of an
+    ``nn.MultiheadAttention`` (it reads ``out_proj.weight`` itself instead of calling the module) and layers
+    whose weight is shared with another module (tied embeddings and heads: replacing one would untie them)."""
+    reasons: Dict[str, str] = {}
+    owners: Dict[int, List[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for child, _ in module.named_children():
+                reasons[f"{name}.{child}" if name else child] = (
+                    "nn.MultiheadAttention uses its projection weights directly, not through the module")
+        for pname, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{name}.{pname}" if name else pname)
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and len(owners.get(id(weight), ())) > 1:
+            others = [o for o in owners[id(weight)] if o != f"{name}.weight"]
+            reasons.setdefault(name, f"its weight is shared with {', '.join(others)} (tied weights)")
+    return reasons
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -231,7 +279,7 @@ def _collect_covariances(model: nn.Module, data, layers: List[_Layer], progress:
     generator = torch.Generator(device=device).manual_seed(0)
     called = []
     for layer in layers:
-        d = layer.module.weight[0].numel()
+        d = layer.in_dim
         layer.covariance = torch.zeros(d, d, dtype=torch.float64, device=layer.module.weight.device)
         layer.samples = 0
 
@@ -288,7 +336,7 @@ def _whitened_factors(layer: _Layer, damping: float, cross: Optional[Tensor] = N
     ``S`` are then the singular values of ``W L``. Asymmetric (``inputs = H H^T``, ``cross = H X^T`` with ``H``
     the inputs the layer gets in the partly decomposed model): the error ``||W X - W_r H||_F``, minimised by
     the same whitened SVD of ``W X H^T L_H^{-T}`` with ``H H^T = L_H L_H^T`` (reduced-rank regression)."""
-    W = weight_matrix(layer.module.weight, "channel").detach().to(torch.float64)
+    W = layer.matrix().to(torch.float64)
     if inputs is None:
         L = _cholesky(layer.covariance, damping, layer.name)
         target = W @ L
@@ -327,7 +375,7 @@ def _asymmetric_factors(layer: _Layer, dense: nn.Module, model: nn.Module, data,
     ``model``, where the layers before it are already decomposed (Zhang et al.'s asymmetric reconstruction):
     one pass over ``data`` through both models, each stopped at the layer (eval mode, no gradients)."""
     device = layer.module.weight.device
-    d = layer.module.weight[0].numel()
+    d = layer.in_dim
     inputs = torch.zeros(d, d, dtype=torch.float64, device=device)
     cross = torch.zeros(d, d, dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -346,7 +394,7 @@ def _asymmetric_factors(layer: _Layer, dense: nn.Module, model: nn.Module, data,
 def _calibration_error(layer: _Layer, rank: int) -> Tuple[float, float]:
     """``(||(W - W_r) X||_F^2, ||W X||_F^2)`` on the calibration inputs (float64, from the covariance)."""
     U, S, V = layer.factors
-    W = weight_matrix(layer.module.weight, "channel").detach().to(torch.float64)
+    W = layer.matrix().to(torch.float64)
     E = W - (U[:, :rank] * S[:rank]) @ V[:, :rank].T
     C = layer.covariance
     return float(((E @ C) * E).sum()), float(((W @ C) * W).sum())
@@ -453,7 +501,11 @@ def _replace(layer: _Layer, rank: Optional[int], model: nn.Module, dense: Option
     if layer.kind == "conv2d":
         new = LowRankConv2d.from_factors(layer.module, U, S, V, rank, layer.scheme)
     else:
-        new = LowRankLinear.from_factors(layer.module, U, S, V, rank)
+        out_features, in_features = _linear_features(layer.module)
+        # from_factors reads the shapes, device, dtype and bias: an HF Conv1D passes as such a Linear
+        linear = layer.module if isinstance(layer.module, nn.Linear) else SimpleNamespace(
+            in_features=in_features, out_features=out_features, weight=layer.module.weight, bias=layer.module.bias)
+        new = LowRankLinear.from_factors(linear, U, S, V, rank)
     rel_error = None
     if layer.inputs:
         with torch.no_grad():
@@ -607,6 +659,7 @@ def decompose(
         model = copy.deepcopy(model)
     skipped: Dict[str, str] = {}
     layers: Dict[str, _Layer] = {}
+    unreplaceable = _unreplaceable(model)
     if ranks is not None:
         if not isinstance(ranks, dict):
             raise TypeError(f"ranks must be a dict {{module name: rank}}, got {type(ranks).__name__}")
@@ -620,6 +673,8 @@ def decompose(
                                  "Linear layers can be decomposed")
             if kind == "conv2d":
                 check_decomposable_conv(modules[name])
+            if name in unreplaceable:
+                raise ValueError(f"ranks names {name!r}, which cannot be decomposed: {unreplaceable[name]}")
             if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
                 raise ValueError(f"ranks[{name!r}] must be a positive int, got {rank!r}")
             layers[name] = _Layer(name, modules[name], kind, scheme if kind == "conv2d" else "channel")
@@ -631,6 +686,9 @@ def decompose(
             if (include_p is not None and not _matches(name, include_p)) or (
                 exclude_p is not None and _matches(name, exclude_p)
             ):
+                continue
+            if name in unreplaceable:
+                skipped[name] = unreplaceable[name]
                 continue
             if kind == "conv2d":
                 try:
@@ -644,7 +702,7 @@ def decompose(
     if data is not None:
         covariance_layers = []
         for layer in layers.values():
-            d = layer.module.weight[0].numel()
+            d = layer.in_dim
             if layer.scheme == "spatial":
                 weight_only[layer.name] = "the spatial scheme is factored by weight SVD"
             elif d > MAX_COVARIANCE_DIM:
@@ -665,7 +723,7 @@ def decompose(
         if layer.data_aware:
             layer.factors = _whitened_factors(layer, damping)
         else:
-            layer.factors = factorize(weight_matrix(layer.module.weight, layer.scheme))
+            layer.factors = factorize(layer.matrix())
         layer.S = layer.factors[1]
         layer.min_rank = _resolve_min_rank(min_rank, layer.full_rank)
         layer.rank_multiple = rank_multiple
@@ -752,7 +810,8 @@ def apply_decompose_plan(model: nn.Module, plan: dict) -> nn.Module:
                                 _explicit_padding(module), module.dilation, bias=module.bias is not None, scheme=scheme,
                                 device=w.device, dtype=w.dtype)
         else:
-            new = LowRankLinear(module.in_features, module.out_features, rank, bias=module.bias is not None,
+            out_features, in_features = _linear_features(module)
+            new = LowRankLinear(in_features, out_features, rank, bias=module.bias is not None,
                                 device=w.device, dtype=w.dtype)
         new.train(module.training)
         _set_submodule(model, name, new)
