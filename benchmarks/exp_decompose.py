@@ -30,6 +30,10 @@ from rankprune.benchmark import environment, markdown_table, write_results
 from rankprune.training import evaluate, recalibrate, train
 
 
+METHODS = ("weight-svd", "data-aware", "data-aware+alloc", "data-aware+alloc, unweighted",
+           "data-aware+alloc, symmetric")
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="/work/coord/resnet20_w05.pt", help="state_dict of a trained model")
@@ -43,10 +47,15 @@ def parse(argv):
     p.add_argument("--min-rank", type=float, default=None, help="min_rank (default: decompose's default)")
     p.add_argument("--rank-multiple", type=int, default=1)
     p.add_argument("--scheme", default="channel")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"variants to run (default all: {', '.join(METHODS)})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     args.fractions = [float(f) for f in args.fractions.split(",")]
+    args.methods = args.methods.split(",")
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     return args
 
 
@@ -68,6 +77,8 @@ def main(argv=None) -> int:
     options = dict(rank_multiple=args.rank_multiple, scheme=args.scheme, progress=False)
     if args.min_rank is not None:
         options["min_rank"] = int(args.min_rank) if args.min_rank >= 1 else args.min_rank
+    # raw first: recalibration is measured separately below
+    aware = dict(options, example_inputs=example, recalibrate=False)
     baseline = evaluate(model, test, device)
     print(f"baseline {baseline:.4f}", flush=True)
     rows = []
@@ -76,16 +87,17 @@ def main(argv=None) -> int:
         weight, weight_plan, weight_report = rankprune.decompose(model, target_flops=fraction,
                                                                  example_inputs=example, **options)
         ranks = {name: e["rank"] for name, e in weight_plan["layers"].items()}
-        aware, _, aware_report = rankprune.decompose(model, ranks=ranks, example_inputs=example, data=calib,
-                                                     recalibrate=False, **options)
-        alloc, _, alloc_report = rankprune.decompose(model, target_flops=fraction, example_inputs=example,
-                                                     data=calib, recalibrate=False, **options)
-        symmetric, _, symmetric_report = rankprune.decompose(model, target_flops=fraction, example_inputs=example,
-                                                             data=calib, recalibrate=False, asymmetric=False,
-                                                             **options)
-        for method, net, rep in (("weight-svd", weight, weight_report), ("data-aware", aware, aware_report),
-                                 ("data-aware+alloc", alloc, alloc_report),
-                                 ("data-aware+alloc, symmetric", symmetric, symmetric_report)):
+        variants = {
+            "weight-svd": lambda: (weight, weight_plan, weight_report),
+            "data-aware": lambda: rankprune.decompose(model, ranks=ranks, data=calib, **aware),
+            "data-aware+alloc": lambda: rankprune.decompose(model, target_flops=fraction, data=calib, **aware),
+            "data-aware+alloc, unweighted": lambda: rankprune.decompose(
+                model, target_flops=fraction, data=calib, sensitivity=False, **aware),
+            "data-aware+alloc, symmetric": lambda: rankprune.decompose(
+                model, target_flops=fraction, data=calib, asymmetric=False, **aware),
+        }
+        for method in args.methods:
+            net, _, rep = variants[method]()
             raw = evaluate(net, test, device)
             recal = evaluate(recalibrate(copy.deepcopy(net), calib), test, device)
             layer_ranks = [e["rank"] / e["full_rank"] for e in rep["layers"].values()]

@@ -471,3 +471,30 @@ def test_gpt2_conv1d_and_tied_head(seed):
     rebuilt.load_state_dict(new.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(**batches[0]).logits, new(**batches[0]).logits)
+
+
+class TwoBranches(nn.Module):
+    """Two identical convs on the same input; the second one's output is scaled down by 100 before the sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 16, 3, padding=1)
+        self.b = nn.Conv2d(8, 16, 3, padding=1)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight)
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x):
+        return self.a(x) + 0.01 * self.b(x)
+
+
+def test_measured_sensitivity_weighs_the_allocation(seed):
+    # Same layer, same inputs, same output-error curves: only the measured sensitivity tells them apart, and
+    # the budget goes into the branch whose errors barely reach the output.
+    model = TwoBranches().eval()
+    images = [torch.randn(2, 8, 8, 8) for _ in range(2)]
+    _, plan, report = rankprune.decompose(model, target_flops=0.7, data=images, min_rank=1, progress=False)
+    assert set(plan["layers"]) == {"b"} and report["layers"]["b"]["sensitivity"] < 1e-3
+    _, plan, unweighted = rankprune.decompose(model, target_flops=0.7, data=images, min_rank=1, sensitivity=False,
+                                              progress=False)
+    assert "a" in plan["layers"] and all(e["sensitivity"] == 1.0 for e in unweighted["layers"].values())

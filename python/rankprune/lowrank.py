@@ -71,6 +71,9 @@ class _Layer:
     covariance: Optional[Tensor] = None
     samples: int = 0
     order: float = math.inf  # position of its first call in a calibration pass
+    # measured: relative squared change of the model's output per unit of the layer's normalised discarded
+    # energy (1: not measured); weighs the layer's errors in the budget allocation
+    sensitivity: float = 1.0
     min_rank: int = 1
     rank_multiple: int = 1
 
@@ -434,13 +437,13 @@ def _allocate(layers: List[_Layer], cost_kind: str, budget: float, total: float,
             if target < 1:
                 return
             saving = cost(layer, None) - cost(layer, target)
-            lost = layer.discarded(target)
+            lost = layer.sensitivity * layer.discarded(target)
         else:
             target = rank - layer.rank_multiple
             if target < layer.lowest_rank():
                 return
             saving = cost(layer, rank) - cost(layer, target)
-            lost = float(energy2[layer.name][target:rank].sum())
+            lost = layer.sensitivity * float(energy2[layer.name][target:rank].sum())
         if saving > 0:
             heapq.heappush(heap, (lost / saving, layer.name, target, saving))
 
@@ -479,6 +482,71 @@ def _resolve_min_rank(min_rank: Union[int, float], full_rank: int) -> int:
     return min_rank
 
 
+def _lowrank_module(layer: _Layer, rank: int) -> nn.Module:
+    """The low-rank module of ``layer`` at ``rank`` from its factors."""
+    U, S, V = layer.factors
+    if layer.kind == "conv2d":
+        return LowRankConv2d.from_factors(layer.module, U, S, V, rank, layer.scheme)
+    out_features, in_features = _linear_features(layer.module)
+    # from_factors reads the shapes, device, dtype and bias: an HF Conv1D passes as such a Linear
+    linear = layer.module if isinstance(layer.module, nn.Linear) else SimpleNamespace(
+        in_features=in_features, out_features=out_features, weight=layer.module.weight, bias=layer.module.bias)
+    return LowRankLinear.from_factors(linear, U, S, V, rank)
+
+
+def _output_tensor(output) -> Optional[Tensor]:
+    """The tensor a model's output is judged by: the output itself, ``.logits`` (Hugging Face), or the first
+    tensor of a tuple/list/dict."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return next((v for v in values if isinstance(v, Tensor)), None)
+
+
+def _measure_sensitivities(model: nn.Module, layers: List[_Layer], inputs, min_flop_saving: float,
+                           progress: bool) -> None:
+    """Set each data-aware layer's ``sensitivity``: the relative squared change of the model's output on
+    ``inputs`` with only that layer decomposed, at a probe rank halfway through its allowed FLOP-saving ranks,
+    over the layer's normalised discarded energy at that rank. Weight-only layers get the median."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    measured = []
+    try:
+        with torch.no_grad():
+            dense = _output_tensor(call_model(model, inputs))
+            if dense is None:
+                return
+            dense = dense.double()
+            scale = float(dense.square().sum())
+            for layer in tqdm(layers, desc="decompose: sensitivity", unit="layer", leave=False,
+                              disable=not progress):
+                low, high = layer.lowest_rank(), layer.max_saving_rank(min_flop_saving)
+                if not layer.data_aware or high < low or scale == 0:
+                    continue
+                probe = low + (high - low) // (2 * layer.rank_multiple) * layer.rank_multiple
+                lost = layer.discarded(probe)
+                if not lost > 0:
+                    continue
+                _set_submodule(model, layer.name, _lowrank_module(layer, probe))
+                try:
+                    changed = _output_tensor(call_model(model, inputs)).double()
+                finally:
+                    _set_submodule(model, layer.name, layer.module)
+                layer.sensitivity = float((changed - dense).square().sum()) / scale / lost
+                measured.append(layer.sensitivity)
+    finally:
+        for m, t in flags.items():
+            m.train(t)
+    if measured:
+        median = sorted(measured)[len(measured) // 2]
+        for layer in layers:
+            if not layer.data_aware:
+                layer.sensitivity = median
+
+
 def _replace(layer: _Layer, rank: Optional[int], model: nn.Module, dense: Optional[nn.Module], data,
              damping: float, training: bool, min_flop_saving: float, skipped: Dict[str, str],
              planned: Dict[str, dict], report_layers: Dict[str, dict], weight_only: Dict[str, str]) -> None:
@@ -497,15 +565,7 @@ def _replace(layer: _Layer, rank: Optional[int], model: nn.Module, dense: Option
         return
     if dense is not None and layer.data_aware and planned:  # the first decomposed layer sees dense inputs
         layer.factors = _asymmetric_factors(layer, dense, model, data, damping)
-    U, S, V = layer.factors
-    if layer.kind == "conv2d":
-        new = LowRankConv2d.from_factors(layer.module, U, S, V, rank, layer.scheme)
-    else:
-        out_features, in_features = _linear_features(layer.module)
-        # from_factors reads the shapes, device, dtype and bias: an HF Conv1D passes as such a Linear
-        linear = layer.module if isinstance(layer.module, nn.Linear) else SimpleNamespace(
-            in_features=in_features, out_features=out_features, weight=layer.module.weight, bias=layer.module.bias)
-        new = LowRankLinear.from_factors(linear, U, S, V, rank)
+    new = _lowrank_module(layer, rank)
     rel_error = None
     if layer.inputs:
         with torch.no_grad():
@@ -532,6 +592,7 @@ def _replace(layer: _Layer, rank: Optional[int], model: nn.Module, dense: Option
         "rel_error": rel_error,
         "output_error": output_error,
         "output_energy": output_energy,
+        "sensitivity": layer.sensitivity,
     }
     if layer.name in weight_only:
         report_layers[layer.name]["weight_only_reason"] = weight_only[layer.name]
@@ -556,6 +617,7 @@ def decompose(
     rank_multiple: int = 1,
     damping: float = DEFAULT_DAMPING,
     asymmetric: bool = True,
+    sensitivity: bool = True,
     inplace: bool = False,
     progress: bool = True,
 ) -> Tuple[nn.Module, dict, dict]:
@@ -744,6 +806,9 @@ def decompose(
             kind, fraction, total = "flops", target_flops, float(flops_dense)
         else:
             kind, fraction, total = "params", target_params, float(params_dense)
+        if data is not None and sensitivity:
+            probe_inputs = to_device(batch_inputs(next(iter(data))), next(iter(model.parameters())).device)
+            _measure_sensitivities(model, candidates, probe_inputs, min_flop_saving, progress)
         chosen_ranks = _allocate(candidates, kind, fraction * total, total, min_flop_saving,
                                  "target_flops" if kind == "flops" else "target_params")
 
