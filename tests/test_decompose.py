@@ -498,3 +498,31 @@ def test_measured_sensitivity_weighs_the_allocation(seed):
     _, plan, unweighted = rankprune.decompose(model, target_flops=0.7, data=images, min_rank=1, sensitivity=False,
                                               progress=False)
     assert "a" in plan["layers"] and all(e["sensitivity"] == 1.0 for e in unweighted["layers"].values())
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_small_ranks_of_large_layers_use_the_randomized_svd(with_data, seed, monkeypatch):
+    # rank 16 of a 300 x 512 weight: ops.svd_lowrank (not the full ops.svd), within 1% of the optimal error
+    calls = []
+    svd_lowrank = rankprune.ops.svd_lowrank
+    monkeypatch.setattr(rankprune.ops, "svd_lowrank", lambda *a, **k: calls.append(a[0].shape) or svd_lowrank(*a, **k))
+    model = nn.Sequential(nn.Linear(512, 300))
+    with torch.no_grad():
+        decay = torch.logspace(0, -3, 300)
+        u, _ = torch.linalg.qr(torch.randn(300, 300))
+        v, _ = torch.linalg.qr(torch.randn(512, 300))
+        model[0].weight.copy_((u * decay) @ v.T)
+    data = [torch.randn(64, 512) for _ in range(12)] if with_data else None
+    new, _, report = rankprune.decompose(model, ranks={"0": 16}, data=data, progress=False)
+    assert calls == [(300, 512)]
+    W = model[0].weight.detach().double()
+    residual = W - new[0].dense_weight().detach().double()
+    if with_data:
+        X = torch.cat(data).double().T
+        optimal = rankprune.ops.lowrank_error_reference(W @ torch.linalg.cholesky(X @ X.T), 16)
+        assert float((residual @ X).norm()) <= 1.01 * float(optimal)
+    else:
+        assert float(residual.norm()) <= 1.01 * float(rankprune.ops.lowrank_error_reference(W, 16))
+        s2 = torch.linalg.svdvals(W) ** 2
+        exact = float(s2[:16].sum() / s2.sum())  # the randomized values can only underestimate it
+        assert 0.97 * exact <= report["layers"]["0"]["energy_kept"] <= exact * (1 + 1e-9)

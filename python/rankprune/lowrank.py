@@ -36,7 +36,6 @@ from .nn import (
     LowRankLinear,
     _explicit_padding,
     check_decomposable_conv,
-    factorize,
     select_rank,
     weight_matrix,
 )
@@ -50,6 +49,10 @@ DEFAULT_DAMPING = 1e-4
 # Calibration columns (im2col patches / tokens) kept per batch and layer: the covariance costs d^2 per column,
 # so large feature maps are subsampled (uniformly, seeded).
 MAX_SAMPLES_PER_BATCH = 4096
+# A layer is factored by the randomized ops.svd_lowrank instead of the full ops.svd when the rank it needs is
+# known in advance (ranks=, rank_ratio=) and at most this fraction of min(m, n), for min(m, n) >= 256.
+LOWRANK_SVD_MAX_FRACTION = 0.25
+LOWRANK_SVD_MIN_DIM = 256
 # Layers whose input dimension d exceeds this keep weight SVD even with data: the float64 covariance is d^2
 # (8192: 512 MiB).
 MAX_COVARIANCE_DIM = 8192
@@ -74,12 +77,14 @@ class _Layer:
     # measured: relative squared change of the model's output per unit of the layer's normalised discarded
     # energy (1: not measured); weighs the layer's errors in the budget allocation
     sensitivity: float = 1.0
+    # squared Frobenius norm of the factored matrix when S is truncated (randomized SVD), else None
+    energy: Optional[float] = None
     min_rank: int = 1
     rank_multiple: int = 1
 
     @property
     def full_rank(self) -> int:
-        return self.S.shape[-1]
+        return min(self.matrix().shape)
 
     def flops(self, rank: Optional[int]) -> int:
         """FLOPs over every call on the example inputs at ``rank`` (None: the dense layer)."""
@@ -130,8 +135,11 @@ class _Layer:
         if rank is None:
             return 0.0
         s2 = self.S.double() ** 2
-        total = float(s2.sum())
-        return float(s2[rank:].sum()) / total if total > 0 else 0.0
+        if self.energy is None:
+            total = float(s2.sum())
+            return float(s2[rank:].sum()) / total if total > 0 else 0.0
+        # truncated SVD: the discarded energy is what the kept singular values leave of the total
+        return max(self.energy - float(s2[:rank].sum()), 0.0) / self.energy if self.energy > 0 else 0.0
 
     @property
     def data_aware(self) -> bool:
@@ -315,6 +323,17 @@ def _collect_covariances(model: nn.Module, data, layers: List[_Layer], progress:
         raise ValueError("decompose: data holds no batches (empty calibration data)")
 
 
+def _factor(layer: _Layer, matrix: Tensor, rank: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """SVD ``(U, S, V)`` of the float64 ``matrix``: the randomized rank-``rank`` ``ops.svd_lowrank`` when that is
+    a small part of a large matrix (recording the total energy in ``layer.energy``), else the full ``ops.svd``."""
+    k = min(matrix.shape)
+    if rank is not None and k >= LOWRANK_SVD_MIN_DIM and rank <= LOWRANK_SVD_MAX_FRACTION * k:
+        layer.energy = float(matrix.square().sum())
+        generator = torch.Generator(device=matrix.device).manual_seed(0)
+        return ops.svd_lowrank(matrix, rank, generator=generator)
+    return ops.svd(matrix)
+
+
 def _cholesky(C: Tensor, damping: float, name: str) -> Tensor:
     """Lower ``L`` with ``L L^T = C + damping * mean(diag C) * I`` (the damping raised tenfold until the
     factorisation succeeds: dead inputs make C singular); the identity for an all-zero C."""
@@ -330,7 +349,7 @@ def _cholesky(C: Tensor, damping: float, name: str) -> Tensor:
                      f"damping {damping * 10 ** 7:g}; it cannot be factored on this data")
 
 
-def _whitened_factors(layer: _Layer, damping: float, cross: Optional[Tensor] = None,
+def _whitened_factors(layer: _Layer, damping: float, rank: Optional[int] = None, cross: Optional[Tensor] = None,
                       inputs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(U, S, V)`` such that ``U_r S_r V_r^T`` is the rank-r weight with the least output error.
 
@@ -338,7 +357,8 @@ def _whitened_factors(layer: _Layer, damping: float, cross: Optional[Tensor] = N
     (``layer.covariance = X X^T = L L^T`` up to the damping): the SVD ``W L = U S V_L^T`` and ``V = L^{-T} V_L``;
     ``S`` are then the singular values of ``W L``. Asymmetric (``inputs = H H^T``, ``cross = H X^T`` with ``H``
     the inputs the layer gets in the partly decomposed model): the error ``||W X - W_r H||_F``, minimised by
-    the same whitened SVD of ``W X H^T L_H^{-T}`` with ``H H^T = L_H L_H^T`` (reduced-rank regression)."""
+    the same whitened SVD of ``W X H^T L_H^{-T}`` with ``H H^T = L_H L_H^T`` (reduced-rank regression).
+    ``rank``: the only rank needed, if known (see ``_factor``)."""
     W = layer.matrix().to(torch.float64)
     if inputs is None:
         L = _cholesky(layer.covariance, damping, layer.name)
@@ -346,7 +366,7 @@ def _whitened_factors(layer: _Layer, damping: float, cross: Optional[Tensor] = N
     else:
         L = _cholesky(inputs, damping, layer.name)
         target = torch.linalg.solve_triangular(L, (W @ cross.mT).mT, upper=False).mT
-    U, S, V = ops.svd(target)
+    U, S, V = _factor(layer, target, rank)
     return U, S, torch.linalg.solve_triangular(L.mT, V, upper=True)
 
 
@@ -372,7 +392,7 @@ def _layer_inputs(model: nn.Module, name: str, inputs) -> Tensor:
     return seen[0]
 
 
-def _asymmetric_factors(layer: _Layer, dense: nn.Module, model: nn.Module, data, damping: float
+def _asymmetric_factors(layer: _Layer, dense: nn.Module, model: nn.Module, data, damping: float, rank: int
                         ) -> Tuple[Tensor, Tensor, Tensor]:
     """Factors of ``layer`` fitted to the dense model's outputs of the layer from the inputs it gets in
     ``model``, where the layers before it are already decomposed (Zhang et al.'s asymmetric reconstruction):
@@ -391,7 +411,10 @@ def _asymmetric_factors(layer: _Layer, dense: nn.Module, model: nn.Module, data,
                                torch.Generator(device=device).manual_seed(index)).to(torch.float64)
             inputs.addmm_(h.T, h)
             cross.addmm_(h.T, x)
-    return _whitened_factors(layer, damping, cross, inputs)
+    energy = layer.energy  # the allocation's (symmetric) energy stays what energy_kept reports
+    factors = _whitened_factors(layer, damping, rank, cross, inputs)
+    layer.energy = energy
+    return factors
 
 
 def _calibration_error(layer: _Layer, rank: int) -> Tuple[float, float]:
@@ -564,7 +587,7 @@ def _replace(layer: _Layer, rank: Optional[int], model: nn.Module, dense: Option
                                f"(min_flop_saving={min_flop_saving})")
         return
     if dense is not None and layer.data_aware and planned:  # the first decomposed layer sees dense inputs
-        layer.factors = _asymmetric_factors(layer, dense, model, data, damping)
+        layer.factors = _asymmetric_factors(layer, dense, model, data, damping, rank)
     new = _lowrank_module(layer, rank)
     rel_error = None
     if layer.inputs:
@@ -634,7 +657,10 @@ def decompose(
       ``example_inputs``, counted like FlopCounterMode) / parameters to keep; ranks are allocated across
       the layers to minimise the total normalised discarded energy ``sum_l sum_{i>r_l} s_i^2 / sum_i s_i^2``
       within the budget (greedy, within one rank step of it). With ``data`` that is the sum of the layers'
-      relative output errors on the calibration inputs; without, of their relative weight errors.
+      relative output errors on the calibration inputs, each weighted (``sensitivity=True``, default) by the
+      layer's measured sensitivity: the relative squared change of the model's output on the first
+      calibration batch with only that layer decomposed at a probe rank, over its relative output error (one
+      forward pass per layer); without data, of their relative weight errors.
 
     ``energy``, ``rank_ratio`` and the budgets never give a layer less than ``min_rank`` (an int, or a fraction
     of the layer's full rank, rounded up; default 0.25) and only ranks that are multiples of ``rank_multiple``
@@ -648,7 +674,10 @@ def decompose(
     SVD of ``W L``, ``C + damping * mean(diag C) * I = L L^T``. The spatial scheme stays weight-only (its second
     factor mixes the horizontal taps, so its output error is not one whitened SVD), as do layers with more
     than ``MAX_COVARIANCE_DIM`` inputs and layers the data never reaches; ``report["layers"][name]["method"]``
-    says which. With ``data`` and ``recalibrate=True`` (default) the BatchNorm statistics of the decomposed
+    says which. With ``asymmetric=True`` (default) each data-aware layer is then refitted, in forward order, to
+    the dense layer's outputs from the inputs it receives once the layers before it are decomposed
+    (``min ||W X - W_r H||_F``, Zhang et al.'s asymmetric reconstruction): one more pass over ``data`` per
+    decomposed layer, each stopped at that layer. With ``data`` and ``recalibrate=True`` (default) the BatchNorm statistics of the decomposed
     model are then re-estimated on ``data`` (``rankprune.training.recalibrate``; a model without BatchNorm is
     left as is and ``report["recalibrated"]`` is False). A one-shot iterator is read
     into a list first (it is used twice). Without ``example_inputs`` the first batch of ``data`` serves as them.
@@ -666,10 +695,11 @@ def decompose(
     Returns ``(model, plan, report)``: ``plan = {"method": "decompose", "version": 1, "layers": {name:
     {"kind": "conv2d"|"linear", "scheme": ..., "rank": r, "data_aware": bool}}}`` and ``report = {"layers":
     {name: {kind, scheme, method, rank, full_rank, energy_kept, params_dense, params, flops_dense, flops,
-    rel_error, output_error, output_energy}}, "skipped": {name: reason}, "total": {params_dense, params,
+    rel_error, output_error, output_energy, sensitivity}}, "skipped": {name: reason}, "total": {params_dense, params,
     flops_dense, flops, output_rel_error}, "recalibrated": bool}``. ``output_error`` and ``output_energy``
     (data-aware layers, else None) are ``||(W - W_r) X||_F^2`` and ``||W X||_F^2`` summed over the
-    calibration columns, in float64; ``energy_kept`` is ``1 - `` the normalised discarded energy above;
+    calibration columns (the dense model's inputs), in float64; ``sensitivity`` is the measured weight (1.0
+    when not measured); ``energy_kept`` is ``1 - `` the normalised discarded energy above;
     ``rel_error`` is the layer's relative output error on ``example_inputs``. FLOPs and ``rel_error`` are None
     without example inputs.
     """
@@ -782,20 +812,21 @@ def decompose(
     params_dense = sum(p.numel() for p in model.parameters())
 
     for layer in tqdm(layers.values(), desc="decompose: SVD", unit="layer", leave=False, disable=not progress):
-        if layer.data_aware:
-            layer.factors = _whitened_factors(layer, damping)
-        else:
-            layer.factors = factorize(layer.matrix())
-        layer.S = layer.factors[1]
         layer.min_rank = _resolve_min_rank(min_rank, layer.full_rank)
         layer.rank_multiple = rank_multiple
+        # the one rank needed, when known before the SVD
+        needed = ranks.get(layer.name) if ranks is not None else (
+            layer.allowed(max(1, round(rank_ratio * layer.full_rank))) if rank_ratio is not None else None)
+        if needed is not None and needed > layer.full_rank:
+            raise ValueError(f"ranks[{layer.name!r}] = {needed} exceeds the layer's full rank {layer.full_rank}")
+        if layer.data_aware:
+            layer.factors = _whitened_factors(layer, damping, needed)
+        else:
+            layer.factors = _factor(layer, layer.matrix().to(torch.float64), needed)
+        layer.S = layer.factors[1]
 
     candidates = list(layers.values())
     if ranks is not None:
-        for layer in candidates:
-            if ranks[layer.name] > layer.full_rank:
-                raise ValueError(f"ranks[{layer.name!r}] = {ranks[layer.name]} exceeds the layer's full rank "
-                                 f"{layer.full_rank}")
         chosen_ranks = {l.name: ranks[l.name] for l in candidates}
     elif energy is not None:
         chosen_ranks = {l.name: l.allowed(select_rank(l.S, None, energy)) for l in candidates}
