@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     # raw first: recalibration is measured separately below
     aware = dict(options, example_inputs=example, recalibrate=False)
     baseline = evaluate(model, test, device)
-    print(f"baseline {baseline:.4f}", flush=True)
+    baseline_recalibrated = evaluate(recalibrate(copy.deepcopy(model), calib), test, device)
+    print(f"baseline {baseline:.4f}, recalibrated {baseline_recalibrated:.4f}", flush=True)
     rows = []
     for fraction in args.fractions:
         start = time.perf_counter()
@@ -120,9 +121,10 @@ def main(argv=None) -> int:
     config = {k: v for k, v in vars(args).items() if k != "out"}
     config["min_rank"] = options.get("min_rank", rankprune.lowrank.DEFAULT_MIN_RANK)
     path = write_results("exp_decompose", {"environment": environment(device), "config": config,
-                                           "baseline_acc": baseline, "rows": rows}, args.out)
+                                           "baseline_acc": baseline,
+                                           "baseline_recalibrated_acc": baseline_recalibrated, "rows": rows}, args.out)
     md = (f"{args.model} (width {args.width}) from `{'trained here' if args.train else args.checkpoint}`, baseline "
-          f"{100 * baseline:.2f}%, {args.calib_batches}x{args.batch_size} calibration images, no fine-tuning.\n\n"
+          f"{100 * baseline:.2f}% ({100 * baseline_recalibrated:.2f}% recalibrated), {args.calib_batches}x{args.batch_size} calibration images, no fine-tuning.\n\n"
           + table + "\n")
     with open(path[:-5] + ".md", "w") as f:
         f.write(md)
