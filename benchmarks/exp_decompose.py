@@ -120,12 +120,13 @@ def main(argv=None) -> int:
     table = markdown_table(headers, [[r[k] for k in keys] for r in rows])
     config = {k: v for k, v in vars(args).items() if k != "out"}
     config["min_rank"] = options.get("min_rank", rankprune.lowrank.DEFAULT_MIN_RANK)
-    path = write_results("exp_decompose", {"environment": environment(device), "config": config,
-                                           "baseline_acc": baseline,
-                                           "baseline_recalibrated_acc": baseline_recalibrated, "rows": rows}, args.out)
     md = (f"{args.model} (width {args.width}) from `{'trained here' if args.train else args.checkpoint}`, baseline "
           f"{100 * baseline:.2f}% ({100 * baseline_recalibrated:.2f}% recalibrated), {args.calib_batches}x{args.batch_size} calibration images, no fine-tuning.\n\n"
           + table + "\n")
+    path = write_results("exp_decompose", {"environment": environment(device), "config": config,
+                                           "baseline_acc": baseline,
+                                           "baseline_recalibrated_acc": baseline_recalibrated, "rows": rows,
+                                           "markdown": md}, args.out)
     with open(path[:-5] + ".md", "w") as f:
         f.write(md)
     print(md)
