@@ -19,8 +19,8 @@ import copy
 import fnmatch
 import heapq
 import math
-from types import SimpleNamespace
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
