@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     rows = []
     for case in args.cases.split(","):
         if case == "linear":
-            model = nn.Linear(11008 // args.scale, 4096 // args.scale)
+            model = nn.Sequential(nn.Linear(11008 // args.scale, 4096 // args.scale))  # decompose takes submodules
             example = torch.randn(1, 11008 // args.scale)
         elif case == "vgg11_bn":
             import torchvision
@@ -67,10 +67,15 @@ def main(argv=None) -> int:
         torch.linalg.svd(largest[:64, :64], full_matrices=False)  # LAPACK's first-call setup, untimed
         reference = _seconds(lambda: (torch.linalg.svd(largest, full_matrices=False), sync()), args.repeats)
         row = {"case": case, "largest_matrix": list(largest.shape), "linalg_svd_s": reference}
+        layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
         for label, kwargs in (("energy_0.9", dict(energy=0.9)), ("rank_ratio_0.1", dict(rank_ratio=0.1))):
             seconds = _seconds(lambda: (rankprune.decompose(model, example_inputs=example, progress=False,
                                                             **kwargs), sync()), args.repeats)
+            _, plan, report = rankprune.decompose(model, example_inputs=example, progress=False, **kwargs)
+            # every layer went through an SVD: decomposed, or skipped because its rank saves no FLOPs
+            assert len(plan["layers"]) + len(report["skipped"]) == layers
             row[f"decompose_{label}_s"] = seconds
+            row[f"decompose_{label}_layers"] = len(plan["layers"])
             row[f"decompose_{label}_over_linalg_svd"] = seconds / reference
         rows.append(row)
         print(row, flush=True)
