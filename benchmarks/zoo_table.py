@@ -46,6 +46,7 @@ class Recorder:
     def __init__(self):
         self.cells: Dict[str, Dict[str, Tuple[str, str]]] = defaultdict(dict)
         self.order: List[str] = []
+        self.model_notes: Dict[str, str] = {}
 
     def pytest_runtest_logreport(self, report):
         if "test_zoo[" not in report.nodeid:
@@ -56,10 +57,13 @@ class Recorder:
         if model not in self.order:
             self.order.append(model)
         props = dict(report.user_properties)
+        if props.get("model_note"):
+            self.model_notes[model] = props["model_note"]
         if hasattr(report, "wasxfail"):
             outcome = (GAP, report.wasxfail) if report.skipped else (WORKS, "")
         elif report.skipped:
-            outcome = (SKIPPED, report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr))
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            outcome = (SKIPPED, reason.removeprefix("Skipped: "))
         elif report.failed:
             outcome = (FAILED, report.longreprtext.strip().splitlines()[-1] if report.longreprtext else "")
         elif "refused" in props:
@@ -69,8 +73,8 @@ class Recorder:
         self.cells[model][cell] = outcome
 
 
-def _summary(cells: Dict[str, Tuple[str, str]], patterns: List[Tuple[str, str]]) -> Tuple[str, List[str]]:
-    """The table entry for one column and the notes behind it."""
+def _summary(cells: Dict[str, Tuple[str, str]], patterns: List[Tuple[str, str]]) -> Tuple[str, List[tuple]]:
+    """The table entry for one column and the notes behind it: ``(mark, reason, cell)``."""
     parts, notes = [], []
     for pattern, label in patterns:
         if pattern.endswith("*"):
@@ -84,7 +88,7 @@ def _summary(cells: Dict[str, Tuple[str, str]], patterns: List[Tuple[str, str]])
         parts.append(f"{label} {MARK[kind]}".strip())
         for cell, (k, reason) in chosen.items():
             if k != WORKS and reason:
-                notes.append(f"`{cell}` {MARK[k]} {reason}")
+                notes.append((MARK[k], reason, cell))
     if parts and all(p.endswith(MARK[WORKS]) for p in parts):
         return MARK[WORKS], notes
     return ", ".join(parts), notes
@@ -117,22 +121,17 @@ def render(recorder: Recorder, wall_s: float) -> str:
     for model in recorder.order:
         cells = recorder.cells[model]
         entries = []
+        by_reason: Dict[Tuple[str, str], List[str]] = {}
         for _, patterns in COLUMNS:
             entry, notes = _summary(cells, patterns)
             entries.append(entry)
-            all_notes.extend(f"- **{model}**: {n}" for n in notes)
-        lines.append(f"| {model} | " + " | ".join(entries) + " |")
-    lines += ["", "## Notes", ""] + _dedupe(all_notes) + [""]
+            for mark, reason, cell in notes:
+                by_reason.setdefault((mark, reason), []).append(f"`{cell}`")
+        note = recorder.model_notes.get(model)
+        lines.append(f"| {model}{f' ({note})' if note else ''} | " + " | ".join(entries) + " |")
+        all_notes.extend(f"- **{model}** {mark} {', '.join(c)}: {reason}" for (mark, reason), c in by_reason.items())
+    lines += ["", "## Notes", ""] + all_notes + [""]
     return "\n".join(lines)
-
-
-def _dedupe(notes: List[str]) -> List[str]:
-    seen, out = set(), []
-    for n in notes:
-        if n not in seen:
-            seen.add(n)
-            out.append(n)
-    return out
 
 
 def main(argv=None) -> int:

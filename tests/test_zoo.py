@@ -271,6 +271,7 @@ def _refusal(spec: Spec, cell: str) -> Optional[Tuple[type, str]]:
 @pytest.mark.parametrize("name,cell", [pytest.param(n, c, id=f"{n}-{c}") for n in SPECS for c in CELLS])
 def test_zoo(name, cell, tmp_path, record_property, request):
     spec = SPECS[name]
+    record_property("model_note", spec.note)
     gap = spec.gaps.get(cell) or spec.gaps.get(cell.partition("-")[0])
     if gap:
         request.applymarker(pytest.mark.xfail(reason=gap, strict=False))
