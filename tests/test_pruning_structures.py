@@ -1,5 +1,5 @@
-"""Structures that need care when pruning (grouped convs, unwrapped parameters, LayerNorm, channel shuffle) and
-the warnings that say what was not done."""
+"""Structures that need care when pruning (grouped convs, unwrapped parameters, LayerNorm, ShuffleNet's
+channel shuffle, which Torch-Pruning cannot trace) and the warnings that say what was not done."""
 import warnings
 
 import pytest
@@ -93,23 +93,6 @@ def test_layernorm_and_unwrapped_parameter_plan_round_trip():
     restored.load_state_dict(pruned.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(restored.eval()(x), pruned(x))
-
-
-class ShuffleNet(nn.Module):
-    """Two branches joined by concatenation and a channel shuffle (view + transpose), as in ShuffleNetV2."""
-
-    def __init__(self):
-        super().__init__()
-        self.left = nn.Conv2d(3, 4, 1)
-        self.right = nn.Conv2d(3, 4, 1)
-        self.head = nn.Conv2d(8, 8, 1)
-        self.out = nn.Conv2d(8, 2, 1)
-
-    def forward(self, x):
-        h = torch.cat([self.left(x), self.right(x)], 1)
-        n, c, hh, ww = h.shape
-        h = h.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
-        return self.out(torch.relu(self.head(h)))
 
 
 def test_torch_pruning_failure_is_a_pruning_error_naming_the_place():
