@@ -7,7 +7,8 @@ import importlib
 
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
-from . import data, lowrank, models, nn, ops, report, scoring, training, trp
+from . import data, export, lowrank, models, nn, ops, report, scoring, training, trp
+from .export import export_onnx, onnx_translation_table, to_plain
 from .lowrank import decompose
 from .plans import apply_plan
 from .training import recalibrate
@@ -17,7 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ops", "nn", "data", "models", "report", "scoring", "training", "trp", "lowrank", "decompose", "prune",
-    "recalibrate", "apply_plan", "apply_prune_plan", "TrainedRankPruner", "__version__",
+    "recalibrate", "apply_plan", "apply_prune_plan", "TrainedRankPruner", "export", "to_plain", "export_onnx",
+    "onnx_translation_table", "__version__",
 ]
 
 # Channel pruning runs on Torch-Pruning's dependency graph, so `rankprune.pruning` imports torch_pruning at its

@@ -19,6 +19,7 @@ import copy
 import fnmatch
 import heapq
 import math
+import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -193,6 +194,15 @@ def _patterns(value, arg: str) -> Optional[List[str]]:
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
         return list(value)
     raise TypeError(f"{arg} must be a module name pattern or a list of them (fnmatch style), got {value!r}")
+
+
+def _warn_unmatched(model: nn.Module, include: Optional[List[str]]) -> None:
+    """Warn once about ``include`` patterns that match no Conv2d/Linear layer of the model (likely a typo)."""
+    names = [name for name, m in model.named_modules() if _kind(m) is not None]
+    unmatched = [p for p in include or () if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        warnings.warn(f"decompose: include pattern(s) {unmatched} match no Conv2d or Linear layer of "
+                      f"{type(model).__name__}", stacklevel=3)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -746,6 +756,7 @@ def decompose(
     if target_flops is not None and not has_inputs:
         raise ValueError("target_flops needs example_inputs (or data) to count FLOPs")
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
+    _warn_unmatched(model, include_p)
 
     if not inplace:
         model = copy.deepcopy(model)

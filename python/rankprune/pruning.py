@@ -33,18 +33,33 @@ The plan is plain JSON-able data::
      "criterion": ..., "ratio": ..., "target_flops": ..., "global_ranking": ..., "round_to": ...,
      "ignored_layers": [...], "recalibrated": bool, "flops": [before, after], "params": [before, after]}
 
+A ``layers`` key may also name a parameter that is not part of a standard layer (e.g. ConvNeXt's
+``layer_scale``): ``{"dim": d, "channels_kept": [...]}``, sliced along ``dim``.
+
 ``apply_prune_plan(fresh_model, plan)`` slices every listed module to the kept indices (Torch-Pruning's
 per-layer pruning functions, no graph tracing), so that a state_dict saved from the pruned model loads with
 ``load_state_dict`` / ``torch.load(..., weights_only=True)``.
+
+Grouped convolutions (``1 < groups``, not depthwise, e.g. RegNet, ResNeXt) are pruned group-consistently:
+every group of the conv loses the same number of channels, chosen by score within each group, so that
+``groups`` stays and each group keeps an equal share. A group of channels that cannot be pruned so (its
+channels reach a grouped conv through a concatenation or reshape, or each conv group holds one channel) is
+left unpruned, and ``prune`` says which, once, in a warning.
+
+Failures inside Torch-Pruning (a model it cannot trace, such as ShuffleNet's channel shuffle) are raised as
+:class:`PruningError` (a ValueError) naming the layer and the reason, never as Torch-Pruning's own exception.
 """
+import contextlib
 import copy
 import math
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 from torch_pruning import _helpers as tp_helpers
+from torch_pruning.dependency.node import Node as _TPNode
 from torch_pruning.pruner import function as tp_function
 
 from . import scoring
@@ -57,6 +72,91 @@ Scores = Dict[str, Tensor]
 
 # TP pruning functions that remove a conv's output channels (the ones our scores describe).
 _CONV_OUT_FNS = {tp_function.prune_conv_out_channels, tp_function.prune_depthwise_conv_out_channels}
+
+
+class PruningError(ValueError):
+    """Channel pruning cannot handle this model or layer; the message names the layer and the reason."""
+
+
+def _failing_node(exc: BaseException) -> Optional[_TPNode]:
+    """A Torch-Pruning graph node held by the innermost frame ``exc`` went through that holds one (a reshape
+    node when there is one)."""
+    nodes: List[_TPNode] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        in_frame = [v for v in tb.tb_frame.f_locals.values() if isinstance(v, _TPNode)]
+        nodes = in_frame or nodes
+        tb = tb.tb_next
+    reshapes = [n for n in nodes if n.type == tp.ops.OPTYPE.RESHAPE]  # the usual culprit
+    return (reshapes or nodes or [None])[0]
+
+
+def _nearest_module_name(node: _TPNode, names: Dict[Any, str]) -> Optional[str]:
+    """The name of the closest module upstream of ``node`` (itself included), breadth first."""
+    seen, frontier = set(), [node]
+    while frontier:
+        nxt = []
+        for n in frontier:
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.module in names:
+                return names[n.module]
+            nxt.extend(n.inputs)
+        frontier = nxt
+    return None
+
+
+@contextlib.contextmanager
+def _torch_pruning_errors(model: nn.Module, doing: str):
+    """Re-raise any exception from Torch-Pruning while ``doing`` as a :class:`PruningError` that names the
+    graph node (and the nearest layer before it) where it happened."""
+    try:
+        yield
+    except PruningError:
+        raise
+    except Exception as exc:
+        node = _failing_node(exc)
+        where = ""
+        if node is not None:
+            names = {m: n for n, m in model.named_modules()}
+            near = _nearest_module_name(node, names)
+            where = f" at {node.name.split(' (')[0]}" + (f" after layer {near!r}" if near else "")
+            if node.type == tp.ops.OPTYPE.RESHAPE:
+                where += (" (a reshape of the channel dimension, such as a channel shuffle or a view/transpose"
+                          " between channels and groups, whose channel mapping Torch-Pruning cannot follow)")
+        raise PruningError(f"cannot prune {type(model).__name__}: Torch-Pruning failed while {doing}{where}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def _grouped_conv_groups(module: Any) -> int:
+    """``groups`` of a grouped convolution that is not depthwise (1 for every other module)."""
+    if isinstance(module, nn.Conv2d) and module.groups > 1 and not (
+            module.groups == module.in_channels == module.out_channels):
+        return module.groups
+    return 1
+
+
+def _prune_grouped_conv_in(conv: nn.Conv2d, removed: Sequence[int]) -> None:
+    """Remove input channels ``removed`` of a grouped conv, the same number from each of its groups: the
+    weight ``[out, in/groups, kh, kw]`` keeps, for the outputs of group g, the columns of g's kept inputs
+    (Torch-Pruning's conv pruner slices the same columns for every group, which is only right for depthwise
+    convs)."""
+    groups = conv.groups
+    per_group = conv.in_channels // groups
+    removed_set = set(int(i) for i in removed)
+    kept = [[j for j in range(per_group) if g * per_group + j not in removed_set] for g in range(groups)]
+    if len({len(k) for k in kept}) != 1 or not kept[0]:
+        raise PruningError(f"input channels of grouped conv (groups={groups}) can only be removed in equal "
+                           f"numbers from each group, keeping at least one per group; got {sorted(removed_set)}")
+    out_per_group = conv.out_channels // groups
+    columns = torch.tensor(kept, dtype=torch.long, device=conv.weight.device).repeat_interleave(out_per_group, 0)
+    index = columns[:, :, None, None].expand(-1, -1, *conv.weight.shape[2:])
+    weight = nn.Parameter(torch.gather(conv.weight.detach(), 1, index), requires_grad=conv.weight.requires_grad)
+    if conv.weight.grad is not None:
+        weight.grad = torch.gather(conv.weight.grad, 1, index)
+    conv.weight = weight
+    conv.in_channels = len(kept[0]) * groups
 
 
 def _normalized(s: Tensor) -> Tensor:
@@ -172,14 +272,36 @@ def _output_layers(model: nn.Module, example_inputs: Any) -> List[nn.Module]:
     return [called[-1][0]] if called else []
 
 
-def _grouped_conv_in(group) -> bool:
-    """Whether the group touches a grouped (not depthwise) conv, whose channels Torch-Pruning cannot slice
-    per group exactly; such groups are left unpruned."""
-    for dep, _ in group:
-        m = dep.target.module
-        if isinstance(m, nn.Conv2d) and 1 < m.groups and not (m.groups == m.in_channels == m.out_channels):
-            return True
-    return False
+def _group_blocks(group, names: Dict[Any, str], graph_is_out) -> Tuple[int, Optional[str]]:
+    """Into how many equal contiguous blocks of channels the group must be pruned evenly, so that every
+    grouped conv in it keeps equal groups (the lcm of their ``groups``; 1 without grouped conv), or ``(0,
+    reason)`` when that cannot be done."""
+    n = len(group[0].idxs)
+    blocks = 1
+    for dep, idxs in group:
+        groups = _grouped_conv_groups(dep.target.module)
+        if groups == 1:
+            continue
+        name = names.get(dep.target.module)
+        module = dep.target.module
+        size = module.out_channels if graph_is_out(dep.handler) else module.in_channels
+        if tp_helpers.to_plain_idxs(idxs) != tp_helpers.to_root_idxs(idxs) or len(idxs) != size:
+            return 0, (f"its channels reach grouped conv {name!r} (groups={groups}) through a concatenation or "
+                       "reshape, where whole groups cannot be kept equal")
+        blocks = math.lcm(blocks, groups)
+    if n % blocks or n == blocks:
+        return 0, (f"its {n} channels feed grouped convs needing {blocks} equal groups of at least 2 channels "
+                   "to remove one from each")
+    return blocks, None
+
+
+def _block_removal(imp: Tensor, keep: int, blocks: int) -> Tensor:
+    """Indices to remove so that each of ``blocks`` contiguous blocks keeps ``ceil(keep / blocks)`` channels,
+    its least important ones removed."""
+    size = len(imp) // blocks
+    per_block = min(size, max(1, -(-keep // blocks)))
+    removed = [b * size + imp[b * size:(b + 1) * size].argsort()[: size - per_block] for b in range(blocks)]
+    return torch.cat(removed)
 
 
 def _keep_count(n: int, n_prune: int, round_to: Optional[int], min_keep: int) -> int:
@@ -191,33 +313,40 @@ def _keep_count(n: int, n_prune: int, round_to: Optional[int], min_keep: int) ->
 
 def _prune_by_ratio(model: nn.Module, example_inputs: Any, scores: Scores, ratio: float, global_ranking: bool,
                     ignored: List[nn.Module], round_to: Optional[int], max_layer_ratio: float,
-                    dither: bool = False):
+                    dither: bool = False, unpruned: Optional[Dict[str, str]] = None):
     """Prune ``model`` in place; returns the per-module kept indices ``{name: {"out"|"in": [..]}}``.
+    Groups left unpruned because of their structure are added to ``unpruned`` as ``{layer: reason}``.
 
     With ``dither`` (local ranking only), group ``g`` of ``G`` removes ``floor(n * ratio + g / G)``
     channels instead of ``floor(n * ratio)``: the groups round at different ratios, so FLOPs fall in many
     small steps as the ratio grows instead of a few large ones (used by the FLOP-target search).
     """
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    with _torch_pruning_errors(model, "tracing the dependency graph"):
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        groups = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
     importance = ScoreImportance(scores).bind(model)
     names = {m: n for n, m in model.named_modules()}
     candidates = []
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
-        if _grouped_conv_in(group):
-            continue
-        imp = importance(group)
+    for group in groups:
+        with _torch_pruning_errors(model, "scoring a channel group"):
+            imp = importance(group)
         if imp is None:
             continue
-        candidates.append((group[0].dep.target.module, group[0].dep.handler, imp))
+        blocks, reason = _group_blocks(group, names, graph.is_out_channel_pruning_fn)
+        if reason is not None:
+            if unpruned is not None:
+                unpruned[names[group[0].dep.target.module]] = reason
+            continue
+        candidates.append((group[0].dep.target.module, group[0].dep.handler, imp, blocks))
     if not candidates:
         raise ValueError("no prunable channel group: every conv is ignored, unscored, or tied to an ignored layer")
 
     plan_prune: List[Tuple[nn.Module, Any, Tensor]] = []
     if global_ranking:
-        everything = torch.cat([imp for _, _, imp in candidates])
+        everything = torch.cat([imp for _, _, imp, _ in candidates])
         n_prune = int(math.floor(len(everything) * ratio))
         threshold = everything.sort().values[n_prune - 1] if n_prune > 0 else -math.inf
-    for g, (module, handler, imp) in enumerate(candidates):
+    for g, (module, handler, imp, blocks) in enumerate(candidates):
         n = len(imp)
         min_keep = math.ceil(n * (1 - max_layer_ratio))
         if global_ranking:
@@ -226,25 +355,43 @@ def _prune_by_ratio(model: nn.Module, example_inputs: Any, scores: Scores, ratio
             n_prune = int(math.floor(n * ratio + (g / len(candidates) if dither and ratio > 0 else 0.0)))
         keep = _keep_count(n, n_prune, round_to, min_keep)
         if keep < n:
-            plan_prune.append((module, handler, imp.argsort()[: n - keep]))
+            removed = imp.argsort()[: n - keep] if blocks == 1 else _block_removal(imp, keep, blocks)
+            if len(removed):
+                plan_prune.append((module, handler, removed))
 
     alive: Dict[Tuple[str, str], List[int]] = {}
+    param_dims: Dict[str, int] = {}
     for module, handler, idxs in plan_prune:
-        group = graph.get_pruning_group(module, handler, idxs.tolist())
+        with _torch_pruning_errors(model, f"collecting the channels coupled to {names[module]!r}"):
+            group = graph.get_pruning_group(module, handler, idxs.tolist())
+        grouped_inputs = []
         for dep, dep_idxs in group:
-            name = names.get(dep.target.module)
+            target = dep.target.module
+            name = names.get(target)
+            if name is None and dep.target.type == tp.ops.OPTYPE.PARAMETER:
+                name = graph._param_to_name[target]  # an unwrapped parameter (ConvNeXt's layer_scale)
+                param_dims[name] = dep.target.pruning_dim
             if name is None:  # graph-only nodes (additions, concatenations, ...)
                 continue
             side = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
             if (name, side) not in alive:
-                size = graph.get_out_channels(dep.target.module) if side == "out" else graph.get_in_channels(dep.target.module)
+                size = graph.get_out_channels(target) if side == "out" else graph.get_in_channels(target)
                 alive[(name, side)] = list(range(size))
             removed = set(int(i) for i in tp_helpers.to_plain_idxs(dep_idxs))
             alive[(name, side)] = [c for pos, c in enumerate(alive[(name, side)]) if pos not in removed]
-        group.prune()
-    kept: Dict[str, Dict[str, List[int]]] = {}
+            if side == "in" and _grouped_conv_groups(target) > 1:
+                grouped_inputs.append((dep, sorted(removed)))
+        for dep, removed in grouped_inputs:
+            _prune_grouped_conv_in(dep.target.module, removed)
+            group.items.remove(next(item for item in group.items if item.dep is dep))
+        with _torch_pruning_errors(model, f"pruning the channels coupled to {names[module]!r}"):
+            group.prune()
+    kept: Dict[str, Dict[str, Any]] = {}
     for (name, side), channels in sorted(alive.items()):
-        kept.setdefault(name, {})[f"{side}_channels_kept"] = channels
+        if name in param_dims:
+            kept[name] = {"dim": param_dims[name], "channels_kept": channels}
+        else:
+            kept.setdefault(name, {})[f"{side}_channels_kept"] = channels
     return kept
 
 
@@ -360,11 +507,13 @@ def prune(
             ignored_modules.update(_output_layers(model, example_inputs))
         ignored_names = [n for n, m in model.named_modules() if m in ignored_modules]
 
+        unpruned: Dict[str, str] = {}
+
         def attempt(r: float, target: nn.Module, dither: bool = False):
             ignored = [target.get_submodule(n) for n in ignored_names]
             kept = _prune_by_ratio(target, example_inputs, scores, r, global_ranking, ignored, round_to,
-                                   max_layer_ratio, dither)
-            return kept, count_flops(target, example_inputs)
+                                   max_layer_ratio, dither, unpruned)
+            return kept, _pruned_flops(target, example_inputs)
 
         if ratio is not None:
             pruned = model if inplace else copy.deepcopy(model)
@@ -378,6 +527,8 @@ def prune(
     finally:
         model.train(was_training)
     pruned.train(was_training)
+    _warn_unpruned(unpruned)
+    _warn_tied(scores, kept)
     if recalibrate:
         recalibrate_batchnorm(pruned, data, progress=progress)
     plan = {
@@ -395,6 +546,35 @@ def prune(
         "params": [base_params, sum(p.numel() for p in pruned.parameters())],
     }
     return pruned, plan
+
+
+def _pruned_flops(pruned: nn.Module, example_inputs: Any) -> int:
+    """FLOPs of the pruned model; a forward that now fails is a PruningError (a channel count kept as a
+    plain attribute, such as torchvision ViT's ``hidden_dim``, no longer matches the sliced layers)."""
+    try:
+        return count_flops(pruned, example_inputs)
+    except Exception as exc:
+        raise PruningError(
+            f"the pruned {type(pruned).__name__} no longer runs ({type(exc).__name__}: {exc}); the model probably "
+            "keeps a channel count outside its layers (an attribute or constant used in forward, like "
+            "torchvision ViT's hidden_dim): pass the layers that set it as ignored_layers") from exc
+
+
+def _warn_unpruned(unpruned: Dict[str, str]) -> None:
+    if unpruned:
+        lines = "".join(f"\n  {name}: {reason}" for name, reason in sorted(unpruned.items()))
+        warnings.warn(f"prune: {len(unpruned)} channel group(s) left unpruned (named by their first layer):{lines}",
+                      stacklevel=3)
+
+
+def _warn_tied(scores: Scores, kept: Dict[str, Dict[str, Any]]) -> None:
+    """Warn once about pruned layers whose scores are all equal: which of their channels go is arbitrary."""
+    tied = sorted(name for name, s in scores.items()
+                  if len(s) > 1 and bool((s == s[0]).all()) and "out_channels_kept" in kept.get(name, {}))
+    if tied:
+        warnings.warn(f"prune: the scores of {len(tied)} pruned layer(s) are all equal, so which of their channels "
+                      f"were removed is arbitrary (a criterion that cannot tell them apart, e.g. bn_scale without a "
+                      f"BatchNorm, or dead layers): {', '.join(tied)}", stacklevel=3)
 
 
 def _search_flops(model, attempt, base_flops: int, target: float, max_layer_ratio: float, progress: bool):
@@ -443,6 +623,9 @@ def apply_prune_plan(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
     modules = dict(model.named_modules())
     for name, entry in layers.items():
         module = modules.get(name)
+        if module is None and "dim" in entry:
+            _apply_parameter_entry(model, name, entry)
+            continue
         if module is None:
             raise ValueError(f"plan: model has no module {name!r}")
         pruner = tp_function.PrunerBox.get(tp.ops.module2type(module))
@@ -458,8 +641,35 @@ def apply_prune_plan(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
             if not kept or max(kept) >= current or min(kept) < 0 or len(set(kept)) != len(kept):
                 raise ValueError(f"plan: {side}_channels_kept of {name!r} does not fit its {current} channels")
             removed = sorted(set(range(current)) - set(kept))
-            pruner(module, removed, to_output=(side == "out"))
+            if side == "in" and _grouped_conv_groups(module) > 1:
+                _prune_grouped_conv_in(module, removed)
+            elif side == "out":  # the pruning functions themselves: some pruners' check() differs in signature
+                pruner.prune_out_channels(module, removed)
+            else:
+                pruner.prune_in_channels(module, removed)
     return model
 
 
-__all__ = ["prune", "apply_prune_plan", "ScoreImportance", "PLAN_VERSION"]
+def _apply_parameter_entry(model: nn.Module, name: str, entry: Dict[str, Any]) -> None:
+    """Slice the unwrapped parameter ``name`` to ``entry["channels_kept"]`` along ``entry["dim"]``."""
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        owner = None
+    param = getattr(owner, attr, None) if owner is not None else None
+    if not isinstance(param, nn.Parameter):
+        raise ValueError(f"plan: model has no module or parameter {name!r}")
+    dim, kept = entry["dim"], entry.get("channels_kept")
+    if not isinstance(dim, int) or not -param.dim() <= dim < param.dim():
+        raise ValueError(f"plan: dim {dim!r} of parameter {name!r} does not fit its shape {tuple(param.shape)}")
+    size = param.shape[dim]
+    if size == len(kept or ()):
+        return
+    if not kept or max(kept) >= size or min(kept) < 0 or len(set(kept)) != len(kept):
+        raise ValueError(f"plan: channels_kept of parameter {name!r} does not fit its {size} channels")
+    index = torch.tensor(kept, dtype=torch.long, device=param.device)
+    setattr(owner, attr, nn.Parameter(param.detach().index_select(dim, index), requires_grad=param.requires_grad))
+
+
+__all__ = ["prune", "apply_prune_plan", "ScoreImportance", "PruningError", "PLAN_VERSION"]

@@ -45,6 +45,7 @@ gradients, and the weights are identical on all ranks, so ``regularize()`` and `
 thing on every rank with no communication; the random sketches of ``svd_lowrank`` are seeded from ``seed``
 and the step count, identically on every rank. All ranks must call both methods the same number of times.
 """
+import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -439,7 +440,7 @@ class TrainedRankPruner:
             if r is None:
                 self._project_group(group)
         ranks = self.ranks()
-        model, plan, _report = rankprune.decompose(
+        model, plan, report = rankprune.decompose(
             self.module,
             ranks=ranks,
             scheme=self.scheme,
@@ -448,6 +449,10 @@ class TrainedRankPruner:
             inplace=False,
             progress=progress,
         )
+        if not plan["layers"]:
+            reasons = "".join(f"\n  {name}: {why}" for name, why in report["skipped"].items())
+            warnings.warn(f"TrainedRankPruner.finalize decomposed no layer, the model is returned dense (with its "
+                          f"projected weights); per layer:{reasons}", stacklevel=2)
         return model, plan
 
     # ---- checkpointing ----------------------------------------------------------------------------------
