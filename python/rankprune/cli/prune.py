@@ -2,8 +2,9 @@
 import json
 import os
 
-from .common import add_common_options, check_output_dir, resolve_device, resolve_dtype, seed_everything
-from .score import add_model_data_options, load_data, load_model, make_criterion
+from .common import (add_common_options, add_data_options, add_model_options, add_onnx_option, check_onnx_path,
+                     check_output_dir, normalization, write_onnx)
+from .score import add_criterion_options, load_model_and_data, make_criterion
 
 OUT_DEFAULT = "rankprune-pruned"
 
@@ -16,7 +17,9 @@ def register(sub) -> None:
                     "OUT/pruned.pt (state_dict: rebuild with rankprune.apply_prune_plan(fresh_model, plan) then "
                     "load_state_dict), OUT/report.json and OUT/report.md (params, FLOPs, per-layer channels, "
                     "accuracy with --eval).")
-    add_model_data_options(p)
+    add_model_options(p)
+    add_data_options(p)
+    add_criterion_options(p)
     p.add_argument("--scores", help="scores file from `rankprune score` (instead of scoring here)")
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--ratio", type=float, help="fraction of channels to remove, in [0, 1)")
@@ -26,17 +29,22 @@ def register(sub) -> None:
     p.add_argument("--round-to", type=int, help="keep a multiple of this many channels per layer")
     p.add_argument("--eval", action="store_true",
                    help="report accuracy before/after on the test split of --data (built-in) or on --data itself")
+    p.add_argument("--no-recalibrate", action="store_true",
+                   help="do not re-estimate BatchNorm statistics on the calibration data after pruning")
+    add_onnx_option(p)
     add_common_options(p, OUT_DEFAULT, f"output folder (default ./{OUT_DEFAULT})")
     p.set_defaults(run=run)
 
 
-def _accuracy_fn(args, device, dtype):
+def _accuracy_fn(args, device, dtype, size):
     from rankprune import data
 
     from .trp import evaluate
 
     split = "test" if args.data in ("synthetic", "builtin") else "train"
-    dataset = data.load(args.data, split=split, n=2000 if split == "test" else None, seed=args.seed)
+    _, mean, std = normalization(args)
+    dataset = data.load(args.data, split=split, n=2000 if split == "test" else None, seed=args.seed, size=size,
+                        mean=mean, std=std)
     loader = data.batch_loader(dataset, 256)
     return lambda model: evaluate(model, loader, device, dtype)
 
@@ -49,11 +57,8 @@ def run(args) -> int:
 
     from . import UsageError
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype)
-    seed_everything(args.seed)
-    model = load_model(args, device, dtype)
-    loader, image_shape = load_data(args)
+    check_onnx_path(args.onnx)
+    model, loader, image_shape, device, dtype = load_model_and_data(args)
     example = torch.zeros(1, *image_shape, device=device, dtype=dtype)
     if args.scores:
         if not os.path.isfile(args.scores):
@@ -67,8 +72,9 @@ def run(args) -> int:
     pruned, plan = rankprune.prune(
         model, example, criterion, data=loader, ratio=args.ratio, target_flops=args.target_flops,
         global_ranking=args.global_ranking, round_to=args.round_to, progress=not args.no_progress,
+        **({"recalibrate": False} if args.no_recalibrate else {}),
     )
-    eval_fn = _accuracy_fn(args, device, dtype) if args.eval else None
+    eval_fn = _accuracy_fn(args, device, dtype, image_shape[-1]) if args.eval else None
     result = report.compare(model, pruned, example, eval_fn)
     out = check_output_dir(args.out)
     with open(os.path.join(out, "plan.json"), "w") as f:
@@ -81,4 +87,6 @@ def run(args) -> int:
         f.write(f"# rankprune prune: {args.model}, criterion {plan['criterion']}\n\n{text}\n")
     print(report.render(result, per_layer=False))
     print(f"wrote {out}/plan.json, {out}/pruned.pt, {out}/report.json, {out}/report.md")
+    if args.onnx:
+        print(write_onnx(pruned, example, args.onnx))
     return 0
