@@ -189,6 +189,7 @@ def _args(argv):
 
 
 def test_checkpoint_forms_and_model_sources(tmp_path):
+    pytest.importorskip("torchvision")
     from rankprune.cli.common import load_model
 
     cpu = torch.device("cpu")
@@ -330,6 +331,7 @@ def test_prune_image_folder_at_the_model_input_size(capsys, tmp_path):
 
 
 def test_bench_model_any_model_and_onnxruntime(capsys, tmp_path):
+    pytest.importorskip("torchvision")
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
     argv = ["bench", "model", "--model", "torchvision:resnet18", "--num-classes", "10", "--input-size", "32",
