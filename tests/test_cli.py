@@ -105,6 +105,9 @@ BAD_INPUT = [
     (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--no-recalibrate"], "--data"),
     (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--normalize", "imagenet"], "--data"),
     (["bench", "model", "--onnx", "--dtype", "float64", "--device", "cpu"], "--onnx"),
+    (["export", "--model", "resnet20", "--formats", "onnx,zip"], "--formats"),
+    (["export", "--model", "resnet20", "--plan", "no/such/plan.json"], "no/such/plan.json"),
+    (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--onnx", "."], "--onnx"),
 ]
 
 
@@ -275,6 +278,15 @@ def test_decompose_writes_plan_weights_report_and_onnx(capsys, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["total"]["flops"] < report["total"]["flops_dense"]
     assert (out / "report.md").read_text().startswith("# rankprune decompose: resnet20")
+    # `rankprune export` turns the saved plan and weights into a torch.export program of plain modules.
+    argv = ["export", "--model", "resnet20", "--width", "0.25", "--plan", str(out / "plan.json"), "--weights",
+            str(out / "decomposed.pt"), "--formats", "pt2", "--device", "cpu", "--out", str(tmp_path / "exp")]
+    assert cli.main(argv) == 0
+    program = torch.export.load(str(tmp_path / "exp" / "model.pt2"))
+    assert not (tmp_path / "exp" / "model.onnx").exists()
+    assert "rankprune" not in str(program.graph)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), restored(x), rtol=0, atol=1e-5)
 
 
 def _record_calls(monkeypatch, name, result):

@@ -9,7 +9,6 @@ CUDA graphs) on GPU, ``torch.utils.benchmark`` / ``perf_counter`` on CPU. Prints
 against the dense variant and writes ``<out>/<name>-<device>-<stamp>.{json,md,png}``.
 """
 import copy
-import json
 import os
 import re
 from typing import Callable, Dict, List, Tuple
@@ -19,7 +18,7 @@ from torch import nn
 
 from . import UsageError
 from .common import (add_common_options, add_model_options, build_model, check_output_dir, check_ratio,
-                     default_input_size, load_model, resolve_device, resolve_dtype, seed_everything)
+                     default_input_size, load_model, read_plan, resolve_device, resolve_dtype, seed_everything)
 
 OUT_DEFAULT = "rankprune-bench"
 MODEL_VARIANTS = ("dense", "pruned", "decomposed")
@@ -111,7 +110,7 @@ def run_model(args) -> int:
     variants = _parse_variants(args.variants, MODEL_VARIANTS)
     check_ratio("--ratio", args.ratio)
     check_ratio("--rank-ratio", args.rank_ratio, inclusive_high=True)
-    plan = _read_plan(args.plan) if args.plan is not None else None
+    plan = read_plan(args.plan) if args.plan is not None else None
     size = default_input_size(args)
     if args.onnx and (device.type != "cpu" or dtype != torch.float32):
         raise UsageError("--onnx times ONNX Runtime on the CPU: use it with --device cpu --dtype float32")
@@ -180,20 +179,6 @@ def _decomposed(dense: nn.Module, x: torch.Tensor, rank_ratio: float) -> nn.Modu
     net, _, _ = rankprune.decompose(dense, rank_ratio=rank_ratio, example_inputs=(x,), inplace=False,
                                    progress=False)
     return net
-
-
-def _read_plan(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--plan {path}: no such file")
-    try:
-        with open(path) as f:
-            plan = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--plan {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    steps = plan if isinstance(plan, list) else [plan]
-    if not steps or not all(isinstance(p, dict) and "method" in p for p in steps):
-        raise UsageError(f"--plan {path}: not a rankprune plan (a dict with a 'method' key, or a list of them)")
-    return plan
 
 
 def run_layer(args) -> int:

@@ -1,5 +1,6 @@
 """Options every working subcommand shares (``--device``, ``--dtype``, ``--seed``, ``--out``) and their checks."""
 import argparse
+import json
 import os
 import random
 from typing import Optional
@@ -145,25 +146,45 @@ def build_model(args):
     return model
 
 
+def load_weights(model, args):
+    """Load the ``--weights`` checkpoint (when given) into ``model`` with ``weights_only=True``; returns it."""
+    if not args.weights:
+        return model
+    if not os.path.isfile(args.weights):
+        raise UsageError(f"--weights {args.weights}: no such file")
+    try:
+        checkpoint = torch.load(args.weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an unpickling error: a whole pickled model, or not a torch file at all
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--weights {args.weights}: cannot be loaded with weights_only=True ({first}); "
+                         "save model.state_dict() instead of the model") from None
+    try:
+        model.load_state_dict(_state_dict_of(checkpoint, args.weights))
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        raise UsageError(f"--weights {args.weights} do not fit --model {args.model}: "
+                         f"{lines[1].strip() if len(lines) > 1 else lines[0]}") from None
+    return model
+
+
 def load_model(args, device: torch.device, dtype: torch.dtype):
     """The model of ``--model`` with the ``--weights`` (when given) on ``device`` in eval mode."""
-    model = build_model(args)
-    if args.weights:
-        if not os.path.isfile(args.weights):
-            raise UsageError(f"--weights {args.weights}: no such file")
-        try:
-            checkpoint = torch.load(args.weights, map_location="cpu", weights_only=True)
-        except Exception as exc:  # an unpickling error: a whole pickled model, or not a torch file at all
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"--weights {args.weights}: cannot be loaded with weights_only=True ({first}); "
-                             "save model.state_dict() instead of the model") from None
-        try:
-            model.load_state_dict(_state_dict_of(checkpoint, args.weights))
-        except RuntimeError as exc:
-            lines = str(exc).strip().splitlines()
-            raise UsageError(f"--weights {args.weights} do not fit --model {args.model}: "
-                             f"{lines[1].strip() if len(lines) > 1 else lines[0]}") from None
-    return model.to(device=device, dtype=dtype).eval()
+    return load_weights(build_model(args), args).to(device=device, dtype=dtype).eval()
+
+
+def read_plan(path: str):
+    """The rankprune plan (a dict with a 'method', or a list of them) in the JSON file ``path``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--plan {path}: no such file")
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--plan {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    steps = plan if isinstance(plan, list) else [plan]
+    if not steps or not all(isinstance(p, dict) and "method" in p for p in steps):
+        raise UsageError(f"--plan {path}: not a rankprune plan (a dict with a 'method' key, or a list of them)")
+    return plan
 
 
 def add_data_options(parser: argparse.ArgumentParser, default: Optional[str] = "synthetic",
