@@ -26,7 +26,7 @@ import torch
 import rankprune
 from rankprune import data, models, report
 from rankprune.benchmark import environment, write_results
-from rankprune.cli.trp import evaluate, train
+from rankprune.training import evaluate, train
 
 SCHEMES = ("channel", "spatial")
 TARGET_FLOP_REDUCTION, TARGET_MAX_DROP_POINTS = 2.0, 1.0

@@ -321,11 +321,11 @@ def test_decompose_passes_every_option_to_the_library(monkeypatch, tmp_path):
 
 
 def test_prune_no_recalibrate_reaches_the_library(monkeypatch, tmp_path):
-    calls = _record_calls(monkeypatch, "prune", ({"method": "prune", "criterion": "l1"},))
+    calls = _record_calls(monkeypatch, "prune", ({"method": "prune", "criterion": "l1", "recalibrated": True},))
     argv = ["prune", "--model", "resnet20", "--width", "0.25", "--ratio", "0.5", "--criterion", "l1",
             "--num-images", "8", "--batch-size", "4", "--no-progress", "--device", "cpu", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
-    assert "recalibrate" not in calls[-1]  # the library's default (recalibrate when given data)
+    assert calls[-1]["recalibrate"] is True
     assert cli.main(argv + ["--no-recalibrate"]) == 0
     assert calls[-1]["recalibrate"] is False
 

@@ -13,7 +13,7 @@
    with ``torch.load(..., weights_only=True)`` after ``rankprune.apply_plan``).
 
 The demo trains because it is the user here (the library's verbs never own a loop); it uses the loop of
-``rankprune trp`` (``rankprune.cli.trp.train``: SGD, cosine schedule, TRP's two calls around the step).
+``rankprune trp`` (``rankprune.training.train``: SGD, cosine schedule, TRP's two calls around the step).
 """
 import copy
 import dataclasses
@@ -108,7 +108,7 @@ class _Stages:
 
 
 def _finetune(model: nn.Module, loader, config: DemoConfig, device: torch.device, desc: str) -> None:
-    from rankprune.cli.trp import train
+    from rankprune.training import train
 
     if config.finetune_epochs:
         train(model, loader, config.finetune_epochs, config.finetune_lr, device, weight_decay=_WEIGHT_DECAY,
@@ -124,7 +124,7 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
     (what ``results.json`` holds). Raises ValueError for settings out of range."""
     import rankprune
     from rankprune import data, models, report
-    from rankprune.cli.trp import evaluate, train
+    from rankprune.training import evaluate, train
 
     config.check()
     device = torch.device(config.device)

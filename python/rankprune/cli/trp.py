@@ -5,8 +5,8 @@ Writes ``<out>/model.pt`` (the decomposed model's state_dict; rebuild it with
 ``<out>/plan.json``, ``<out>/trp_state.json`` (the pruner's state) and ``<out>/report.json`` /
 ``report.md`` (accuracy of the projected and of the decomposed model, FLOPs, parameters, ranks per layer).
 
-The training loop here is also the reference for using :class:`rankprune.trp.TrainedRankPruner` in one's
-own loop (see :func:`train`).
+The training loop is :func:`rankprune.training.train`, also the reference for using
+:class:`rankprune.trp.TrainedRankPruner` in one's own loop.
 """
 import json
 import os
@@ -14,7 +14,6 @@ import time
 from typing import Dict
 
 import torch
-from torch import nn
 
 OUT_DEFAULT = "rankprune-trp"
 
@@ -49,50 +48,10 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def train(model: nn.Module, loader, epochs: int, lr: float, device: torch.device, *, pruner=None,
-          weight_decay: float = 1e-4, amp: bool = False, dtype: torch.dtype = torch.float32,
-          progress: bool = True, desc: str = "train") -> nn.Module:
-    """SGD (momentum 0.9) with a cosine learning rate over ``epochs``; with ``pruner`` (a
-    ``TrainedRankPruner`` on ``model``), TRP's two calls sit around ``optimizer.step()``. ``amp`` trains with
-    float16 autocast and a ``GradScaler`` (CUDA), adding the regulariser in the scaled domain."""
-    from tqdm.auto import tqdm
-
-    model.to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    for epoch in range(epochs):
-        for x, y in tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not progress, unit="batch"):
-            x, y = x.to(device, dtype, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if pruner is not None:
-                # the gradients are still scaled by the GradScaler: add the regulariser scaled alike
-                pruner.regularize(grad_scale=scaler.get_scale() if amp else 1.0)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if pruner is not None:
-                pruner.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """Top-1 accuracy (a fraction) of ``model`` over ``loader``; the model is left in eval mode."""
-    model.to(device).eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += int((model(x.to(device, dtype)).argmax(1) == y.to(device)).sum())
-        total += y.numel()
-    return correct / max(total, 1)
-
-
 def run(args) -> int:
     import rankprune
     from rankprune import data, models, report
+    from rankprune.training import evaluate, train
 
     from . import UsageError
     from .common import check_output_dir, resolve_device, resolve_dtype, seed_everything

@@ -9,6 +9,7 @@ from typing import Callable, Dict, List
 
 from torch import nn
 
+from .concatnet import ConcatNet, concatnet
 from .mobilenetv2 import MobileNetV2, mobilenetv2
 from .resnet50 import ResNet50, resnet50
 from .resnet_cifar import CifarResNet, resnet20, resnet56
@@ -20,6 +21,7 @@ _BUILTIN: Dict[str, Callable[..., nn.Module]] = {
     "vgg16": vgg16,
     "mobilenetv2": mobilenetv2,
     "resnet50": resnet50,
+    "concatnet": concatnet,
 }
 
 # Input shape (C, H, W) each built-in model expects.
@@ -81,8 +83,10 @@ __all__ = [
     "vgg16",
     "mobilenetv2",
     "resnet50",
+    "concatnet",
     "CifarResNet",
     "VGG",
     "MobileNetV2",
     "ResNet50",
+    "ConcatNet",
 ]
