@@ -78,8 +78,10 @@ def check_output_dir(path: str) -> str:
 
 def add_model_options(parser: argparse.ArgumentParser, default: Optional[str] = None) -> None:
     """Add ``--model``, ``--weights``, ``--num-classes``, ``--width`` and ``--input-size`` to ``parser``."""
+    from rankprune import models
+
     parser.add_argument("--model", required=default is None, default=default,
-                        help="a built-in name (resnet20, resnet56, vgg16, mobilenetv2, resnet50), "
+                        help=f"a built-in name ({', '.join(models.available())}), "
                              "torchvision:NAME (e.g. torchvision:resnet50), timm:NAME (needs timm) or "
                              "module:factory (a function returning an nn.Module)"
                              + (f" (default {default})" if default else ""))
