@@ -242,6 +242,16 @@ def test_image_folder_input_size_and_normalisation(tmp_path):
         assert y.tolist() == [0, 1]
 
 
+def test_dataset_normalisation_values_are_checked():
+    from rankprune import data
+
+    images, labels = torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2)
+    with pytest.raises(ValueError, match="1 or 3 values"):
+        data.ImageTensorDataset(images, labels, mean=(0.1, 0.2))
+    with pytest.raises(ValueError, match="positive"):
+        data.ImageTensorDataset(images, labels, std=(1.0, 0.0, 1.0))
+
+
 def test_tensor_file_keeps_its_size_and_float_data_is_not_normalised(capsys, tmp_path):
     from rankprune.cli.common import default_input_size, load_data
 
