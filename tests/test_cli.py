@@ -102,6 +102,8 @@ BAD_INPUT = [
     (["decompose", "--model", "no_such_model", "--energy", "0.9"], "no_such_model"),
     (["decompose", "--model", "resnet20", "--energy", "1.5"], "--energy"),
     (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--min-rank", "0"], "--min-rank"),
+    (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--min-rank", "1.5"], "--min-rank"),
+    (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--rank-multiple", "0"], "--rank-multiple"),
     (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--no-recalibrate"], "--data"),
     (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--normalize", "imagenet"], "--data"),
     (["bench", "model", "--onnx", "--dtype", "float64", "--device", "cpu"], "--onnx"),
@@ -299,6 +301,20 @@ def test_decompose_writes_plan_weights_report_and_onnx(capsys, tmp_path):
         torch.testing.assert_close(program.module()(x), restored(x), rtol=0, atol=1e-5)
 
 
+def test_decompose_data_aware_end_to_end(capsys, tmp_path):
+    out = tmp_path / "dec"
+    argv = ["decompose", "--model", "resnet20", "--width", "0.25", "--target-flops", "0.7", "--data", "synthetic",
+            "--num-images", "32", "--batch-size", "16", "--min-rank", "2", "--rank-multiple", "2", "--no-progress",
+            "--device", "cpu", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert "data: synthetic, 32 images 32x32, normalised builtin" in capsys.readouterr().out
+    plan = json.loads((out / "plan.json").read_text())
+    ranks = [layer["rank"] for layer in plan["layers"].values()]
+    assert ranks and all(r >= 2 and r % 2 == 0 for r in ranks)
+    report = json.loads((out / "report.json").read_text())
+    assert report["total"]["flops"] <= 0.7 * report["total"]["flops_dense"] * 1.05
+
+
 def _record_calls(monkeypatch, name, result):
     calls = []
 
@@ -325,6 +341,8 @@ def test_decompose_passes_every_option_to_the_library(monkeypatch, tmp_path):
     assert kwargs.pop("example_inputs")[0].shape == (1, 3, 32, 32)
     assert kwargs == {"target_flops": 0.6, "scheme": "spatial", "include": ["layer1.*", "layer2.*"],
                       "exclude": ["fc"], "min_rank": 4, "rank_multiple": 8, "recalibrate": False, "progress": False}
+    assert cli.main(argv[:-2] + ["--min-rank", "0.5", "--out", str(tmp_path)]) == 0
+    assert calls[-1]["min_rank"] == 0.5 and isinstance(calls[-1]["min_rank"], float)
     # Without --data: data-free, and the library's own defaults for what was not given.
     assert cli.main(argv[:argv.index("--data")] + ["--device", "cpu", "--out", str(tmp_path)]) == 0
     assert "data" not in calls[-1] and "recalibrate" not in calls[-1]

@@ -33,8 +33,11 @@ def register(sub) -> None:
                    help="only layers whose name matches this fnmatch pattern, e.g. 'layer3.*' (repeatable)")
     p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="leave layers whose name matches this pattern dense, e.g. fc (repeatable)")
-    p.add_argument("--min-rank", type=int, help="no layer below this rank (default: the library's)")
-    p.add_argument("--rank-multiple", type=int, help="ranks rounded to a multiple of this (default: the library's)")
+    p.add_argument("--min-rank", type=_int_or_fraction,
+                   help="no layer below this rank: an int >= 1, or a fraction of each layer's full rank in (0, 1] "
+                        "such as 0.25 (default: the library's, rankprune.lowrank.DEFAULT_MIN_RANK)")
+    p.add_argument("--rank-multiple", type=int,
+                   help="ranks rounded up to a multiple of this, e.g. 8 for tensor cores (default 1)")
     add_data_options(p, default=None, data_help="calibration data for data-aware decomposition: 'synthetic', a "
                                                 "folder of images or a .pt tensor file (default: none, data-free "
                                                 "weight SVD)")
@@ -46,6 +49,11 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _int_or_fraction(text: str):
+    """``--min-rank`` as an int (a rank) or, with a decimal point, a float (a fraction of the full rank)."""
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
 def _decompose_kwargs(args, loader):
     """Keyword arguments of ``rankprune.decompose`` for the options given (library defaults otherwise)."""
     kwargs = {"scheme": args.scheme, "include": args.include, "exclude": args.exclude,
@@ -54,12 +62,15 @@ def _decompose_kwargs(args, loader):
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = check_ratio(f"--{name.replace('_', '-')}", value, inclusive_high=True)
-    for name in ("min_rank", "rank_multiple"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-            kwargs[name] = value
+    if args.min_rank is not None:
+        if isinstance(args.min_rank, float) and not 0 < args.min_rank <= 1 or args.min_rank < 1 and isinstance(
+                args.min_rank, int):
+            raise UsageError(f"--min-rank must be an int >= 1 or a fraction in (0, 1], got {args.min_rank}")
+        kwargs["min_rank"] = args.min_rank
+    if args.rank_multiple is not None:
+        if args.rank_multiple < 1:
+            raise UsageError(f"--rank-multiple must be >= 1, got {args.rank_multiple}")
+        kwargs["rank_multiple"] = args.rank_multiple
     if loader is not None:
         kwargs["data"] = loader
         if args.no_recalibrate:
