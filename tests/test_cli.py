@@ -1,11 +1,15 @@
 """The command line's conventions, for every subcommand: ``--help`` works, the working subcommands take
 ``--device/--dtype/--seed/--out``, and bad input gives a non-zero exit code and a one-line error."""
 import argparse
+import importlib.util
 import json
 import os
 
 import pytest
 
+import torch
+
+import rankprune
 from rankprune import cli
 
 
@@ -86,6 +90,26 @@ BAD_INPUT = [
     (["prune", "--model", "resnet20", "--ratio", "0.5", "--scores", "no/such/scores.pt"], "no/such/scores.pt"),
     (["trp", "--model", "no_such_model"], "no_such_model"),
     (["trp", "--energy", "1.5"], "--energy"),
+    (["score", "--model", "timm:resnet18"] if importlib.util.find_spec("timm") is None else
+     (["score", "--model", "timm:no_such_timm_model"]), "timm"),
+    (["score", "--model", "torchvision:resnet18", "--width", "0.5"], "--width"),
+    (["score", "--model", "resnet20", "--input-size", "4"], "--input-size"),
+    (["score", "--model", "resnet20", "--mean", "0.5"], "--std"),
+    (["score", "--model", "resnet20", "--mean", "0.5", "--std", "0.2", "--normalize", "imagenet"], "--normalize"),
+    (["score", "--model", "resnet20", "--mean", "a,b", "--std", "1"], "--mean"),
+    (["score", "--model", "resnet20", "--mean", "0.5", "--std", "0"], "--std"),
+    (["prune", "--model", "resnet20", "--ratio", "0.5", "--data", "no/such/folder"], "no/such/folder"),
+    (["decompose", "--model", "no_such_model", "--energy", "0.9"], "no_such_model"),
+    (["decompose", "--model", "resnet20", "--energy", "1.5"], "--energy"),
+    (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--min-rank", "0"], "--min-rank"),
+    (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--min-rank", "1.5"], "--min-rank"),
+    (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--rank-multiple", "0"], "--rank-multiple"),
+    (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--no-recalibrate"], "--data"),
+    (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--normalize", "imagenet"], "--data"),
+    (["bench", "model", "--onnx", "--dtype", "float64", "--device", "cpu"], "--onnx"),
+    (["export", "--model", "resnet20", "--formats", "onnx,zip"], "--formats"),
+    (["export", "--model", "resnet20", "--plan", "no/such/plan.json"], "no/such/plan.json"),
+    (["decompose", "--model", "resnet20", "--rank-ratio", "0.5", "--onnx", "."], "--onnx"),
 ]
 
 
@@ -144,3 +168,218 @@ def test_bench_model_writes_results(capsys, tmp_path):
     assert set(rows) == {"dense", "pruned", "decomposed"}
     assert rows["pruned"]["flops"] < rows["dense"]["flops"]
     assert rows["decomposed"]["flops"] < rows["dense"]["flops"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"rankprune {rankprune.__version__} (torch {torch.__version__})"
+
+
+def test_bad_checkpoints(capsys, tmp_path):
+    whole = tmp_path / "whole_model.pt"
+    torch.save(torch.nn.Linear(2, 2), whole)  # a pickled module: refused by weights_only=True
+    line = _error_line(capsys, ["score", "--model", "resnet20", "--weights", str(whole), "--out", str(tmp_path)])
+    assert "weights_only=True" in line and "state_dict" in line
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"conv1.weight": torch.zeros(1)}, wrong)
+    assert "do not fit" in _error_line(capsys, ["score", "--model", "resnet20", "--weights", str(wrong), "--out",
+                                                str(tmp_path)])
+
+
+def _args(argv):
+    """Parsed ``score`` options (model and data) for the loaders of ``rankprune.cli.common``."""
+    return cli.build_parser().parse_args(["score"] + argv)
+
+
+def test_checkpoint_forms_and_model_sources(tmp_path):
+    pytest.importorskip("torchvision")
+    from rankprune.cli.common import load_model
+
+    cpu = torch.device("cpu")
+    reference = load_model(_args(["--model", "torchvision:resnet18"]), cpu, torch.float32)
+    assert reference.fc.out_features == 1000  # torchvision's own default class count
+    state = reference.state_dict()
+    x = torch.randn(1, 3, 32, 32)
+    for i, checkpoint in enumerate([state, {"state_dict": state, "epoch": 3},
+                                    {"model": {f"module.{k}": v for k, v in state.items()}}]):
+        path = tmp_path / f"ckpt{i}.pt"
+        torch.save(checkpoint, path)
+        model = load_model(_args(["--model", "torchvision:resnet18", "--weights", str(path)]), cpu, torch.float32)
+        assert not model.training
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    factory = load_model(_args(["--model", "rankprune.models:resnet20", "--num-classes", "7"]), cpu, torch.float32)
+    assert factory(x).shape == (1, 7)
+
+
+def _image_folder(root, size=(40, 30), colour=(255, 0, 51)):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        os.makedirs(root / cls)
+        Image.new("RGB", size, colour).save(root / cls / "img.png")
+    return root
+
+
+def test_image_folder_input_size_and_normalisation(tmp_path):
+    from rankprune.cli.common import default_input_size, load_data
+
+    folder = str(_image_folder(tmp_path / "images"))
+    pixel = torch.tensor([255, 0, 51]) / 255.0
+    cases = [
+        (["--model", "torchvision:resnet18"], 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet"),
+        (["--model", "resnet20"], 32, (0.5,) * 3, (0.25,) * 3, "builtin"),
+        (["--model", "resnet20", "--input-size", "48", "--normalize", "none"], 48, (0.0,) * 3, (1.0,) * 3, "none"),
+        (["--model", "resnet20", "--mean", "0.1,0.2,0.3", "--std", "0.5"], 32, (0.1, 0.2, 0.3), (0.5,) * 3, "custom"),
+    ]
+    for argv, size, mean, std, name in cases:
+        args = _args(argv + ["--data", folder])
+        loader, shape, description = load_data(args, default_input_size(args))
+        assert shape == (3, size, size)
+        assert f"2 images {size}x{size}" in description and f"normalised {name}" in description
+        x, y = next(iter(loader))
+        want = (pixel - torch.tensor(mean)) / torch.tensor(std)
+        torch.testing.assert_close(x, want.view(1, 3, 1, 1).expand(2, 3, size, size), rtol=0, atol=1e-6)
+        assert y.tolist() == [0, 1]
+
+
+def test_dataset_normalisation_values_are_checked():
+    from rankprune import data
+
+    images, labels = torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2)
+    with pytest.raises(ValueError, match="1 or 3 values"):
+        data.ImageTensorDataset(images, labels, mean=(0.1, 0.2))
+    with pytest.raises(ValueError, match="positive"):
+        data.ImageTensorDataset(images, labels, std=(1.0, 0.0, 1.0))
+
+
+def test_tensor_file_keeps_its_size_and_float_data_is_not_normalised(capsys, tmp_path):
+    from rankprune.cli.common import default_input_size, load_data
+
+    path = tmp_path / "x.pt"
+    images = torch.randn(4, 3, 20, 20)
+    torch.save(images, path)
+    args = _args(["--model", "resnet20", "--data", str(path)])
+    loader, shape, description = load_data(args, default_input_size(args))
+    assert shape == (3, 20, 20) and "no normalisation" in description
+    torch.testing.assert_close(next(iter(loader))[0], images, rtol=0, atol=0)
+    argv = ["score", "--model", "resnet20", "--data", str(path), "--out", str(tmp_path / "o")]
+    assert "--input-size 32" in _error_line(capsys, argv + ["--input-size", "32"])
+    assert "8-bit" in _error_line(capsys, argv + ["--normalize", "imagenet"])
+
+
+def test_decompose_writes_plan_weights_report_and_onnx(capsys, tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    out, onnx_path = tmp_path / "dec", tmp_path / "onnx" / "model.onnx"
+    argv = ["decompose", "--model", "resnet20", "--width", "0.25", "--rank-ratio", "0.5", "--exclude", "fc",
+            "--no-progress", "--device", "cpu", "--out", str(out), "--onnx", str(onnx_path)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| layer1.0.conv1 | conv2d | channel | 2 / 4 |" in text
+    assert "ONNX Runtime vs PyTorch" in text
+    plan = json.loads((out / "plan.json").read_text())
+    assert "fc" not in plan["layers"] and plan["layers"]["conv1"]["rank"] == 2
+    # The plan and the weights rebuild the model; the ONNX file computes what it computes.
+    restored = rankprune.apply_plan(rankprune.models.build("resnet20", width=0.25), plan)
+    restored.load_state_dict(torch.load(out / "decomposed.pt", weights_only=True))
+    restored.eval()
+    x = torch.randn(3, 3, 32, 32)  # another batch size than the export's: the batch dimension is dynamic
+    assert rankprune.export.onnx_max_abs_diff(str(onnx_path), restored, (x,)) < 1e-4
+    report = json.loads((out / "report.json").read_text())
+    assert report["total"]["flops"] < report["total"]["flops_dense"]
+    assert (out / "report.md").read_text().startswith("# rankprune decompose: resnet20")
+    # `rankprune export` turns the saved plan and weights into a torch.export program of plain modules.
+    argv = ["export", "--model", "resnet20", "--width", "0.25", "--plan", str(out / "plan.json"), "--weights",
+            str(out / "decomposed.pt"), "--formats", "pt2", "--device", "cpu", "--out", str(tmp_path / "exp")]
+    assert cli.main(argv) == 0
+    program = torch.export.load(str(tmp_path / "exp" / "model.pt2"))
+    assert not (tmp_path / "exp" / "model.onnx").exists()
+    assert "rankprune" not in str(program.graph)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), restored(x), rtol=0, atol=1e-5)
+
+
+def test_decompose_data_aware_end_to_end(capsys, tmp_path):
+    out = tmp_path / "dec"
+    argv = ["decompose", "--model", "resnet20", "--width", "0.25", "--target-flops", "0.7", "--data", "synthetic",
+            "--num-images", "32", "--batch-size", "16", "--min-rank", "2", "--rank-multiple", "2", "--no-progress",
+            "--device", "cpu", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert "data: synthetic, 32 images 32x32, normalised builtin" in capsys.readouterr().out
+    plan = json.loads((out / "plan.json").read_text())
+    ranks = [layer["rank"] for layer in plan["layers"].values()]
+    assert ranks and all(r >= 2 and r % 2 == 0 for r in ranks)
+    report = json.loads((out / "report.json").read_text())
+    assert report["total"]["flops"] <= 0.7 * report["total"]["flops_dense"] * 1.05
+
+
+def _record_calls(monkeypatch, name, result):
+    calls = []
+
+    def fake(model, *args, **kwargs):
+        calls.append(kwargs)
+        return (model, *result)
+
+    monkeypatch.setattr(rankprune, name, fake)
+    return calls
+
+
+def test_decompose_passes_every_option_to_the_library(monkeypatch, tmp_path):
+    report = {"layers": {}, "skipped": {"fc": "excluded"},
+              "total": {"params_dense": 2, "params": 1, "flops_dense": 2, "flops": 1, "output_rel_error": 0.1}}
+    calls = _record_calls(monkeypatch, "decompose", ({"method": "decompose", "version": 1, "layers": {}}, report))
+    argv = ["decompose", "--model", "resnet20", "--width", "0.25", "--target-flops", "0.6", "--scheme", "spatial",
+            "--include", "layer1.*", "--include", "layer2.*", "--exclude", "fc", "--min-rank", "4",
+            "--rank-multiple", "8", "--data", "synthetic", "--num-images", "8", "--batch-size", "4",
+            "--no-recalibrate", "--no-progress", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    (kwargs,) = calls
+    batches = list(kwargs.pop("data"))
+    assert len(batches) == 2 and batches[0][0].shape == (4, 3, 32, 32)
+    assert kwargs.pop("example_inputs")[0].shape == (1, 3, 32, 32)
+    assert kwargs == {"target_flops": 0.6, "scheme": "spatial", "include": ["layer1.*", "layer2.*"],
+                      "exclude": ["fc"], "min_rank": 4, "rank_multiple": 8, "recalibrate": False, "progress": False}
+    assert cli.main(argv[:-2] + ["--min-rank", "0.5", "--out", str(tmp_path)]) == 0
+    assert calls[-1]["min_rank"] == 0.5 and isinstance(calls[-1]["min_rank"], float)
+    # Without --data: data-free, and the library's own defaults for what was not given.
+    assert cli.main(argv[:argv.index("--data")] + ["--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert "data" not in calls[-1] and "recalibrate" not in calls[-1]
+
+
+def test_prune_no_recalibrate_reaches_the_library(monkeypatch, tmp_path):
+    calls = _record_calls(monkeypatch, "prune", ({"method": "prune", "criterion": "l1", "recalibrated": True},))
+    argv = ["prune", "--model", "resnet20", "--width", "0.25", "--ratio", "0.5", "--criterion", "l1",
+            "--num-images", "8", "--batch-size", "4", "--no-progress", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert calls[-1]["recalibrate"] is True
+    assert cli.main(argv + ["--no-recalibrate"]) == 0
+    assert calls[-1]["recalibrate"] is False
+
+
+def test_prune_image_folder_at_the_model_input_size(capsys, tmp_path):
+    folder = _image_folder(tmp_path / "images")
+    argv = ["prune", "--model", "resnet20", "--width", "0.25", "--ratio", "0.5", "--criterion", "l1", "--data",
+            str(folder), "--input-size", "40", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 images 40x40, normalised builtin (mean 0.5, 0.5, 0.5; std 0.25, 0.25, 0.25)" in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    dense_at_40 = rankprune.report.count_flops(rankprune.models.build("resnet20", width=0.25), torch.zeros(1, 3, 40, 40))
+    assert report["before"]["flops"] == dense_at_40
+
+
+def test_bench_model_any_model_and_onnxruntime(capsys, tmp_path):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    argv = ["bench", "model", "--model", "torchvision:resnet18", "--num-classes", "10", "--input-size", "32",
+            "--variants", "dense", "--onnx", "--warmup", "1", "--repeats", "2", "--device", "cpu", "--out",
+            str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert "torchvision:resnet18, batch 1, 32x32" in capsys.readouterr().out
+    payload = json.loads(next(p for p in tmp_path.iterdir() if p.suffix == ".json").read_text())
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == {"dense", "dense (onnxruntime)"}
+    assert rows["dense (onnxruntime)"]["flops"] == rows["dense"]["flops"] > 0

@@ -54,6 +54,7 @@ TINY = {
     "rankprune trp": "--epochs 1 --train-size 64 --test-size 64 --batch-size 32 --no-progress",
     "rankprune score": "--num-images 16 --batch-size 8 --no-progress",
     "rankprune prune": "--num-images 16 --batch-size 8 --no-progress",
+    "rankprune decompose": "--num-images 16 --batch-size 8 --no-progress",
     "python benchmarks/run_all.py": "--dry-run",
 }
 TIMEOUT_S = 600

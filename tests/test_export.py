@@ -131,6 +131,12 @@ def test_export_onnx_rejects_bad_arguments(tmp_path):
         rankprune.export_onnx(_layer_zoo(), [torch.randn(1, 3, 8, 8)], str(tmp_path / "f.onnx"))
 
 
+def test_export_onnx_warns_about_training_mode(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: None)  # only the check before exporting
+    with pytest.warns(UserWarning, match="training mode"):
+        rankprune.export_onnx(_LayerZoo().train(), torch.randn(1, 3, 8, 8), str(tmp_path / "f.onnx"), dynamo=False)
+
+
 def test_translation_table_names_the_op():
     table = rankprune.onnx_translation_table()
     assert list(table) == [torch.ops.rankprune.lowrank_conv2d.default]

@@ -26,28 +26,52 @@ _MEAN, _STD = 0.5, 0.25
 _SPLIT_OFFSET = {"train": 0, "test": 1_000_003}
 
 
+# Normalisations by name (mean, std per RGB channel, on images scaled to [0, 1]): the built-in set's, the
+# ImageNet statistics torchvision and timm models are trained with, and none (just the scaling).
+NORMALIZATIONS = {
+    "builtin": ((_MEAN,) * 3, (_STD,) * 3),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": ((0.0,) * 3, (1.0,) * 3),
+}
+
+
+def _channel_values(value: Union[float, Sequence[float]], name: str, channels: int) -> Tensor:
+    """``value`` (one number, or one per channel) as a float32 tensor ``[C, 1, 1]`` that broadcasts over images."""
+    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise ValueError(f"{name} needs 1 or {channels} values (one per channel), got {len(values)}")
+    return torch.tensor(values, dtype=torch.float32).view(channels, 1, 1)
+
+
 class ImageTensorDataset(Dataset):
     """Images ``[N, C, H, W]`` (uint8 0..255 or float) with int64 labels ``[N]``.
 
-    ``dataset[i]`` gives ``(image, label)`` as float32 normalised ``(x/255 - 0.5) / 0.25`` for uint8 storage
-    (float storage is served as is). ``dataset[list_of_indices]`` gives a whole batch at once, which the
-    loaders of :func:`loaders` use to avoid per-image collation.
+    ``dataset[i]`` gives ``(image, label)`` as float32; uint8 storage is normalised ``(x/255 - mean) / std``
+    (``mean``/``std``: one number or one per channel; default 0.5 and 0.25, the built-in set's), float
+    storage is served as is. ``dataset[list_of_indices]`` gives a whole batch at once, which the loaders of
+    :func:`loaders` use to avoid per-image collation.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor):
+    def __init__(self, images: Tensor, labels: Tensor, mean: Union[float, Sequence[float]] = _MEAN,
+                 std: Union[float, Sequence[float]] = _STD):
         if images.dim() != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
         if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
             raise ValueError(f"labels must be [N] with N={images.shape[0]}, got shape {tuple(labels.shape)}")
         self.images = images
         self.labels = labels.long()
+        self.mean, self.std = _channel_values(mean, "mean", images.shape[1]), _channel_values(std, "std", images.shape[1])
+        if (self.std <= 0).any():
+            raise ValueError(f"std must be positive, got {std!r}")
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def _convert(self, x: Tensor) -> Tensor:
         if x.dtype == torch.uint8:
-            return (x.float() / 255.0 - _MEAN) / _STD
+            return (x.float() / 255.0 - self.mean) / self.std
         return x.float()
 
     def __getitem__(self, idx: Union[int, Sequence[int], Tensor]) -> Tuple[Tensor, Tensor]:
@@ -248,13 +272,17 @@ def tensor_file(path: str) -> ImageTensorDataset:
     return ImageTensorDataset(images, torch.as_tensor(labels))
 
 
-def load(spec: str, split: str = "train", n: Optional[int] = None, seed: int = 0) -> ImageTensorDataset:
+def load(spec: str, split: str = "train", n: Optional[int] = None, seed: int = 0, size: Optional[int] = None,
+         mean: Union[float, Sequence[float]] = _MEAN, std: Union[float, Sequence[float]] = _STD) -> ImageTensorDataset:
     """Data by description, as the command line takes it: ``"synthetic"`` (the built-in set), a folder of
-    images, or a ``.pt`` file."""
+    images, or a ``.pt`` file. ``size``: the built-in set is drawn and a folder's images are resized to
+    ``size x size`` (default 32; a ``.pt`` file keeps its size); ``mean``/``std`` normalise uint8 images."""
     if spec in ("synthetic", "builtin", "synthetic_cifar"):
-        return synthetic_cifar(split, n, seed)
-    if spec.endswith(".pt") or spec.endswith(".pth"):
-        return tensor_file(spec)
-    if os.path.isdir(spec):
-        return image_folder(spec)
-    raise ValueError(f"data {spec!r}: expected 'synthetic', a folder of images, or a .pt file (not found)")
+        dataset = synthetic_cifar(split, n, seed, size=size or 32)
+    elif spec.endswith(".pt") or spec.endswith(".pth"):
+        dataset = tensor_file(spec)
+    elif os.path.isdir(spec):
+        dataset = image_folder(spec, size=size or 32)
+    else:
+        raise ValueError(f"data {spec!r}: expected 'synthetic', a folder of images, or a .pt file (not found)")
+    return ImageTensorDataset(dataset.images, dataset.labels, mean, std)

@@ -108,10 +108,14 @@ def export_onnx(model: nn.Module, args: Any, path: str, **export_kwargs):
     ``torch.onnx.export``). With ``dynamo=True`` (the default) :func:`onnx_translation_table` is merged under
     any ``custom_translation_table`` you pass; with ``dynamo=False`` :func:`register_onnx_symbolic` is called
     first. Put the model in ``eval()`` mode first, as for any inference export. The exported file uses only
-    standard ONNX operators; :func:`to_plain` gives the same graph from plain modules.
+    standard ONNX operators; :func:`to_plain` gives the same graph from plain modules. A model in training mode
+    is exported as it is (BatchNorm on batch statistics, dropout active), with a warning.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
+    if model.training:
+        warnings.warn("export_onnx: the model is in training mode (BatchNorm uses batch statistics, dropout is "
+                      "active); call model.eval() first to export it for inference", stacklevel=2)
     if isinstance(args, torch.Tensor):
         args = (args,)
     if not isinstance(args, tuple):

@@ -10,11 +10,19 @@ import sys
 from typing import List, Optional
 
 # Subcommand modules, in the order `rankprune --help` lists them.
-SUBCOMMANDS = ["info", "demo", "score", "prune", "trp", "bench"]
+SUBCOMMANDS = ["info", "demo", "score", "prune", "decompose", "export", "trp", "bench"]
 
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs; printed without a traceback."""
+
+
+def _version() -> str:
+    import torch
+
+    from rankprune import __version__
+
+    return f"rankprune {__version__} (torch {torch.__version__})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rankprune",
         description="Compress PyTorch networks by energy and rank (energy-aware pruning, TRP, low-rank layers).",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"rankprune.cli.{name}").register(sub)

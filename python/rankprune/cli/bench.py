@@ -9,7 +9,6 @@ CUDA graphs) on GPU, ``torch.utils.benchmark`` / ``perf_counter`` on CPU. Prints
 against the dense variant and writes ``<out>/<name>-<device>-<stamp>.{json,md,png}``.
 """
 import copy
-import json
 import os
 import re
 from typing import Callable, Dict, List, Tuple
@@ -18,7 +17,8 @@ import torch
 from torch import nn
 
 from . import UsageError
-from .common import add_common_options, check_output_dir, check_ratio, resolve_device, resolve_dtype, seed_everything
+from .common import (add_common_options, add_model_options, build_model, check_output_dir, check_ratio,
+                     default_input_size, load_model, read_plan, resolve_device, resolve_dtype, seed_everything)
 
 OUT_DEFAULT = "rankprune-bench"
 MODEL_VARIANTS = ("dense", "pruned", "decomposed")
@@ -32,13 +32,12 @@ def register(sub) -> None:
                                    "(median and p10-p90 of many timed runs after warm-up).")
     kinds = p.add_subparsers(dest="target", metavar="TARGET", required=True)
 
-    m = kinds.add_parser("model", help="time a built-in network dense, pruned and decomposed (or with a plan)",
-                         description="Time a built-in network: dense, channel-pruned (--ratio) and low-rank "
-                                     "decomposed (--rank-ratio), or dense against a saved plan (--plan).")
-    m.add_argument("--model", default="resnet20", help="built-in model name (see rankprune.models; default resnet20)")
-    m.add_argument("--width", type=float, default=1.0, help="channel width multiplier of the model (default 1.0)")
-    m.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
-    m.add_argument("--input-size", type=int, default=32, help="input height = width in pixels (default 32)")
+    m = kinds.add_parser("model", help="time a network dense, pruned and decomposed (or with a plan)",
+                         description="Time a network (built-in, torchvision, timm or module:factory): dense, "
+                                     "channel-pruned (--ratio) and low-rank decomposed (--rank-ratio), or dense "
+                                     "against a saved plan (--plan); with --onnx each also as an ONNX file run "
+                                     "by ONNX Runtime on the CPU.")
+    add_model_options(m, default="resnet20")
     m.add_argument("--variants", default=",".join(MODEL_VARIANTS),
                    help=f"comma-separated subset of {','.join(MODEL_VARIANTS)} (default: all)")
     m.add_argument("--ratio", type=float, default=0.5,
@@ -47,6 +46,9 @@ def register(sub) -> None:
                    help="decomposed variant: rank as a fraction of each layer's full rank, in (0, 1] (default 0.25)")
     m.add_argument("--plan", help="a plan JSON (from rankprune prune/decompose/trp --out or the demo) to time "
                                   "against the dense model instead of the pruned/decomposed variants")
+    m.add_argument("--onnx", action="store_true",
+                   help="also export each variant to ONNX and time it in ONNX Runtime (CPU, float32, as many "
+                        "threads as PyTorch uses; needs onnx, onnxscript and onnxruntime)")
     _add_timing_options(m)
     m.set_defaults(run=run_model)
 
@@ -108,22 +110,19 @@ def run_model(args) -> int:
     variants = _parse_variants(args.variants, MODEL_VARIANTS)
     check_ratio("--ratio", args.ratio)
     check_ratio("--rank-ratio", args.rank_ratio, inclusive_high=True)
-    plan = _read_plan(args.plan) if args.plan is not None else None
-    if args.input_size < 8:
-        raise UsageError(f"--input-size must be >= 8, got {args.input_size}")
+    plan = read_plan(args.plan) if args.plan is not None else None
+    size = default_input_size(args)
+    if args.onnx and (device.type != "cpu" or dtype != torch.float32):
+        raise UsageError("--onnx times ONNX Runtime on the CPU: use it with --device cpu --dtype float32")
     check_output_dir(args.out)
     import rankprune
-    from rankprune import models, report
+    from rankprune import report
 
-
-    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
-    if not 0 < args.width <= 4:
-        raise UsageError(f"--width must be in (0, 4], got {args.width}")
-    dense = models.build(args.model, num_classes=args.num_classes, width=args.width).eval()
+    x = torch.randn(args.batch_size, 3, size, size)
+    dense = load_model(args, torch.device("cpu"), torch.float32)
     built: Dict[str, Callable[[], nn.Module]] = {"dense": lambda: dense}
     if args.plan is not None:
-        built["plan"] = lambda: rankprune.apply_plan(
-            models.build(args.model, num_classes=args.num_classes, width=args.width), plan)
+        built["plan"] = lambda: rankprune.apply_plan(build_model(args), plan)
     else:
         if "pruned" in variants:
             built["pruned"] = lambda: _pruned(dense, x, args.ratio)
@@ -138,9 +137,32 @@ def run_model(args) -> int:
         stats = report.model_stats(net, (x,))
         net = net.to(device=device, dtype=dtype)
         rows.append(_timed_row(name, net, x.to(device=device, dtype=dtype), stats, device, args))
-    config = {"model": args.model, "width": args.width, "batch_size": args.batch_size, "input_size": args.input_size,
-              "ratio": args.ratio, "rank_ratio": args.rank_ratio, "plan": args.plan}
-    return _finish(args.name or "bench-model", f"{args.model}, batch {args.batch_size}", rows, config, device, args)
+        if args.onnx:  # the net is on the CPU in float32 (checked above)
+            rows.append(_onnx_row(f"{name} (onnxruntime)", net, x, stats, args))
+    config = {"model": args.model, "width": args.width, "weights": args.weights, "batch_size": args.batch_size,
+              "input_size": size, "ratio": args.ratio, "rank_ratio": args.rank_ratio, "plan": args.plan,
+              "onnx": args.onnx}
+    return _finish(args.name or "bench-model", f"{args.model}, batch {args.batch_size}, {size}x{size}", rows,
+                   config, device, args)
+
+
+def _onnx_row(name: str, net: nn.Module, x: torch.Tensor, stats: Dict[str, object], args) -> Dict[str, object]:
+    """Export ``net`` to a temporary ONNX file and time an ONNX Runtime CPU session on ``x``."""
+    import tempfile
+
+    from rankprune.benchmark import measure
+    from rankprune.export import export_onnx, onnx_session
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.onnx")
+        try:
+            export_onnx(net, (x,), path, verbose=False)
+            session = onnx_session(path)
+        except ImportError as exc:
+            raise UsageError(f"--onnx: {exc}") from None
+    feeds = {session.get_inputs()[0].name: x.numpy()}
+    t = measure(lambda: session.run(None, feeds), "cpu", warmup=args.warmup, repeats=args.repeats)
+    return {"variant": name, "params": int(stats["params"]), "flops": int(stats["flops"]), **t.as_dict()}
 
 
 def _pruned(dense: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module:
@@ -157,20 +179,6 @@ def _decomposed(dense: nn.Module, x: torch.Tensor, rank_ratio: float) -> nn.Modu
     net, _, _ = rankprune.decompose(dense, rank_ratio=rank_ratio, example_inputs=(x,), inplace=False,
                                    progress=False)
     return net
-
-
-def _read_plan(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--plan {path}: no such file")
-    try:
-        with open(path) as f:
-            plan = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--plan {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    steps = plan if isinstance(plan, list) else [plan]
-    if not steps or not all(isinstance(p, dict) and "method" in p for p in steps):
-        raise UsageError(f"--plan {path}: not a rankprune plan (a dict with a 'method' key, or a list of them)")
-    return plan
 
 
 def run_layer(args) -> int:

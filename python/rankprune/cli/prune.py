@@ -2,8 +2,9 @@
 import json
 import os
 
-from .common import add_common_options, check_output_dir, resolve_device, resolve_dtype, seed_everything
-from .score import add_model_data_options, load_data, load_model, make_criterion
+from .common import (add_common_options, add_data_options, add_model_options, add_onnx_option, check_onnx_path,
+                     check_output_dir, normalization, write_onnx)
+from .score import add_criterion_options, load_model_and_data, make_criterion
 
 OUT_DEFAULT = "rankprune-pruned"
 
@@ -17,7 +18,9 @@ def register(sub) -> None:
                     "OUT/pruned.pt (state_dict: rebuild with rankprune.apply_prune_plan(fresh_model, plan) then "
                     "load_state_dict), OUT/report.json and OUT/report.md (params, FLOPs, per-layer channels, "
                     "accuracy with --eval).")
-    add_model_data_options(p)
+    add_model_options(p)
+    add_data_options(p)
+    add_criterion_options(p)
     p.add_argument("--scores", help="scores file from `rankprune score` (instead of scoring here)")
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--ratio", type=float, help="fraction of channels to remove, in [0, 1)")
@@ -30,16 +33,19 @@ def register(sub) -> None:
                         "images after pruning)")
     p.add_argument("--eval", action="store_true",
                    help="report accuracy before/after on the test split of --data (built-in) or on --data itself")
+    add_onnx_option(p)
     add_common_options(p, OUT_DEFAULT, f"output folder (default ./{OUT_DEFAULT})")
     p.set_defaults(run=run)
 
 
-def _accuracy_fn(args, device, dtype):
+def _accuracy_fn(args, device, dtype, size):
     from rankprune import data
     from rankprune.training import evaluate
 
     split = "test" if args.data in ("synthetic", "builtin") else "train"
-    dataset = data.load(args.data, split=split, n=2000 if split == "test" else None, seed=args.seed)
+    _, mean, std = normalization(args)
+    dataset = data.load(args.data, split=split, n=2000 if split == "test" else None, seed=args.seed, size=size,
+                        mean=mean, std=std)
     loader = data.batch_loader(dataset, 256)
     return lambda model: evaluate(model, loader, device, dtype)
 
@@ -52,11 +58,8 @@ def run(args) -> int:
 
     from . import UsageError
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype)
-    seed_everything(args.seed)
-    model = load_model(args, device, dtype)
-    loader, image_shape = load_data(args)
+    check_onnx_path(args.onnx)
+    model, loader, image_shape, device, dtype = load_model_and_data(args)
     example = torch.zeros(1, *image_shape, device=device, dtype=dtype)
     if args.scores:
         if not os.path.isfile(args.scores):
@@ -72,7 +75,7 @@ def run(args) -> int:
         global_ranking=args.global_ranking, round_to=args.round_to, recalibrate=args.recalibrate,
         progress=not args.no_progress,
     )
-    eval_fn = _accuracy_fn(args, device, dtype) if args.eval else None
+    eval_fn = _accuracy_fn(args, device, dtype, image_shape[-1]) if args.eval else None
     result = report.compare(model, pruned, example, eval_fn)
     out = check_output_dir(args.out)
     with open(os.path.join(out, "plan.json"), "w") as f:
@@ -87,4 +90,6 @@ def run(args) -> int:
                 f"{recalibrated}.\n\n{text}\n")
     print(report.render(result, per_layer=False))
     print(f"wrote {out}/plan.json, {out}/pruned.pt, {out}/report.json, {out}/report.md")
+    if args.onnx:
+        print(write_onnx(pruned, example, args.onnx))
     return 0
