@@ -502,7 +502,9 @@ def test_measured_sensitivity_weighs_the_allocation(seed):
 
 @pytest.mark.parametrize("with_data", [False, True])
 def test_small_ranks_of_large_layers_use_the_randomized_svd(with_data, seed, monkeypatch):
-    # rank 16 of a 300 x 512 weight: ops.svd_lowrank (not the full ops.svd), within 1% of the optimal error
+    # rank 16 of a 300 x 512 weight: ops.svd_lowrank (not the full ops.svd), within 3% of the optimal error
+    # (a slowly decaying spectrum, sigma_17/sigma_16 = 0.977: over 20 seeds the randomized factors were
+    # 0.6-1.2% above the optimum, so 1% was a coin toss)
     calls = []
     svd_lowrank = rankprune.ops.svd_lowrank
     monkeypatch.setattr(rankprune.ops, "svd_lowrank", lambda *a, **k: calls.append(a[0].shape) or svd_lowrank(*a, **k))
@@ -520,9 +522,9 @@ def test_small_ranks_of_large_layers_use_the_randomized_svd(with_data, seed, mon
     if with_data:
         X = torch.cat(data).double().T
         optimal = rankprune.ops.lowrank_error_reference(W @ torch.linalg.cholesky(X @ X.T), 16)
-        assert float((residual @ X).norm()) <= 1.01 * float(optimal)
+        assert float((residual @ X).norm()) <= 1.03 * float(optimal)
     else:
-        assert float(residual.norm()) <= 1.01 * float(rankprune.ops.lowrank_error_reference(W, 16))
+        assert float(residual.norm()) <= 1.03 * float(rankprune.ops.lowrank_error_reference(W, 16))
         s2 = torch.linalg.svdvals(W) ** 2
         exact = float(s2[:16].sum() / s2.sum())  # the randomized values can only underestimate it
         assert 0.97 * exact <= report["layers"]["0"]["energy_kept"] <= exact * (1 + 1e-9)
