@@ -21,6 +21,9 @@ What the numbers mean:
   (relative) unless the channel granularity forbids it, in which case the closest is returned. With local
   ranking the search rounds each group's channel count at a different point (``_prune_by_ratio``'s
   ``dither``) so that FLOPs can be met finely; the plan's ``ratio`` is then the nominal ratio.
+- ``data`` with ``recalibrate=True`` (the default): after the channels are removed, every BatchNorm of the
+  pruned model gets running statistics re-estimated on ``data`` (:func:`rankprune.recalibrate`; the
+  FLOP-target search only counts FLOPs and recalibrates once, on the final model).
 
 The plan is plain JSON-able data::
 
@@ -28,7 +31,7 @@ The plan is plain JSON-able data::
      "layers": {module_name: {"out_channels_kept": [original indices, ascending],
                               "in_channels_kept": [...]}},      # each key only where that side shrank
      "criterion": ..., "ratio": ..., "target_flops": ..., "global_ranking": ..., "round_to": ...,
-     "flops": [before, after], "params": [before, after]}
+     "ignored_layers": [...], "recalibrated": bool, "flops": [before, after], "params": [before, after]}
 
 ``apply_prune_plan(fresh_model, plan)`` slices every listed module to the kept indices (Torch-Pruning's
 per-layer pruning functions, no graph tracing), so that a state_dict saved from the pruned model loads with
@@ -48,6 +51,7 @@ from . import scoring
 from ._inputs import call_model
 from .plans import PLAN_VERSION, plan_layers
 from .report import count_flops
+from .training import recalibrate as recalibrate_batchnorm
 
 Scores = Dict[str, Tensor]
 
@@ -259,6 +263,7 @@ def prune(
     ignore_output_layer: bool = True,
     round_to: Optional[int] = None,
     max_layer_ratio: float = 0.9,
+    recalibrate: bool = True,
     inplace: bool = False,
     progress: bool = True,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -270,7 +275,10 @@ def prune(
             count FLOPs; a batch of 1 is enough.
         criterion_or_scores: a criterion name (see ``rankprune.scoring``), a Criterion, or precomputed
             scores ``{conv_name: [out_channels]}`` of this model.
-        data: calibration batches for data-driven criteria (energy, hrank, taylor).
+        data: calibration batches (a list or DataLoader; see :func:`rankprune.recalibrate` for the batch
+            forms): scored by data-driven criteria (energy, hrank, taylor), then, with ``recalibrate``, used
+            to re-estimate the BatchNorm statistics of the pruned model. Iterated twice in that case, so a
+            one-shot iterator is refused.
         ratio: fraction of channels to remove, in [0, 1) (see the module doc).
         target_flops: fraction of the original FLOPs to keep, in (0, 1]; exclusive with ``ratio``.
         global_ranking: rank all groups together (a single threshold) instead of pruning each group by
@@ -279,7 +287,11 @@ def prune(
         ignore_output_layer: also ignore the layer(s) producing the model output (the classifier).
         round_to: keep a multiple of this many channels in each pruned group.
         max_layer_ratio: no group loses more than this fraction of its channels (and at least one stays).
-        inplace: prune ``model`` itself.
+        recalibrate: when ``data`` is given, re-estimate every BatchNorm's running statistics of the pruned
+            model on it (:func:`rankprune.recalibrate`), once, after the FLOP-target search. Removing
+            channels shifts the statistics of the layers after them; without recalibration the pruned
+            model keeps the original network's statistics and loses far more accuracy.
+        inplace: prune ``model`` itself (else ``model`` is left as it was: weights, buffers, flags).
         progress: progress bars (scoring, FLOP-target search).
 
     Returns:
@@ -298,12 +310,16 @@ def prune(
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
     scoring.conv_layers(model)  # a model without convs is refused here, before any work
+    recalibrate = bool(recalibrate) and data is not None
+    crit = None if isinstance(criterion_or_scores, dict) else scoring.get(criterion_or_scores)
+    if recalibrate and crit is not None and crit.needs_data and iter(data) is data:
+        raise ValueError("data: a one-shot iterator cannot be both scored and used for BatchNorm recalibration; "
+                         "pass a list of batches or a DataLoader (or recalibrate=False)")
 
-    if isinstance(criterion_or_scores, dict):
+    if crit is None:
         criterion_name = "scores"
         scores = scoring.check_scores(model, criterion_or_scores)
     else:
-        crit = scoring.get(criterion_or_scores)
         if hasattr(crit, "progress"):
             crit.progress = crit.progress and progress
         criterion_name = crit.name
@@ -337,6 +353,8 @@ def prune(
     finally:
         model.train(was_training)
     pruned.train(was_training)
+    if recalibrate:
+        recalibrate_batchnorm(pruned, data, progress=progress)
     plan = {
         "method": "prune",
         "version": PLAN_VERSION,
@@ -347,6 +365,7 @@ def prune(
         "global_ranking": bool(global_ranking),
         "round_to": round_to,
         "ignored_layers": ignored_names,
+        "recalibrated": recalibrate,
         "flops": [base_flops, flops],
         "params": [base_params, sum(p.numel() for p in pruned.parameters())],
     }

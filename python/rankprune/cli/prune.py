@@ -12,7 +12,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "prune", help="remove conv channels by a criterion (or saved scores); write plan, weights and report",
         description="Score a model's channels (or read --scores from `rankprune score`), remove the least "
-                    "important channels with everything coupled to them, and write OUT/plan.json, "
+                    "important channels with everything coupled to them, re-estimate the BatchNorm statistics on the "
+                    "calibration images (unless --no-recalibrate), and write OUT/plan.json, "
                     "OUT/pruned.pt (state_dict: rebuild with rankprune.apply_prune_plan(fresh_model, plan) then "
                     "load_state_dict), OUT/report.json and OUT/report.md (params, FLOPs, per-layer channels, "
                     "accuracy with --eval).")
@@ -24,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels of all layers together (default: the same ratio in every layer)")
     p.add_argument("--round-to", type=int, help="keep a multiple of this many channels per layer")
+    p.add_argument("--no-recalibrate", dest="recalibrate", action="store_false",
+                   help="keep the original BatchNorm statistics (default: re-estimate them on the calibration "
+                        "images after pruning)")
     p.add_argument("--eval", action="store_true",
                    help="report accuracy before/after on the test split of --data (built-in) or on --data itself")
     add_common_options(p, OUT_DEFAULT, f"output folder (default ./{OUT_DEFAULT})")
@@ -65,7 +69,8 @@ def run(args) -> int:
         criterion = make_criterion(args)
     pruned, plan = rankprune.prune(
         model, example, criterion, data=loader, ratio=args.ratio, target_flops=args.target_flops,
-        global_ranking=args.global_ranking, round_to=args.round_to, progress=not args.no_progress,
+        global_ranking=args.global_ranking, round_to=args.round_to, recalibrate=args.recalibrate,
+        progress=not args.no_progress,
     )
     eval_fn = _accuracy_fn(args, device, dtype) if args.eval else None
     result = report.compare(model, pruned, example, eval_fn)
@@ -77,7 +82,9 @@ def run(args) -> int:
         json.dump(result, f, indent=1)
     text = report.render(result)
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(f"# rankprune prune: {args.model}, criterion {plan['criterion']}\n\n{text}\n")
+        recalibrated = "recalibrated on the calibration images" if plan["recalibrated"] else "not recalibrated"
+        f.write(f"# rankprune prune: {args.model}, criterion {plan['criterion']}\n\nBatchNorm statistics "
+                f"{recalibrated}.\n\n{text}\n")
     print(report.render(result, per_layer=False))
     print(f"wrote {out}/plan.json, {out}/pruned.pt, {out}/report.json, {out}/report.md")
     return 0
