@@ -36,6 +36,7 @@ import concurrent.futures
 import copy
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import multiprocessing
@@ -188,6 +189,7 @@ class Unit:
 
     def run(self) -> List[dict]:
         args = self.args
+        t0 = time.perf_counter()
         base = self.baseline()
         self.base_stats = self.stats(base)
         acc = evaluate(base, self.test_loader, self.device)
@@ -199,6 +201,7 @@ class Unit:
             rows += self.pruning(base)
         if "decompose" in args.families:
             rows += self.decomposition(base)
+        rows[0]["unit_s"] = time.perf_counter() - t0  # the whole unit, the baseline's training included
         return rows
 
     def pruning(self, base: nn.Module) -> List[dict]:
@@ -303,8 +306,18 @@ def uniform_rank_ratio(model: nn.Module, example_inputs, target: float) -> float
     return best[1]
 
 
-def run_unit(setting: Setting, seed: int, args, threads: Optional[int]) -> List[dict]:
-    """A worker's job (module level so that a spawned process can run it)."""
+def unit_path(setting: Setting, seed: int, args, commit: str) -> str:
+    """Where a finished unit's runs are kept: named by everything that decides them, the commit included."""
+    what = {"setting": dataclasses.asdict(setting), "seed": seed, "families": args.families, "criteria": args.criteria,
+            "prune_flops": args.prune_flops, "decompose_flops": args.decompose_flops, "commit": commit,
+            "training": [BATCH_SIZE, LR, FINETUNE_LR, WEIGHT_DECAY]}
+    digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(args.cache, "units", f"{setting.model}-s{seed}-{digest}.json")
+
+
+def run_unit(setting: Setting, seed: int, args, threads: Optional[int], commit: str) -> List[dict]:
+    """A worker's job (module level so that a spawned process can run it). With ``--resume``, a unit this
+    commit already finished with the same settings is read back instead of run again."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -312,7 +325,16 @@ def run_unit(setting: Setting, seed: int, args, threads: Optional[int]) -> List[
     if args.baselines_only:
         unit.baseline()
         return []
-    return unit.run()
+    path = unit_path(setting, seed, args, commit)
+    if args.resume and os.path.isfile(path):
+        unit.log(f"runs read back from {path}")
+        with open(path) as f:
+            return json.load(f)
+    rows = unit.run()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rows, f)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------- summaries
@@ -503,7 +525,8 @@ def plot(summary: List[dict], settings: Dict[str, Setting], path: str, title: st
                     continue
                 style = "--" if pts[0]["family"] == "decompose" else "-"
                 ax.plot([100 * e["flops_kept"] for e in pts], [e[stage] for e in pts], style, marker="o",
-                        markersize=3, color=colors.get(method), label=method, linewidth=2.2 if "torch" in method else 1.2)
+                        markersize=3, color=colors.get(method), label=method,
+                        linewidth=2.2 if method == TP_METHOD else 1.2)
             ax.axhline(base["raw"], color="k", linestyle=":", linewidth=1, label="baseline")
             ax.set_title(f"{model}: {stage}", fontsize=9)
             ax.set_xlabel("FLOPs kept, %")
@@ -537,6 +560,9 @@ def parse(argv):
                    help="worker processes, one (model, seed) each, one torch thread each (default 2); 1: in this "
                         "process with torch's default threads")
     p.add_argument("--baselines-only", action="store_true", help="train and cache the baselines, then stop")
+    p.add_argument("--resume", action="store_true",
+                   help="read back the (model, seed) units an interrupted run of the same commit and settings "
+                        "finished (kept under --cache/units) instead of running them again")
     p.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", ".cache", "exp_quality"),
                    help="folder of cached baselines (default benchmarks/.cache/exp_quality)")
     p.add_argument("--device", default="cpu")
@@ -566,17 +592,19 @@ def main(argv=None) -> int:
     t_start = time.time()
     # Costliest units first so that two workers finish together.
     order = {"mobilenetv2": 0, "resnet20": 1, "concatnet": 2}
-    jobs = sorted(((s, seed) for s in args.settings.values() for seed in s.seeds), key=lambda j: order.get(j[0].model, 3))
+    jobs = sorted(((s, seed) for s in args.settings.values() for seed in s.seeds),
+                  key=lambda job: order.get(job[0].model, len(order)))
     runs: List[dict] = []
+    env = environment(args.device)
     if args.jobs > 1:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(run_unit, s, seed, args, 1) for s, seed in jobs]
+            futures = [pool.submit(run_unit, s, seed, args, 1, env["commit"]) for s, seed in jobs]
             for fut in futures:
                 runs += fut.result()
     else:
         for s, seed in jobs:
-            runs += run_unit(s, seed, args, None)
+            runs += run_unit(s, seed, args, None, env["commit"])
     if args.baselines_only:
         print(f"baselines cached in {args.cache} ({time.time() - t_start:.0f} s)")
         return 0
@@ -585,7 +613,6 @@ def main(argv=None) -> int:
     targets = check_targets(summary, runs)
     trp = trp_reference(os.path.join(ROOT, "benchmarks", "results"))
     reduced = reductions(args.settings, args.quick)
-    env = environment(args.device)
     if args.jobs > 1:
         env["device"] += f", {args.jobs} worker processes of 1 thread"
     md = markdown(summary, targets, trp, args.settings, reduced, wall_s, args.quick)
