@@ -11,9 +11,9 @@ On the built-in data (``rankprune.data.synthetic_cifar``), for ResNet-20, the bu
   through ``tp.pruner.MetaPruner`` with its defaults (local ranking, classifier ignored), its channel ratio
   bisected until the model keeps the same fraction of the FLOPs;
 - **decomposition** to 80/60/50% of the FLOPs: ``weight SVD`` (``decompose(target_flops=...)`` without
-  data), ``data-aware, uniform ranks`` (``decompose(data=..., rank_ratio=r)``: data-aware factors with the
-  same rank fraction in every layer, ``r`` bisected to the FLOPs, i.e. no rank allocation) and ``data-aware +
-  allocation`` (``decompose(data=..., target_flops=...)``, ranks allocated by output error);
+  data), ``data-aware, weight-SVD ranks`` (``decompose(data=..., ranks=<the weight SVD's ranks>)``: the
+  factors change, the ranks do not, so the allocation is off) and ``data-aware + allocation``
+  (``decompose(data=..., target_flops=...)``, ranks allocated by output error);
 
 each compressed model evaluated **raw**, **recalibrated** (``rankprune.recalibrate`` on the calibration
 batches: what ``prune(data=...)`` / ``decompose(data=...)`` return by default) and after **one fine-tune
@@ -59,7 +59,7 @@ from rankprune.training import evaluate, recalibrate, train  # noqa: E402
 
 CRITERIA = ("energy", "hrank", "l1", "bn_scale", "taylor", "random")
 TP_METHOD = "torch-pruning (GroupMagnitude + MetaPruner)"
-DECOMPOSITIONS = ("weight SVD", "data-aware, uniform ranks", "data-aware + allocation")
+DECOMPOSITIONS = ("weight SVD", "data-aware, weight-SVD ranks", "data-aware + allocation")
 PRUNE_FLOPS = (0.8, 0.6, 0.4)
 DECOMPOSE_FLOPS = (0.8, 0.6, 0.5)
 STAGES = ("raw", "recalibrated", "fine-tuned")
@@ -232,14 +232,15 @@ class Unit:
         rows = []
         ex = (self.example,)
         for target in self.args.decompose_flops:
+            svd_ranks = None
             for method in DECOMPOSITIONS:
                 t0 = time.perf_counter()
                 if method == "weight SVD":
                     model, _plan, rep = rankprune.decompose(base, target_flops=target, example_inputs=ex,
                                                             progress=False)
-                elif method == "data-aware, uniform ranks":
-                    ratio = uniform_rank_ratio(base, ex, target)
-                    model, _plan, rep = rankprune.decompose(base, rank_ratio=ratio, data=self.calibration,
+                    svd_ranks = {name: e["rank"] for name, e in rep["layers"].items()}
+                elif method == "data-aware, weight-SVD ranks":
+                    model, _plan, rep = rankprune.decompose(base, ranks=svd_ranks, data=self.calibration,
                                                             recalibrate=False, example_inputs=ex, progress=False)
                 else:
                     model, _plan, rep = rankprune.decompose(base, target_flops=target, data=self.calibration,
@@ -250,8 +251,6 @@ class Unit:
                          "full_ranks": {n: e["full_rank"] for n, e in layers.items()},
                          "min_ranks": {n: e.get("min_rank") for n, e in layers.items()},
                          "dense_layers": sorted(rep.get("skipped", {}))}
-                if method == "data-aware, uniform ranks":
-                    extra["rank_ratio"] = ratio
                 rows.append(self.measure(model, self.row("decompose", method, target, **extra)))
         return rows
 
@@ -286,24 +285,6 @@ def torch_pruning_default(model: nn.Module, example: torch.Tensor, target: float
             break
         lo, hi = (mid, hi) if kept > target else (lo, mid)
     return best[1], best[2]
-
-
-def uniform_rank_ratio(model: nn.Module, example_inputs, target: float) -> float:
-    """The ``rank_ratio`` (same fraction of the full rank in every layer) whose decomposition keeps about
-    ``target`` of the FLOPs. Ranks from ``rank_ratio`` do not depend on data, so the bisection runs the
-    cheap data-free decomposition."""
-    def kept(ratio: float) -> float:
-        total = rankprune.decompose(model, rank_ratio=ratio, example_inputs=example_inputs, progress=False)[2]["total"]
-        return total["flops"] / total["flops_dense"]
-
-    lo, hi, best = 0.0, 1.0, (math.inf, 1.0)
-    for _ in range(14):
-        mid = 0.5 * (lo + hi)
-        k = kept(mid)
-        if abs(k - target) < best[0]:
-            best = (abs(k - target), mid)
-        lo, hi = (mid, hi) if k > target else (lo, mid)
-    return best[1]
 
 
 def unit_path(setting: Setting, seed: int, args, commit: str) -> str:
@@ -451,9 +432,9 @@ def markdown(summary: List[dict], targets: List[dict], trp: Optional[dict], sett
         "`decompose(data=...)` return by default) and after **one fine-tune epoch** (from the recalibrated "
         "model). Pruning: `rankprune.prune(target_flops=...)` per criterion; Torch-Pruning: its default "
         "`GroupMagnitudeImportance` through `MetaPruner`, channel ratio bisected to the same FLOPs. "
-        "Decomposition: weight SVD = `decompose()` without data; uniform ranks = `decompose(data=..., "
-        "rank_ratio=r)` with `r` bisected to the FLOPs (data-aware factors, no allocation); + allocation = "
-        "`decompose(data=..., target_flops=...)`. Accuracy in %, mean ± std over seeds.",
+        "Decomposition: weight SVD = `decompose()` without data; data-aware, weight-SVD ranks = "
+        "`decompose(data=..., ranks=<the weight SVD's ranks>)` (new factors, same ranks: no allocation); "
+        "+ allocation = `decompose(data=..., target_flops=...)`. Accuracy in %, mean ± std over seeds.",
         "",
         f"Reduced against the issue: {' '.join(reduced)}." if not quick else f"**{reduced[0]}.**",
         "",
