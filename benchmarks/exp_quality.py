@@ -187,22 +187,45 @@ class Unit:
         return {"model": self.s.model, "width": self.s.width, "seed": self.seed, "family": family,
                 "method": method, "target_flops": target, **extra}
 
-    def run(self) -> List[dict]:
+    def run(self, commit: str) -> List[dict]:
+        """The baseline row, then each family's rows: computed, or with ``--resume`` read back from the
+        family's file under ``--cache/units`` when an earlier run finished it with the same settings."""
         args = self.args
         t0 = time.perf_counter()
         base = self.baseline()
         self.base_stats = self.stats(base)
         acc = evaluate(base, self.test_loader, self.device)
         rows = [self.row("baseline", "baseline", 1.0, **self.base_stats, flops_kept=1.0, params_kept=1.0,
-                         raw=acc, recalibrated=None, **{"fine-tuned": None}, train_s=self.train_seconds)]
+                         raw=acc, recalibrated=None, **{"fine-tuned": None}, train_s=self.train_seconds,
+                         commit=commit)]
         self.log(f"baseline {100 * acc:.2f}%, {self.base_stats['flops'] / 1e6:.2f} MFLOPs, "
                  f"{self.base_stats['params'] / 1e3:.1f} k params")
-        if "prune" in args.families:
-            rows += self.pruning(base)
-        if "decompose" in args.families:
-            rows += self.decomposition(base)
-        rows[0]["unit_s"] = time.perf_counter() - t0  # the whole unit, the baseline's training included
+        for family in args.families:
+            path = self.family_path(family)
+            if args.resume and os.path.isfile(path):
+                with open(path) as f:
+                    done = json.load(f)
+                self.log(f"{family}: {len(done)} runs read back from {path} (commit {done[0]['commit']})")
+            else:
+                done = [dict(r, commit=commit) for r in (self.pruning(base) if family == "prune"
+                                                         else self.decomposition(base))]
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump(done, f)
+            rows += done
+        rows[0]["unit_s"] = time.perf_counter() - t0  # this unit in this run, the baseline's training included
         return rows
+
+    def family_path(self, family: str) -> str:
+        """Where a unit's finished family of runs is kept, named by everything that decides them (the
+        baseline's setting, seed, levels, criteria, training constants)."""
+        args = self.args
+        what = {"setting": dataclasses.asdict(self.s), "seed": self.seed, "family": family,
+                "levels": args.prune_flops if family == "prune" else args.decompose_flops,
+                "criteria": args.criteria if family == "prune" else None,
+                "training": [BATCH_SIZE, LR, FINETUNE_LR, WEIGHT_DECAY]}
+        digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+        return os.path.join(args.cache, "units", f"{self.s.model}-s{self.seed}-{family}-{digest}.json")
 
     def pruning(self, base: nn.Module) -> List[dict]:
         rows = []
@@ -249,10 +272,20 @@ class Unit:
                 extra = {"decompose_s": time.perf_counter() - t0,
                          "ranks": {n: e["rank"] for n, e in layers.items()},
                          "full_ranks": {n: e["full_rank"] for n, e in layers.items()},
-                         "min_ranks": {n: e.get("min_rank") for n, e in layers.items()},
+                         "min_ranks": {n: min_rank_of(e) for n, e in layers.items()},
                          "dense_layers": sorted(rep.get("skipped", {}))}
                 rows.append(self.measure(model, self.row("decompose", method, target, **extra)))
         return rows
+
+
+def min_rank_of(layer_report: dict) -> int:
+    """The smallest rank ``decompose`` allows this layer at its default ``min_rank`` (the report's own value
+    when it gives one); every variant here runs with the defaults."""
+    from rankprune import lowrank
+
+    if "min_rank" in layer_report:
+        return layer_report["min_rank"]
+    return lowrank._resolve_min_rank(lowrank.DEFAULT_MIN_RANK, layer_report["full_rank"])
 
 
 def torch_pruning_default(model: nn.Module, example: torch.Tensor, target: float, tolerance: float = 0.005):
@@ -287,18 +320,8 @@ def torch_pruning_default(model: nn.Module, example: torch.Tensor, target: float
     return best[1], best[2]
 
 
-def unit_path(setting: Setting, seed: int, args, commit: str) -> str:
-    """Where a finished unit's runs are kept: named by everything that decides them, the commit included."""
-    what = {"setting": dataclasses.asdict(setting), "seed": seed, "families": args.families, "criteria": args.criteria,
-            "prune_flops": args.prune_flops, "decompose_flops": args.decompose_flops, "commit": commit,
-            "training": [BATCH_SIZE, LR, FINETUNE_LR, WEIGHT_DECAY]}
-    digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(args.cache, "units", f"{setting.model}-s{seed}-{digest}.json")
-
-
 def run_unit(setting: Setting, seed: int, args, threads: Optional[int], commit: str) -> List[dict]:
-    """A worker's job (module level so that a spawned process can run it). With ``--resume``, a unit this
-    commit already finished with the same settings is read back instead of run again."""
+    """A worker's job (module level so that a spawned process can run it)."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -306,16 +329,7 @@ def run_unit(setting: Setting, seed: int, args, threads: Optional[int], commit: 
     if args.baselines_only:
         unit.baseline()
         return []
-    path = unit_path(setting, seed, args, commit)
-    if args.resume and os.path.isfile(path):
-        unit.log(f"runs read back from {path}")
-        with open(path) as f:
-            return json.load(f)
-    rows = unit.run()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(rows, f)
-    return rows
+    return unit.run(commit)
 
 
 # ------------------------------------------------------------------------------------------- summaries
@@ -542,8 +556,9 @@ def parse(argv):
                         "process with torch's default threads")
     p.add_argument("--baselines-only", action="store_true", help="train and cache the baselines, then stop")
     p.add_argument("--resume", action="store_true",
-                   help="read back the (model, seed) units an interrupted run of the same commit and settings "
-                        "finished (kept under --cache/units) instead of running them again")
+                   help="read back the families of runs (pruning, decomposition of one model and seed) that an "
+                        "earlier run with the same settings finished (kept under --cache/units; each run records "
+                        "its commit) instead of running them again")
     p.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", ".cache", "exp_quality"),
                    help="folder of cached baselines (default benchmarks/.cache/exp_quality)")
     p.add_argument("--device", default="cpu")
