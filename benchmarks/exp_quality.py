@@ -217,13 +217,14 @@ class Unit:
         return rows
 
     def family_path(self, family: str) -> str:
-        """Where a unit's finished family of runs is kept, named by everything that decides them (the
-        baseline's setting, seed, levels, criteria, training constants)."""
+        """Where a unit's finished family of runs is kept, named by everything that decides them: the
+        baseline's setting, seed, levels, criteria, training constants and the source of the library modules
+        the family runs (so a change to them is never read back)."""
         args = self.args
         what = {"setting": dataclasses.asdict(self.s), "seed": self.seed, "family": family,
                 "levels": args.prune_flops if family == "prune" else args.decompose_flops,
                 "criteria": args.criteria if family == "prune" else None,
-                "training": [BATCH_SIZE, LR, FINETUNE_LR, WEIGHT_DECAY]}
+                "training": [BATCH_SIZE, LR, FINETUNE_LR, WEIGHT_DECAY], "source": _source_digest(family)}
         digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
         return os.path.join(args.cache, "units", f"{self.s.model}-s{self.seed}-{family}-{digest}.json")
 
@@ -318,6 +319,24 @@ def torch_pruning_default(model: nn.Module, example: torch.Tensor, target: float
             break
         lo, hi = (mid, hi) if kept > target else (lo, mid)
     return best[1], best[2]
+
+
+# The library modules each family's numbers depend on (besides the models and the data).
+_SOURCES = {"prune": ("pruning.py", "scoring.py", "training.py", "ops"),
+            "decompose": ("lowrank.py", "nn.py", "training.py", "ops")}
+
+
+def _source_digest(family: str) -> str:
+    package = os.path.dirname(os.path.abspath(rankprune.__file__))
+    paths = []
+    for name in _SOURCES[family] + ("models", "data.py"):
+        path = os.path.join(package, name)
+        paths += sorted(glob.glob(os.path.join(path, "**", "*.py"), recursive=True)) if os.path.isdir(path) else [path]
+    digest = hashlib.sha1()
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 def run_unit(setting: Setting, seed: int, args, threads: Optional[int], commit: str) -> List[dict]:
