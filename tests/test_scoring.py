@@ -96,13 +96,43 @@ def test_taps_in_residual_block():
     x = torch.randn(1, 4, 6, 6)
     auto = scoring.find_taps(block, x, convs, "auto")
     assert auto["conv1"].host is block.bn1 and auto["conv1"].activation is not None
-    assert auto["conv2"].host is block.bn2 and auto["conv2"].activation is None  # ReLU comes after the add
+    # bn2's output is added to the shortcut and the sum goes through relu2: read the block output there
+    assert auto["conv2"].host is block.relu2 and auto["conv2"].activation is None
     relu = scoring.find_taps(block, x, convs, "relu")
-    assert relu["conv2"].activation is torch.relu
+    assert relu["conv2"].host is block.relu2 and relu["conv2"].activation is None
+    bn = scoring.find_taps(block, x, convs, "bn")
+    assert bn["conv2"].host is block.bn2 and bn["conv2"].activation is None
     conv = scoring.find_taps(block, x, convs, "conv")
     assert conv["conv1"].host is block.conv1 and conv["conv1"].activation is None
     # the inplace ReLU is not modified by reading through it
     assert block.relu1.inplace and auto["conv1"].activation.inplace is False
+
+
+def test_residual_convs_are_scored_on_the_block_output():
+    """Both terms of the addition (second conv, shortcut conv) read the block output after its ReLU; an
+    addition without an activation module after it (MobileNetV2's) keeps the BatchNorm output."""
+    torch.manual_seed(0)
+    block = BasicBlock(3, 4, stride=2).eval()
+    data = [torch.randn(3, 3, 8, 8)]
+    taps = scoring.find_taps(block, data[0][:1], scoring.conv_layers(block))
+    assert taps["conv2"].host is block.relu2 and taps["shortcut.0"].host is block.relu2
+    with torch.no_grad():
+        out = block(data[0].clone())
+    expected = torch.linalg.matrix_norm(out.double(), ord="nuc").mean(0)
+    scores = scoring.score(block, data, "energy", progress=False)
+    torch.testing.assert_close(scores["conv2"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores["shortcut.0"], expected, rtol=1e-5, atol=1e-5)
+
+    class AddNoActivation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(x) + self.bn(self.conv(x))
+
+    net = AddNoActivation().eval()
+    assert scoring.find_taps(net, data[0][:1], scoring.conv_layers(net))["conv"].host is net.bn
 
 
 def test_tap_changes_scores():

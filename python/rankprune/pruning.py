@@ -64,6 +64,27 @@ def _normalized(s: Tensor) -> Tensor:
     return s / mean if mean > 0 else s
 
 
+def _root_positions(item) -> Optional[List[int]]:
+    """Where the channels of one group item sit among the group root's channels.
+
+    A group from ``DependencyGraph.get_pruning_group`` holds *plain* indices (the item's own channel
+    positions) in ``item.idxs`` and the matching root positions in ``item.root_idxs``; they differ when the
+    item is reached through an index mapping, e.g. a conv whose output enters ``torch.cat`` at offset k
+    (root position k + i for its channel i). Hybrid indices (a group assembled before Torch-Pruning
+    flattens them) carry both. ``None`` when the root position is unknown (Torch-Pruning skips such items).
+    """
+    root = getattr(item, "root_idxs", None)
+    if root is None:
+        idxs = item.idxs
+        if len(idxs) and not isinstance(idxs[0], tp_helpers._HybridIndex):
+            raise ValueError("ScoreImportance: a group item without root indices (build groups with "
+                             "DependencyGraph.get_pruning_group / get_all_groups)")
+        root = tp_helpers.to_root_idxs(idxs)
+    if any(r is None for r in root):
+        return None
+    return list(root)
+
+
 class ScoreImportance(tp.importance.Importance):
     """Torch-Pruning importance from rankprune scores: ``imp(group) -> [channels of the group]``.
 
@@ -108,14 +129,18 @@ class ScoreImportance(tp.importance.Importance):
             self.bind(group._DG.model)
         total = None
         count = None
-        for dep, idxs in group:
+        for item in group.items:
+            dep = item.dep
             if dep.handler not in _CONV_OUT_FNS:
                 continue
             name = self._names.get(dep.target.module)
             if name not in self.scores:
                 continue
-            plain = torch.as_tensor(tp_helpers.to_plain_idxs(idxs), dtype=torch.long)
-            root = torch.as_tensor(tp_helpers.to_root_idxs(idxs), dtype=torch.long)
+            root_idxs = _root_positions(item)
+            if root_idxs is None:
+                continue
+            plain = torch.as_tensor(tp_helpers.to_plain_idxs(item.idxs), dtype=torch.long)
+            root = torch.as_tensor(root_idxs, dtype=torch.long)
             if total is None:
                 n = len(group[0].idxs)
                 total = torch.zeros(n, dtype=torch.float64)
