@@ -138,6 +138,7 @@ def test_verdict_tie_and_reordering():
     assert "**bn_scale** won" in line
     assert "energy led (75.0% against 70.0%): fine-tuning reordered them" in line
     assert "treat them as tied" in line
+    assert "Energy came second: it measures how large" in line
 
 
 def test_rank_panel_marks_dense_layers():

@@ -45,15 +45,17 @@ _WHAT_IT_SEES = {
     "weight_energy": "keeps the filters with the largest nuclear norm (data-free)",
     "l1": "keeps the filters with the largest L1 norm (data-free): the weights training made large",
     "l2": "keeps the filters with the largest L2 norm (data-free)",
-    "bn_scale": "keeps the channels whose BatchNorm scale |gamma| is largest (data-free): the channels the "
-                "trained network itself amplifies after normalisation, which a filter norm cannot see because "
-                "BatchNorm undoes the filter's scale",
+    "bn_scale": "keeps the channels whose BatchNorm scale |gamma| is largest (data-free): |gamma| is the "
+                "channel's standard deviation after normalisation, its variation over images and positions, "
+                "which is what the next layers lose when it goes (recalibration re-centres the constant part), "
+                "and which a filter norm cannot see because BatchNorm undoes the filter's scale",
     "taylor": "keeps the channels whose removal would change the loss most to first order, measured on "
               "labelled calibration batches: the only criterion here that looks at the labels",
     "random": "keeps a random subset of channels: when it wins, the other criteria did not single out the "
               "channels this model needs at this ratio, and fine-tuning repaired the damage either way",
 }
 _DATA_AWARE, _WEIGHT_SVD = "decomposed", "decomposed-svd"
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "later")
 
 
 @dataclasses.dataclass
@@ -357,6 +359,12 @@ def criterion_verdict(rows: List[Dict[str, object]], test_size: int) -> List[str
                  + f" the noise of one run on {test_size} test images (about {noise:.1f} points at 95%)"
                  + (": treat them as tied. " if margin < noise else ". ")
                  + f"Recalibrating BatchNorm alone recovered {100 * gain:+.1f} points on average over the criteria.")
+        energy = next((i for i, r in enumerate(mine) if r["criterion"] == "energy"), None)
+        if energy:  # present and not the winner
+            text += (f" Energy came {_ORDINALS[min(energy, len(_ORDINALS) - 1)]}: it measures how large a "
+                     "channel's maps are, but recalibration absorbs the constant part of what a removed channel "
+                     "contributed, so what is lost is its variation, which |gamma| and Taylor measure more "
+                     "directly (docs/pruning.md).")
         lines.append(text)
     return lines
 
