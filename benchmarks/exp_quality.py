@@ -475,8 +475,10 @@ def markdown(summary: List[dict], targets: List[dict], trp: Optional[dict], sett
         "",
     ]
     for t in targets:
-        status = "not measured" if t["met"] is None else ("**met**" if t["met"] else "**not met**")
-        lines.append(f"- {status}: {t['target']}: {t['value']}")
+        if t["met"] is None:
+            lines.append(f"- not measured: {t['target']}")
+        else:
+            lines.append(f"- {'**met**' if t['met'] else '**not met**'}: {t['target']}: {t['value']}")
     lines.append("")
     for model, s in settings.items():
         mine = [e for e in summary if e["model"] == model]
