@@ -322,7 +322,7 @@ def torch_pruning_default(model: nn.Module, example: torch.Tensor, target: float
 
 
 # The library modules each family's numbers depend on (besides the models and the data).
-_SOURCES = {"prune": ("pruning.py", "scoring.py", "training.py", "ops"),
+_SOURCES = {"prune": ("pruning.py", "scoring.py", "training.py", "ops/_svdvals.py", "ops/_library.py"),
             "decompose": ("lowrank.py", "nn.py", "training.py", "ops")}
 
 
