@@ -52,7 +52,8 @@ def net_and_input(seed):
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_target_flops_is_met(net_and_input, target, scheme):
     model, x = net_and_input
-    new, plan, report = rankprune.decompose(model, target_flops=target, scheme=scheme, example_inputs=x)
+    new, plan, report = rankprune.decompose(model, target_flops=target, scheme=scheme, example_inputs=x,
+                                            min_rank=1)
     ratio = _flops(new, x) / _flops(model, x)
     assert abs(ratio - target) <= 0.05 * target, ratio
     assert report["total"]["flops"] == _flops(new, x)
@@ -63,7 +64,7 @@ def test_target_flops_is_met(net_and_input, target, scheme):
 @pytest.mark.parametrize("target", [0.4, 0.7])
 def test_target_params_is_met(net_and_input, target):
     model, x = net_and_input
-    new, _, report = rankprune.decompose(model, target_params=target)
+    new, _, report = rankprune.decompose(model, target_params=target, min_rank=1)
     ratio = sum(p.numel() for p in new.parameters()) / sum(p.numel() for p in model.parameters())
     assert abs(ratio - target) <= 0.05 * target
     assert report["total"]["flops"] is None
@@ -76,7 +77,7 @@ def test_budget_keeps_the_energy_of_important_layers(seed):
         u, v = torch.randn(8, 1), torch.randn(1, 72)
         model[0].weight.copy_((u @ v + 1e-3 * torch.randn(8, 72)).reshape(8, 8, 3, 3))
     x = torch.randn(1, 8, 6, 6)
-    _, plan, report = rankprune.decompose(model, target_flops=0.6, example_inputs=x)
+    _, plan, report = rankprune.decompose(model, target_flops=0.6, example_inputs=x, min_rank=1)
     assert plan["layers"]["0"]["rank"] == 1
     assert report["layers"]["0"]["energy_kept"] > 0.999
 
@@ -124,8 +125,8 @@ def test_progress_switch(net_and_input, progress, capfd):
 def test_explicit_ranks_include_exclude(net_and_input):
     model, x = net_and_input
     new, plan, report = rankprune.decompose(model, ranks={"3.conv1": 4, "8": 2}, example_inputs=x)
-    assert plan["layers"] == {"3.conv1": {"kind": "conv2d", "scheme": "channel", "rank": 4},
-                              "8": {"kind": "linear", "scheme": "channel", "rank": 2}}
+    assert plan["layers"] == {"3.conv1": {"kind": "conv2d", "scheme": "channel", "rank": 4, "data_aware": False},
+                              "8": {"kind": "linear", "scheme": "channel", "rank": 2, "data_aware": False}}
     assert isinstance(new[3].conv1, LowRankConv2d) and isinstance(new[8], LowRankLinear)
     _, plan, _ = rankprune.decompose(model, rank_ratio=0.25, include="5.*", exclude=["5.shortcut.*"])
     assert set(plan["layers"]) == {"5.conv1", "5.conv2"}
@@ -197,3 +198,331 @@ def test_every_builtin_model_meets_the_budget(name, width, seed):
     rebuilt = apply_decompose_plan(models.build(name, width=width).eval(), json.loads(json.dumps(plan)))
     rebuilt.load_state_dict(new.state_dict())
     torch.testing.assert_close(rebuilt(x), new(x))
+
+
+# ---- data-aware decomposition (issue 12) -------------------------------------------------------------------
+
+
+def _subspace_images(n, channels, components, size, seed):
+    """Images whose channel vectors all lie in a fixed ``components``-dimensional subspace, so that every
+    im2col patch ``[channels*kh*kw]`` lies in a subspace of dimension ``components*kh*kw``."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(channels, components, generator=gen)
+    codes = torch.randn(n, components, size, size, generator=gen)
+    return torch.einsum("ck,nkhw->nchw", mixing, codes)
+
+
+def test_linear_inputs_in_a_subspace_are_reproduced_exactly(seed):
+    # Inputs in a 3-dimensional subspace: the rank-3 data-aware layer computes the same outputs on them,
+    # while the rank-3 weight SVD of a random weight does not.
+    linear = nn.Linear(16, 12)
+    basis = torch.randn(16, 3)
+    batches = [(torch.randn(50, 3) @ basis.T, torch.zeros(50)) for _ in range(4)]  # (x, y) batches
+    model = nn.Sequential(linear)
+    aware, plan, report = rankprune.decompose(model, ranks={"0": 3}, data=batches, damping=1e-9, progress=False)
+    weight, _, _ = rankprune.decompose(model, ranks={"0": 3}, progress=False)
+    x = torch.cat([b[0] for b in batches]).double()
+    want = x @ linear.weight.detach().double().T
+    rel = lambda net: float((x @ net[0].dense_weight().detach().double().T - want).norm() / want.norm())
+    assert rel(aware) < 1e-5
+    assert rel(weight) > 0.1
+    assert plan["layers"]["0"]["data_aware"] and report["layers"]["0"]["method"] == "data-aware"
+    assert report["layers"]["0"]["output_error"] < 1e-9 * report["layers"]["0"]["output_energy"]
+
+
+def test_conv_patches_in_a_subspace_are_reproduced_exactly(seed):
+    # 8 input channels mixing 2 components: 3x3 patches span 2*9 = 18 of 72 dimensions, so rank 18 is exact.
+    conv = nn.Conv2d(8, 32, 3, stride=2, padding=1, dilation=2, bias=True)
+    images = _subspace_images(6, 8, 2, 12, seed=1)
+    model = nn.Sequential(conv)
+    aware, _, _ = rankprune.decompose(model, ranks={"0": 18}, data=images.split(2), damping=1e-9, progress=False)
+    weight, _, _ = rankprune.decompose(model, ranks={"0": 18}, progress=False)
+    with torch.no_grad():
+        want = conv(images)
+        assert float((aware(images) - want).norm() / want.norm()) < 1e-5
+        assert float((weight(images) - want).norm() / want.norm()) > 0.05
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_reported_output_error_is_the_measured_one(kind, seed):
+    # ||(W - W_r) X||_F^2 measured in float64 on the calibration data equals the reported output error, and
+    # (damping 0) equals the discarded squared singular values of W L: 1 - energy_kept = error / energy.
+    if kind == "linear":
+        layer = nn.Linear(20, 14)
+        batches = [torch.randn(3, 5, 20) for _ in range(3)]  # every leading dimension is a sample
+        apply = lambda w, x: x.double() @ w.T
+    else:
+        layer = nn.Conv2d(5, 12, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1))
+        batches = [torch.randn(2, 5, 9, 7) for _ in range(3)]
+        apply = lambda w, x: nn.functional.conv2d(x.double(), w, None, layer.stride, layer.padding, layer.dilation)
+    model = nn.Sequential(layer)
+    for rank in (1, 4, 7):  # ranks that save FLOPs (else the layer stays dense)
+        new, _, report = rankprune.decompose(model, ranks={"0": rank}, data=batches, damping=0.0, progress=False)
+        entry = report["layers"]["0"]
+        residual = (layer.weight - new[0].dense_weight()).detach().double()
+        measured = sum(float(apply(residual, x).square().sum()) for x in batches)
+        energy = sum(float(apply(layer.weight.detach().double(), x).square().sum()) for x in batches)
+        assert entry["output_error"] == pytest.approx(measured, rel=1e-4)
+        assert entry["output_energy"] == pytest.approx(energy, rel=1e-9)
+        assert 1.0 - entry["energy_kept"] == pytest.approx(measured / energy, rel=1e-4)
+
+
+def test_data_aware_allocation_honours_min_rank_and_rank_multiple(seed):
+    model = small_resnet().eval()
+    images = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    _, plan, report = rankprune.decompose(model, target_flops=0.6, data=images, rank_multiple=4, min_rank=0.5,
+                                          recalibrate=False, progress=False)
+    assert plan["layers"] and report["total"]["flops"] <= 0.6 * report["total"]["flops_dense"] * 1.05
+    for name, entry in report["layers"].items():
+        assert entry["rank"] % 4 == 0 and entry["rank"] >= entry["full_rank"] / 2, (name, entry)
+        assert entry["method"] == "data-aware"
+    # default min_rank: a quarter of the full rank, never rank 1 on these layers
+    _, _, report = rankprune.decompose(model, target_flops=0.5, data=images, recalibrate=False, progress=False)
+    assert all(e["rank"] >= max(1, -(-e["full_rank"] // 4)) for e in report["layers"].values())
+    # an int min_rank, and the energy criterion rounded up to the multiple
+    _, _, report = rankprune.decompose(model, energy=0.5, data=images, min_rank=6, rank_multiple=8,
+                                       recalibrate=False, progress=False)
+    assert report["layers"] and all(e["rank"] >= 8 and e["rank"] % 8 == 0 for e in report["layers"].values())
+
+
+def test_energy_with_data_keeps_output_energy(seed):
+    model = small_resnet().eval()
+    images = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    _, _, report = rankprune.decompose(model, energy=0.95, data=images, min_rank=1, recalibrate=False,
+                                       asymmetric=False, progress=False)
+    for entry in report["layers"].values():  # the output error on the calibration data is at most 5% of the energy
+        assert entry["output_error"] <= 0.05 * entry["output_energy"] * (1 + 1e-6)
+
+
+def test_allocation_by_output_error_prefers_layers_whose_inputs_are_low_rank(seed):
+    # Two equal convs; the first only ever sees inputs in a 1-channel subspace, so it can lose rank for free.
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.Conv2d(8, 8, 3, padding=1, bias=False))
+    images = _subspace_images(4, 8, 1, 8, seed=2)
+    with torch.no_grad():  # the second conv's inputs are full-rank: make the first conv's output so
+        model[0].weight.mul_(0)
+        model[0].weight[:, :, 1, 1] = torch.eye(8)
+    model[1].register_forward_pre_hook(lambda m, a: (a[0] + torch.randn_like(a[0]),))
+    _, plan, report = rankprune.decompose(model, target_flops=0.6, data=[images], min_rank=1, recalibrate=False,
+                                          sensitivity=False, progress=False)  # the output errors alone
+    assert plan["layers"]["0"]["rank"] < plan["layers"].get("1", {"rank": 8})["rank"]
+    assert report["layers"]["0"]["output_error"] < 1e-6 * report["layers"]["0"]["output_energy"]
+
+
+def test_recalibration_after_decomposition(seed):
+    model = small_resnet().train()
+    images = [torch.randn(8, 3, 16, 16) + 1.0 for _ in range(3)]
+    with torch.no_grad():
+        for x in images:  # running statistics that do not match the data
+            model(x * 3.0)
+    new, _, report = rankprune.decompose(model, rank_ratio=0.5, data=images, progress=False)
+    assert report["recalibrated"]
+    bn = new[1]
+    with torch.no_grad():
+        first = new[0](torch.cat(images))
+    torch.testing.assert_close(bn.running_mean, first.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert new.training and all(m.training for m in new.modules())
+    _, _, report = rankprune.decompose(model, rank_ratio=0.5, data=images, recalibrate=False, progress=False)
+    assert not report["recalibrated"]
+
+
+def test_data_aware_plan_round_trip_and_caller_model_untouched(seed):
+    model = small_resnet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = iter([torch.randn(4, 3, 16, 16) for _ in range(3)])  # a one-shot iterator
+    new, plan, report = rankprune.decompose(model, target_flops=0.5, data=images, progress=False)
+    assert report["recalibrated"] and all(e["data_aware"] for e in plan["layers"].values())
+    assert not any(isinstance(m, (LowRankConv2d, LowRankLinear)) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    buffer = io.BytesIO()
+    torch.save(new.state_dict(), buffer)
+    buffer.seek(0)
+    rebuilt = rankprune.apply_plan(small_resnet().eval(), json.loads(json.dumps(plan)))
+    rebuilt.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(rebuilt(x), new.eval()(x))
+    same, _, _ = rankprune.decompose(model, ranks={"8": 4}, data=[x], inplace=True, progress=False)
+    assert same is model and isinstance(model[8], LowRankLinear)
+
+
+def test_data_aware_bad_input(seed):
+    model = small_resnet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="empty calibration data"):
+        rankprune.decompose(model, energy=0.9, data=[], progress=False)
+    with pytest.raises(ValueError, match="empty calibration data"):
+        rankprune.decompose(model, energy=0.9, data=[], example_inputs=torch.randn(1, 3, 16, 16), progress=False)
+    bad = torch.randn(2, 3, 16, 16)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf inputs to layer '0'"):
+        rankprune.decompose(model, energy=0.9, data=[bad], progress=False)
+    with pytest.raises(TypeError, match="iterable of calibration batches"):
+        rankprune.decompose(model, energy=0.9, data=torch.randn(2, 3, 16, 16), progress=False)
+    # dead input features without damping: the covariance is singular, the layer cannot be factored
+    low = nn.Sequential(nn.Linear(6, 6))
+    dead = torch.randn(20, 6)
+    dead[:, 2:] = 0
+    with pytest.raises(ValueError, match="'0' is not positive definite"):
+        rankprune.decompose(low, ranks={"0": 2}, data=[dead], damping=0.0, progress=False)
+    for arg, value in (("min_rank", 0), ("min_rank", 1.5), ("rank_multiple", 0), ("damping", -1.0)):
+        with pytest.raises(ValueError, match=arg):
+            rankprune.decompose(model, energy=0.9, **{arg: value})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, (LowRankConv2d, LowRankLinear)) for m in model.modules())
+
+
+class WithUnusedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = small_resnet()
+        self.unused = nn.Linear(64, 64)  # never called by forward
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_spatial_scheme_and_unreached_layers_stay_weight_only(seed):
+    model = WithUnusedLayer().eval()
+    images = [torch.randn(2, 3, 16, 16)]
+    _, plan, report = rankprune.decompose(model, rank_ratio=0.25, scheme="spatial", data=images, min_rank=1,
+                                          recalibrate=False, progress=False)
+    assert report["layers"]["body.3.conv1"]["method"] == "weight"
+    assert "spatial" in report["layers"]["body.3.conv1"]["weight_only_reason"]
+    assert report["layers"]["body.8"]["method"] == "data-aware"
+    assert report["layers"]["unused"]["weight_only_reason"] == "the calibration data never reaches it"
+    assert not plan["layers"]["unused"]["data_aware"]
+
+
+def test_asymmetric_refit_corrects_the_error_of_earlier_layers(seed):
+    # Two chained Linear layers at low rank: refitting the second on the inputs the decomposed first one
+    # gives it brings the network's output closer to the dense one than fitting it to the dense inputs.
+    model = nn.Sequential(nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 24))
+    batches = [torch.randn(64, 24) for _ in range(4)]
+    x = torch.cat(batches)
+    with torch.no_grad():
+        want = model(x)
+        errors = {}
+        for asymmetric in (False, True):
+            new, _, _ = rankprune.decompose(model, ranks={"0": 6, "2": 6}, data=batches, asymmetric=asymmetric,
+                                            progress=False)
+            errors[asymmetric] = float((new(x) - want).norm())
+            first = new[0]
+            # the first layer is the same either way (it sees the dense inputs)
+            if asymmetric:
+                torch.testing.assert_close(first.dense_weight(), first_symmetric)
+            else:
+                first_symmetric = first.dense_weight()
+    assert errors[True] < 0.95 * errors[False], errors
+
+
+class TinyEncoder(nn.Module):
+    """A ViT-style block: nn.MultiheadAttention (whose projections cannot be swapped) and an MLP."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.attn = nn.MultiheadAttention(dim, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head((x + self.mlp(x)).mean(1))
+
+
+def test_transformer_linears_data_aware(seed):
+    model = TinyEncoder().eval()
+    tokens = [torch.randn(4, 10, 12) for _ in range(3)]
+    new, plan, report = rankprune.decompose(model, rank_ratio=0.25, data=tokens, include=["mlp.*", "attn.*"],
+                                            progress=False)
+    assert set(plan["layers"]) == {"mlp.0", "mlp.2"}
+    assert all(e["method"] == "data-aware" for e in report["layers"].values())
+    assert "MultiheadAttention" in report["skipped"]["attn.out_proj"]
+    with pytest.raises(ValueError, match="attn.out_proj.*MultiheadAttention"):
+        rankprune.decompose(model, ranks={"attn.out_proj": 4}, progress=False)
+    with torch.no_grad():
+        assert new(tokens[0]).shape == (4, 5)
+
+
+def test_gpt2_conv1d_and_tied_head(seed):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    batches = [{"input_ids": torch.randint(0, 50, (2, 12))} for _ in range(3)]
+    new, plan, report = rankprune.decompose(model, rank_ratio=0.25, data=batches, exclude="*.attn.c_proj",
+                                            progress=False)
+    conv1d = type(model.transformer.h[0].mlp.c_fc)
+    assert type(conv1d).__name__ != "Conv1D" and conv1d.__name__ == "Conv1D"
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj"} <= set(
+        plan["layers"])
+    assert not any(name.endswith("attn.c_proj") for name in plan["layers"])
+    assert "tied" in report["skipped"]["lm_head"]
+    # a Conv1D weight ([in, out]) of rank 8 is reproduced at rank 8: the transposed weight was factored
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.copy_(torch.randn(32, 8) @ torch.randn(8, 128))
+    exact, _, _ = rankprune.decompose(model, ranks={"transformer.h.0.mlp.c_fc": 8}, progress=False)
+    assert isinstance(exact.transformer.h[0].mlp.c_fc, LowRankLinear)
+    with torch.no_grad():
+        x = torch.randn(2, 5, 32)
+        torch.testing.assert_close(exact.transformer.h[0].mlp.c_fc(x), model.transformer.h[0].mlp.c_fc(x),
+                                   rtol=1e-4, atol=1e-4)
+    rebuilt = rankprune.apply_plan(transformers.GPT2LMHeadModel(config).eval(), json.loads(json.dumps(plan)))
+    rebuilt.load_state_dict(new.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**batches[0]).logits, new(**batches[0]).logits)
+
+
+class TwoBranches(nn.Module):
+    """Two identical convs on the same input; the second one's output is scaled down by 100 before the sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 16, 3, padding=1)
+        self.b = nn.Conv2d(8, 16, 3, padding=1)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight)
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x):
+        return self.a(x) + 0.01 * self.b(x)
+
+
+def test_measured_sensitivity_weighs_the_allocation(seed):
+    # Same layer, same inputs, same output-error curves: only the measured sensitivity tells them apart, and
+    # the budget goes into the branch whose errors barely reach the output.
+    model = TwoBranches().eval()
+    images = [torch.randn(2, 8, 8, 8) for _ in range(2)]
+    _, plan, report = rankprune.decompose(model, target_flops=0.7, data=images, min_rank=1, progress=False)
+    assert set(plan["layers"]) == {"b"} and report["layers"]["b"]["sensitivity"] < 1e-3
+    _, plan, unweighted = rankprune.decompose(model, target_flops=0.7, data=images, min_rank=1, sensitivity=False,
+                                              progress=False)
+    assert "a" in plan["layers"] and all(e["sensitivity"] == 1.0 for e in unweighted["layers"].values())
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_small_ranks_of_large_layers_use_the_randomized_svd(with_data, seed, monkeypatch):
+    # rank 16 of a 300 x 512 weight: ops.svd_lowrank (not the full ops.svd), within 1% of the optimal error
+    calls = []
+    svd_lowrank = rankprune.ops.svd_lowrank
+    monkeypatch.setattr(rankprune.ops, "svd_lowrank", lambda *a, **k: calls.append(a[0].shape) or svd_lowrank(*a, **k))
+    model = nn.Sequential(nn.Linear(512, 300))
+    with torch.no_grad():
+        decay = torch.logspace(0, -3, 300)
+        u, _ = torch.linalg.qr(torch.randn(300, 300))
+        v, _ = torch.linalg.qr(torch.randn(512, 300))
+        model[0].weight.copy_((u * decay) @ v.T)
+    data = [torch.randn(64, 512) for _ in range(12)] if with_data else None
+    new, _, report = rankprune.decompose(model, ranks={"0": 16}, data=data, progress=False)
+    assert calls == [(300, 512)]
+    W = model[0].weight.detach().double()
+    residual = W - new[0].dense_weight().detach().double()
+    if with_data:
+        X = torch.cat(data).double().T
+        optimal = rankprune.ops.lowrank_error_reference(W @ torch.linalg.cholesky(X @ X.T), 16)
+        assert float((residual @ X).norm()) <= 1.01 * float(optimal)
+    else:
+        assert float(residual.norm()) <= 1.01 * float(rankprune.ops.lowrank_error_reference(W, 16))
+        s2 = torch.linalg.svdvals(W) ** 2
+        exact = float(s2[:16].sum() / s2.sum())  # the randomized values can only underestimate it
+        assert 0.97 * exact <= report["layers"]["0"]["energy_kept"] <= exact * (1 + 1e-9)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import rankprune.ops as ops
+from rankprune.ops import _svd as svd_module
 from conftest import devices
 
 
@@ -41,10 +42,34 @@ def _check_svd(A, U, S, V, rtol=1e-5):
 # ---- svd ------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["kernel", "library"])
+def svd_route(request, monkeypatch):
+    """Run an ``ops.svd`` test through rankprune's kernel at every size, then through torch.linalg.svd at
+    every size (the two sides of the size dispatch)."""
+    limit = 10**9 if request.param == "kernel" else 0
+    monkeypatch.setattr(svd_module, "SVD_KERNEL_MAX_K", {"cpu": limit, "cuda": limit})
+    return request.param
+
+
+@pytest.mark.parametrize("device", devices())
+def test_svd_dispatches_by_size(seed, device, monkeypatch):
+    # up to SVD_KERNEL_MAX_K the kernel runs (torch.linalg.svd is never called), beyond it torch.linalg.svd
+    limit = svd_module.SVD_KERNEL_MAX_K[torch.device(device).type]
+    calls = []
+    library = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(a[0].shape) or library(*a, **k))
+    for m, n in ((limit, limit), (3 * limit, limit), (limit + 1, limit + 1), (limit + 1, 2 * limit + 5)):
+        A = torch.randn(2, m, n, device=device)
+        _check_svd(A, *ops.svd(A))
+        assert len(calls) == (min(m, n) > limit), (m, n, calls)
+        calls.clear()
+
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("shape", [(7, 1, 1), (6, 3, 3), (5, 7, 4), (5, 4, 7), (2, 3, 16, 16), (3, 33, 33),
                                    (2, 64, 64), (2, 40, 9), (2, 150, 40), (2, 40, 150)])
-def test_svd_gaussian(seed, device, shape):
+def test_svd_gaussian(seed, device, shape, svd_route):
     A = torch.randn(*shape, device=device)
     _check_svd(A, *ops.svd(A))
 
@@ -52,14 +77,14 @@ def test_svd_gaussian(seed, device, shape):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("kind", ["poly", "poly2", "exp", "graded"])
 @pytest.mark.parametrize("mn", [(24, 24), (80, 20), (20, 80)])
-def test_svd_spectra(seed, device, kind, mn):
+def test_svd_spectra(seed, device, kind, mn, svd_route):
     A = _decaying((3,), *mn, kind, dtype=torch.float32, device=device)
     _check_svd(A, *ops.svd(A))
 
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("mnr", [(20, 12, 3), (12, 20, 5), (120, 30, 4), (16, 16, 0)])
-def test_svd_rank_deficient(seed, device, mnr):
+def test_svd_rank_deficient(seed, device, mnr, svd_route):
     m, n, r = mnr
     A = torch.randn(4, m, r, device=device) @ torch.randn(4, r, n, device=device)
     A[0, :, 0] = 0  # an exactly zero column as well
@@ -72,7 +97,7 @@ def test_svd_rank_deficient(seed, device, mnr):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_svd_nan_is_isolated(device):
+def test_svd_nan_is_isolated(device, svd_route):
     A = torch.randn(3, 9, 6, device=device)
     A[1, 4, 2] = float("nan")
     B = torch.randn(2, 300, 20, device=device)  # the QR-preconditioned path
@@ -85,7 +110,7 @@ def test_svd_nan_is_isolated(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_svd_strides(seed, device):
+def test_svd_strides(seed, device, svd_route):
     base = torch.randn(5, 30, 40, device=device)
     for A in (base.mT, base[:, ::2, 1::3], base.permute(1, 0, 2)[:, :, :20], base[::2].expand(2, 3, 30, 40)):
         _check_svd(A, *ops.svd(A))
@@ -93,14 +118,14 @@ def test_svd_strides(seed, device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_svd_dtypes(seed, device, dtype):
+def test_svd_dtypes(seed, device, dtype, svd_route):
     A = torch.randn(3, 20, 12, device=device).to(dtype)
     U, S, V = ops.svd(A)
     _check_svd(A, U, S, V, rtol=1e-12 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("device", devices())
-def test_svd_empty(device):
+def test_svd_empty(device, svd_route):
     for shape in [(0, 5, 3), (2, 0, 4), (2, 4, 0), (3, 0, 0)]:
         A = torch.randn(*shape, device=device)
         U, S, V = ops.svd(A)

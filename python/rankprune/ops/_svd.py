@@ -9,18 +9,48 @@ from . import _library  # noqa: F401  (registers the schemas)
 from ._svdvals import _check_float, _real_dtype
 
 
+# Largest min(m, n) that the batched Jacobi kernel takes; larger matrices go to LAPACK / cuSOLVER through
+# torch.linalg.svd, which is faster there. CPU: from benchmarks/bench_svd_dispatch.py (1 and 2 threads,
+# side by side). CUDA: not measured yet (no GPU run); the kernel keeps matrices up to its global-workspace
+# regime, where cuSOLVER's per-matrix gesvdj loop is not yet a clear winner.
+SVD_KERNEL_MAX_K = {"cpu": 32, "cuda": 256}
+
+
 def svd(A: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of every matrix of ``A [..., m, n]``: ``U [..., m, k]``, ``S [..., k]`` (descending),
     ``V [..., n, k]`` with ``k = min(m, n)`` and ``A = U diag(S) V^T``.
 
-    Any float dtype and strides; results are float32 (float64 for float64 input). One-sided Jacobi in
-    float64 arithmetic on chip (one CUDA block per matrix, shared memory when the matrix fits, a global
-    workspace beyond); tall or wide matrices with more than 4096 entries go through a Householder QR first
-    (SVD of the small R factor, then ``U = Q U_R`` by one batched GEMM). Zero singular values get
-    orthonormal completions of U and V; a matrix holding NaN or Inf gives NaN outputs (the rest of the
-    batch is unaffected). No autograd.
+    Any float dtype and strides; results are float32 (float64 for float64 input). Up to
+    ``k = SVD_KERNEL_MAX_K[device]``: one-sided Jacobi in float64 arithmetic on chip (one CUDA block per
+    matrix, shared memory when the matrix fits, a global workspace beyond); tall or wide matrices with more
+    than 4096 entries go through a Householder QR first (SVD of the small R factor, then ``U = Q U_R`` by one
+    batched GEMM). Larger matrices go to ``torch.linalg.svd`` (LAPACK gesdd / cuSOLVER) in the result dtype,
+    which is faster there (``benchmarks/bench_svd_dispatch.py``). Zero singular values get orthonormal
+    completions of U and V; a matrix holding NaN or Inf gives NaN outputs (the rest of the batch is
+    unaffected). No autograd.
     """
+    if isinstance(A, Tensor) and A.dim() >= 2 and A.is_floating_point() and not A.is_complex():
+        limit = SVD_KERNEL_MAX_K.get(A.device.type)
+        if limit is not None and min(A.shape[-2], A.shape[-1]) > limit:
+            return _library_svd(A)
     return torch.ops.rankprune.svd.default(A)
+
+
+def _library_svd(A: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``svd`` through ``torch.linalg.svd``, with the op's dtypes and its NaN behaviour (a matrix holding NaN
+    or Inf gives NaN outputs, the others are unaffected)."""
+    X = A.detach().to(_real_dtype(A.dtype))
+    bad = ~torch.isfinite(X).all(-1).all(-1)
+    has_bad = bool(bad.any())
+    if has_bad:
+        X = X.masked_fill(bad[..., None, None], 0.0)
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    V = Vh.mT
+    if has_bad:
+        nan = float("nan")
+        U, S, V = (U.masked_fill(bad[..., None, None], nan), S.masked_fill(bad[..., None], nan),
+                   V.masked_fill(bad[..., None, None], nan))
+    return U.contiguous(), S, V.contiguous()
 
 
 def orthonormalize(A: Tensor) -> Tensor:
