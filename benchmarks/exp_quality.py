@@ -202,7 +202,7 @@ class Unit:
                  f"{self.base_stats['params'] / 1e3:.1f} k params")
         for family in args.families:
             path = self.family_path(family)
-            if args.resume and os.path.isfile(path):
+            if (args.resume or args.saved_only) and os.path.isfile(path):
                 with open(path) as f:
                     done = json.load(f)
                 self.log(f"{family}: {len(done)} runs read back from {path} (commit {done[0]['commit']})")
@@ -340,7 +340,8 @@ def _source_digest(family: str) -> str:
 
 
 def run_unit(setting: Setting, seed: int, args, threads: Optional[int], commit: str) -> List[dict]:
-    """A worker's job (module level so that a spawned process can run it)."""
+    """A worker's job (module level so that a spawned process can run it). With ``--saved-only`` a unit
+    with a family not saved yet is left out whole (so that every mean covers the same seeds) and gives []."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -348,6 +349,11 @@ def run_unit(setting: Setting, seed: int, args, threads: Optional[int], commit: 
     if args.baselines_only:
         unit.baseline()
         return []
+    if args.saved_only:
+        missing = [f for f in args.families if not os.path.isfile(unit.family_path(f))]
+        if missing:
+            unit.log(f"left out: {', '.join(missing)} not saved yet (--saved-only)")
+            return []
     return unit.run(commit)
 
 
@@ -459,7 +465,7 @@ def _cell(e: dict, stage: str) -> str:
 
 
 def markdown(summary: List[dict], targets: List[dict], trp: Optional[dict], settings: Dict[str, Setting],
-             reduced: List[str], wall_s: float, quick: bool) -> str:
+             reduced: List[str], left_out: List[str], wall_s: float, quick: bool) -> str:
     lines = [
         "Built-in data (`rankprune.data.synthetic_cifar`); every compressed model evaluated **raw**, after BN "
         "**recalibration** (`rankprune.recalibrate` on the calibration images: what `prune(data=...)` and "
@@ -472,6 +478,7 @@ def markdown(summary: List[dict], targets: List[dict], trp: Optional[dict], sett
         "",
         f"Reduced against the issue: {' '.join(reduced)}." if not quick else f"**{reduced[0]}.**",
         "",
+        *([f"Left out (not finished in time): {', '.join(left_out)}.", ""] if left_out else []),
         "**Targets (issue 12)**",
         "",
     ]
@@ -486,7 +493,7 @@ def markdown(summary: List[dict], targets: List[dict], trp: Optional[dict], sett
         if not mine:
             continue
         base = mine[0]
-        lines += [f"**{model}** (width {s.width}), seeds {list(s.seeds)}: baseline {_cell(base, 'raw')}%, "
+        lines += [f"**{model}** (width {s.width}), seeds {base['seeds']}: baseline {_cell(base, 'raw')}%, "
                   f"{base['flops'] / 1e6:.2f} MFLOPs, {base['params'] / 1e3:.1f} k params "
                   f"({s.epochs} epochs on {s.train_size} images; test {s.test_size}, fine-tune subset "
                   f"{s.finetune_size}, calibration {s.calib_images} images)", "",
@@ -520,7 +527,7 @@ def markdown(summary: List[dict], targets: List[dict], trp: Optional[dict], sett
 
 def plot(summary: List[dict], settings: Dict[str, Setting], path: str, title: str) -> Optional[str]:
     """Accuracy against FLOPs kept: one column per model, rows recalibrated / fine-tuned; None without
-    matplotlib."""
+    matplotlib or without results."""
     from rankprune import plots
 
     if not plots.available():
@@ -528,6 +535,8 @@ def plot(summary: List[dict], settings: Dict[str, Setting], path: str, title: st
     import matplotlib.pyplot as plt
 
     present = [m for m in settings if any(e["model"] == m for e in summary)]
+    if not present:
+        return None
     fig, axes = plt.subplots(2, len(present), figsize=(4.6 * len(present), 7.6), squeeze=False)
     methods = list(CRITERIA) + [TP_METHOD] + list(DECOMPOSITIONS)
     colors = dict(zip(methods, plt.get_cmap("tab10").colors))
@@ -581,6 +590,9 @@ def parse(argv):
                    help="read back the families of runs (pruning, decomposition of one model and seed) that an "
                         "earlier run with the same settings finished (kept under --cache/units; each run records "
                         "its commit) instead of running them again")
+    p.add_argument("--saved-only", action="store_true",
+                   help="like --resume, but run nothing: a (model, seed) whose families are not all saved is left "
+                        "out (and named in the output)")
     p.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", ".cache", "exp_quality"),
                    help="folder of cached baselines (default benchmarks/.cache/exp_quality)")
     p.add_argument("--device", default="cpu")
@@ -633,7 +645,9 @@ def main(argv=None) -> int:
     reduced = reductions(args.settings, args.quick)
     if args.jobs > 1:
         env["device"] += f", {args.jobs} worker processes of 1 thread"
-    md = markdown(summary, targets, trp, args.settings, reduced, wall_s, args.quick)
+    done = {(r["model"], r["seed"]) for r in runs}
+    left_out = [f"{s.model} seed {seed}" for s, seed in jobs if (s.model, seed) not in done]
+    md = markdown(summary, targets, trp, args.settings, reduced, left_out, wall_s, args.quick)
     print("\n" + md)
     name = "exp_quality" + ("-quick" if args.quick else "")
     config = {"settings": {m: dataclasses.asdict(s) for m, s in args.settings.items()}, "families": args.families,
@@ -641,14 +655,14 @@ def main(argv=None) -> int:
               "batch_size": BATCH_SIZE, "lr": LR, "finetune_lr": FINETUNE_LR, "weight_decay": WEIGHT_DECAY,
               "jobs": args.jobs, "command": " ".join(["python", "benchmarks/exp_quality.py"] + sys.argv[1:])}
     payload = {"experiment": "quality", "environment": env, "config": config, "quick": args.quick,
-               "reduced": reduced, "targets": targets, "trp_reference": trp, "summary": summary, "runs": runs,
+               "reduced": reduced, "left_out": left_out, "targets": targets, "trp_reference": trp, "summary": summary, "runs": runs,
                "wall_s": wall_s, "markdown": md}
     path = write_results(name, payload, args.out)
     with open(path[: -len(".json")] + ".md", "w") as f:
         f.write(md)
     png = plot(summary, args.settings, os.path.join(args.out, f"{name}-{env['device_type']}.png"),
                f"exp_quality: accuracy against FLOPs kept ({env['device']})")
-    print(f"wrote {path}, its .md" + (f" and {png}" if png else " (no plot: matplotlib missing)"))
+    print(f"wrote {path}, its .md" + (f" and {png}" if png else " (no plot: nothing to draw, or no matplotlib)"))
     return 0
 
 
