@@ -187,7 +187,7 @@ class Unit:
         return {"model": self.s.model, "width": self.s.width, "seed": self.seed, "family": family,
                 "method": method, "target_flops": target, **extra}
 
-    def run(self, commit: str) -> List[dict]:
+    def run(self, commit: str, families: Sequence[str]) -> List[dict]:
         """The baseline row, then each family's rows: computed, or with ``--resume`` read back from the
         family's file under ``--cache/units`` when an earlier run finished it with the same settings."""
         args = self.args
@@ -200,7 +200,7 @@ class Unit:
                          commit=commit)]
         self.log(f"baseline {100 * acc:.2f}%, {self.base_stats['flops'] / 1e6:.2f} MFLOPs, "
                  f"{self.base_stats['params'] / 1e3:.1f} k params")
-        for family in args.families:
+        for family in families:
             path = self.family_path(family)
             if (args.resume or args.saved_only) and os.path.isfile(path):
                 with open(path) as f:
@@ -340,8 +340,9 @@ def _source_digest(family: str) -> str:
 
 
 def run_unit(setting: Setting, seed: int, args, threads: Optional[int], commit: str) -> List[dict]:
-    """A worker's job (module level so that a spawned process can run it). With ``--saved-only`` a unit
-    with a family not saved yet is left out whole (so that every mean covers the same seeds) and gives []."""
+    """A worker's job (module level so that a spawned process can run it). With ``--saved-only`` only the
+    saved families are read (the others are named in the baseline row's ``"left_out"``), and a unit with
+    none gives []."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -349,12 +350,16 @@ def run_unit(setting: Setting, seed: int, args, threads: Optional[int], commit: 
     if args.baselines_only:
         unit.baseline()
         return []
+    families = args.families
     if args.saved_only:
-        missing = [f for f in args.families if not os.path.isfile(unit.family_path(f))]
-        if missing:
-            unit.log(f"left out: {', '.join(missing)} not saved yet (--saved-only)")
+        families = [f for f in args.families if os.path.isfile(unit.family_path(f))]
+        if len(families) < len(args.families):
+            unit.log(f"left out: {', '.join(f for f in args.families if f not in families)} not saved (--saved-only)")
+        if not families:
             return []
-    return unit.run(commit)
+    rows = unit.run(commit, families)
+    rows[0]["left_out"] = [f for f in args.families if f not in families]
+    return rows
 
 
 # ------------------------------------------------------------------------------------------- summaries
@@ -478,7 +483,7 @@ def markdown(summary: List[dict], targets: List[dict], trp: Optional[dict], sett
         "",
         f"Reduced against the issue: {' '.join(reduced)}." if not quick else f"**{reduced[0]}.**",
         "",
-        *([f"Left out (not finished in time): {', '.join(left_out)}.", ""] if left_out else []),
+        *([f"Left out (not finished in the time available): {', '.join(left_out)}.", ""] if left_out else []),
         "**Targets (issue 12)**",
         "",
     ]
@@ -645,8 +650,9 @@ def main(argv=None) -> int:
     reduced = reductions(args.settings, args.quick)
     if args.jobs > 1:
         env["device"] += f", {args.jobs} worker processes of 1 thread"
-    done = {(r["model"], r["seed"]) for r in runs}
-    left_out = [f"{s.model} seed {seed}" for s, seed in jobs if (s.model, seed) not in done]
+    done = {(r["model"], r["seed"]): r.get("left_out", []) for r in runs if r["family"] == "baseline"}
+    left_out = [f"{s.model} seed {seed}" + (f" ({', '.join(done[key])})" if key in done else "")
+                for s, seed in jobs for key in [(s.model, seed)] if key not in done or done[key]]
     md = markdown(summary, targets, trp, args.settings, reduced, left_out, wall_s, args.quick)
     print("\n" + md)
     name = "exp_quality" + ("-quick" if args.quick else "")
