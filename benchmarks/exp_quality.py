@@ -661,7 +661,8 @@ def main(argv=None) -> int:
               "batch_size": BATCH_SIZE, "lr": LR, "finetune_lr": FINETUNE_LR, "weight_decay": WEIGHT_DECAY,
               "jobs": args.jobs, "command": " ".join(["python", "benchmarks/exp_quality.py"] + sys.argv[1:])}
     payload = {"experiment": "quality", "environment": env, "config": config, "quick": args.quick,
-               "reduced": reduced, "left_out": left_out, "targets": targets, "trp_reference": trp, "summary": summary, "runs": runs,
+               "reduced": reduced, "left_out": left_out, "targets": targets, "trp_reference": trp, "summary": summary,
+               "runs": runs,
                "wall_s": wall_s, "markdown": md}
     path = write_results(name, payload, args.out)
     with open(path[: -len(".json")] + ".md", "w") as f:
