@@ -393,6 +393,15 @@ def summarize(runs: List[dict]) -> List[dict]:
     return out
 
 
+def worker_seconds(runs: List[dict]) -> Dict[str, float]:
+    """Seconds the runs took to compute, whether in this invocation or read back: compression, scoring (once
+    per model, seed and criterion) and measurement; and the baselines' training."""
+    compress = sum(r.get("prune_s", 0.0) + r.get("decompose_s", 0.0) + r.get("measure_s", 0.0) for r in runs)
+    scoring_s = {(r["model"], r["seed"], r["method"]): r["scoring_s"] for r in runs if "scoring_s" in r}
+    baselines = sum(r.get("train_s", 0.0) for r in runs if r["family"] == "baseline")
+    return {"compress": compress + sum(scoring_s.values()), "baselines": baselines}
+
+
 def _find(summary: List[dict], model: str, family: str, method: str, target: float) -> Optional[dict]:
     for e in summary:
         if (e["model"], e["family"], e["method"]) == (model, family, method) and e["target_flops"] == target:
@@ -470,7 +479,8 @@ def _cell(e: dict, stage: str) -> str:
 
 
 def markdown(summary: List[dict], targets: List[dict], trp: Optional[dict], settings: Dict[str, Setting],
-             reduced: List[str], left_out: List[str], wall_s: float, quick: bool) -> str:
+             reduced: List[str], left_out: List[str], worker_s: Dict[str, float], wall_s: float,
+             quick: bool) -> str:
     lines = [
         "Built-in data (`rankprune.data.synthetic_cifar`); every compressed model evaluated **raw**, after BN "
         "**recalibration** (`rankprune.recalibrate` on the calibration images: what `prune(data=...)` and "
@@ -526,7 +536,10 @@ def markdown(summary: List[dict], targets: List[dict], trp: Optional[dict], sett
                   f"{c['epochs']} epochs on {c['train_size']} images with TRP, seeds {c['seeds']}, test "
                   f"{c['test_size']} images; decomposed by `finalize()`, no fine-tuning), compare its drop "
                   "against its own plain model.", ""]
-    lines.append(f"Wall time {wall_s / 60:.1f} min; plot: `exp_quality{'-quick' if quick else ''}-<device>.png`.")
+    lines.append(f"Time: {worker_s['compress'] / 60:.1f} worker-minutes of compression, scoring and measurement "
+                 f"(one thread per worker) and {worker_s['baselines'] / 60:.1f} of baseline training (cached "
+                 f"across runs); this invocation took {wall_s / 60:.1f} min of wall time. Plot: "
+                 f"`exp_quality{'-quick' if quick else ''}-<device>.png`.")
     return "\n".join(lines) + "\n"
 
 
@@ -653,7 +666,7 @@ def main(argv=None) -> int:
     done = {(r["model"], r["seed"]): r.get("left_out", []) for r in runs if r["family"] == "baseline"}
     left_out = [f"{s.model} seed {seed}" + (f" ({', '.join(done[key])})" if key in done else "")
                 for s, seed in jobs for key in [(s.model, seed)] if key not in done or done[key]]
-    md = markdown(summary, targets, trp, args.settings, reduced, left_out, wall_s, args.quick)
+    md = markdown(summary, targets, trp, args.settings, reduced, left_out, worker_seconds(runs), wall_s, args.quick)
     print("\n" + md)
     name = "exp_quality" + ("-quick" if args.quick else "")
     config = {"settings": {m: dataclasses.asdict(s) for m, s in args.settings.items()}, "families": args.families,
@@ -663,7 +676,7 @@ def main(argv=None) -> int:
     payload = {"experiment": "quality", "environment": env, "config": config, "quick": args.quick,
                "reduced": reduced, "left_out": left_out, "targets": targets, "trp_reference": trp, "summary": summary,
                "runs": runs,
-               "wall_s": wall_s, "markdown": md}
+               "worker_s": worker_seconds(runs), "wall_s": wall_s, "markdown": md}
     path = write_results(name, payload, args.out)
     with open(path[: -len(".json")] + ".md", "w") as f:
         f.write(md)
