@@ -16,7 +16,7 @@ def register(sub) -> None:
                     "criterion won and why, and write a report folder (JSON, Markdown, PNG plots, the "
                     "baseline's weights, plans). A few minutes on 2 CPU cores (at most 10); --quick: about one.")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: fewer images and epochs, one ratio, two criteria (~1 min; accuracies stay low)")
+                   help="a smoke run: fewer images and epochs, two criteria (~1 min; accuracies stay low)")
     p.add_argument("--trp", action="store_true", help="also train with Trained Rank Pruning and decompose")
     p.add_argument("--model", help="built-in CIFAR model (default resnet20)")
     p.add_argument("--width", type=float, help="channel width multiplier of the model (default 0.5)")
@@ -27,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--train-size", type=int, help="training images (default 8000; --quick 1000)")
     p.add_argument("--test-size", type=int, help="test images (default 2000; --quick 500)")
     p.add_argument("--batch-size", type=int, help="training batch size (default 100)")
-    p.add_argument("--ratios", help="comma-separated channel ratios to prune, each in (0, 1) (default 0.3,0.5)")
+    p.add_argument("--ratios", help="comma-separated channel ratios to prune, each in (0, 1) (default 0.5)")
     p.add_argument("--criteria", help="comma-separated pruning criteria (rankprune.scoring names; default "
                                       "energy,l1,bn_scale,taylor,random; --quick energy,l1)")
     p.add_argument("--calibration-batches", type=int,
