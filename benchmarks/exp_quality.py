@@ -105,7 +105,7 @@ def reductions(settings: Dict[str, Setting], quick: bool) -> List[str]:
     if quick:
         return ["--quick smoke run: tiny models, one level each, too little training for the accuracies "
                 "to mean anything; it checks the pipeline and the FLOP accounting only"]
-    lines = ["CPU budget (2 shared cores, ~35 min for the whole run): "]
+    lines = ["CPU budget (2 shared cores, ~35 min for the whole run):"]
     for s in settings.values():
         lines.append(
             f"{s.model} (width {s.width}): {len(s.seeds)} seed(s) {list(s.seeds)}"
@@ -491,7 +491,7 @@ def markdown(summary: List[dict], targets: List[dict], trp: Optional[dict], sett
         "`decompose(data=..., ranks=<the weight SVD's ranks>)` (new factors, same ranks: no allocation); "
         "+ allocation = `decompose(data=..., target_flops=...)`. Accuracy in %, mean ± std over seeds.",
         "",
-        f"Reduced against the issue: {' '.join(reduced)}." if not quick else f"**{reduced[0]}.**",
+        f"Reduced against the issue: {reduced[0]} {'; '.join(reduced[1:])}." if not quick else f"**{reduced[0]}.**",
         "",
         *([f"Left out (not finished in the time available): {', '.join(left_out)}.", ""] if left_out else []),
         "**Targets (issue 12)**",
