@@ -135,3 +135,51 @@ def test_run_all_dry_run_lists_every_step(capsys, monkeypatch):
         if script.startswith("bench_") and script.endswith(".py"):
             assert script in out
     assert "bench model --model resnet20" in out and "bench layer" in out
+
+
+def _quality_runs():
+    """Hand-made exp_quality runs on ResNet-20 whose targets are known."""
+    def run(family, method, target, raw, recal, ft, seed=0, **extra):
+        return {"model": "resnet20", "width": 1.0, "seed": seed, "family": family, "method": method,
+                "target_flops": target, "flops": 100, "params": 10, "flops_kept": target, "params_kept": target,
+                "raw": raw, "recalibrated": recal, "fine-tuned": ft, **extra}
+
+    ranks = {"ranks": {"a": 4, "b": 8}, "full_ranks": {"a": 16, "b": 16}, "min_ranks": {"a": 4, "b": 4}}
+    exp = _script("exp_quality")
+    return exp, [
+        run("baseline", "baseline", 1.0, 0.90, None, None),
+        run("decompose", "data-aware + allocation", 0.8, 0.80, 0.885, 0.89, **ranks),  # drop 1.5: met
+        run("decompose", "data-aware + allocation", 0.5, 0.70, 0.79, 0.88, **ranks),  # drop 11 / 2: not met
+        run("prune", "l1", 0.6, 0.2, 0.60, 0.80),
+        run("prune", "bn_scale", 0.6, 0.3, 0.70, 0.82),
+        run("prune", exp.TP_METHOD, 0.6, 0.3, 0.65, 0.85),
+    ]
+
+
+def test_exp_quality_targets_known_outcomes():
+    exp, runs = _quality_runs()
+    targets = exp.check_targets(exp.summarize(runs), runs)
+    assert [t["met"] for t in targets] == [True, False, False, True, True, False]
+    assert "drop +1.50 points" in targets[0]["value"]
+    assert "bn_scale 70.00% vs Torch-Pruning 65.00%" in targets[4]["value"]
+
+
+def test_exp_quality_flags_a_layer_below_min_rank():
+    exp, runs = _quality_runs()
+    runs[1] = dict(runs[1], ranks={"a": 3, "b": 8})
+    targets = exp.check_targets(exp.summarize(runs), runs)
+    assert targets[3]["met"] is False and "1 below min_rank" in targets[3]["value"]
+
+
+def test_exp_quality_torch_pruning_meets_the_flops():
+    from rankprune import models, report
+
+    exp = _script("exp_quality")
+    torch.manual_seed(0)
+    model = models.build("resnet20", width=0.25).eval()
+    example = torch.zeros(1, 3, 32, 32)
+    pruned, ratio = exp.torch_pruning_default(model, example, 0.6, tolerance=0.02)
+    kept = report.count_flops(pruned, (example,)) / report.count_flops(model, (example,))
+    assert abs(kept / 0.6 - 1) <= 0.02 and 0 < ratio < 1
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in models.build("resnet20", width=0.25)
+                                                             .parameters())  # the caller's model untouched

@@ -1,23 +1,32 @@
 """The main job, end to end on the built-in data: what ``rankprune demo`` runs.
 
-1. train a small CIFAR ResNet on ``rankprune.data.synthetic_cifar`` (the baseline);
-2. score its channels by the energy of their feature maps (and by the other criteria, for comparison);
-3. prune with each criterion at each ratio, fine-tune briefly, evaluate;
-4. decompose the baseline into low-rank layers within a FLOP budget (``decompose_flops``; the ranks are
-   spread over the layers by the spectral energy they discard), fine-tune;
+1. train a small CIFAR ResNet on ``rankprune.data.synthetic_cifar`` (the baseline; its weights are saved as
+   ``plans/baseline.pt`` next to the compressed variants);
+2. score its channels by each criterion (energy, l1, bn_scale, taylor, random by default) on a few
+   calibration batches of the training images;
+3. prune with each criterion at each ratio and measure the pruned model three times: as it comes out of
+   ``prune``, after BatchNorm recalibration on the calibration batches (``rankprune.recalibrate``: what
+   ``prune(data=...)`` does by default) and after a short fine-tune;
+4. decompose the baseline into low-rank layers within a FLOP budget (``decompose_flops``) twice, measured the
+   same way: data-aware (``decompose(data=...)``: each layer factored to minimise the error of its output on
+   the calibration batches, ranks allocated across layers by that output error) and, for comparison, from
+   the weights alone (weight SVD, ``decompose()`` without data);
 5. with ``trp=True``: continue training the baseline with Trained Rank Pruning (weights kept near their
-   ``energy`` rank), decompose it at the trained ranks, fine-tune;
+   ``energy`` rank), decompose it at the trained ranks, recalibrate, fine-tune;
 6. measure inference latency of every variant on the CPU (and the GPU when there is one);
-7. write a report folder: ``results.json``, ``report.md``, ``accuracy_vs_flops.png``, ``layers.png`` and, for
-   every compressed variant, its plan (``plans/<variant>.json``) and weights (``plans/<variant>.pt``, loads
-   with ``torch.load(..., weights_only=True)`` after ``rankprune.apply_plan``).
+7. write a report folder: ``results.json``, ``report.md`` (which criterion won, and why),
+   ``accuracy_vs_flops.png``, ``layers.png`` and ``plans/``: the baseline's weights (``baseline.pt``) and,
+   for every compressed variant, its plan (``<variant>.json``) and weights (``<variant>.pt``, loads with
+   ``torch.load(..., weights_only=True)`` after ``rankprune.apply_plan``).
 
-The demo trains because it is the user here (the library's verbs never own a loop); it uses the loop of
-``rankprune trp`` (``rankprune.training.train``: SGD, cosine schedule, TRP's two calls around the step).
+The demo trains because it is the user here (the library's verbs never own a loop); it uses
+``rankprune.training`` (``train``: SGD, cosine schedule, TRP's two calls around the step; ``evaluate``;
+``recalibrate``).
 """
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -26,8 +35,27 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
-_CRITERIA = ("energy", "l1", "random")
+_CRITERIA = ("energy", "l1", "bn_scale", "taylor", "random")
 _WEIGHT_DECAY = 5e-4  # the usual CIFAR ResNet setting
+# Why a criterion can win: what it looks at (for the report's verdict).
+_WHAT_IT_SEES = {
+    "energy": "keeps the channels whose feature maps carry the most energy (nuclear norm of the H x W map, "
+              "averaged over the calibration images): large, structured responses",
+    "hrank": "keeps the channels whose feature maps have the highest rank on the calibration images",
+    "weight_energy": "keeps the filters with the largest nuclear norm (data-free)",
+    "l1": "keeps the filters with the largest L1 norm (data-free): the weights training made large",
+    "l2": "keeps the filters with the largest L2 norm (data-free)",
+    "bn_scale": "keeps the channels whose BatchNorm scale |gamma| is largest (data-free): |gamma| is the "
+                "channel's standard deviation after normalisation, its variation over images and positions, "
+                "which is what the next layers lose when it goes (recalibration re-centres the constant part), "
+                "and which a filter norm cannot see because BatchNorm undoes the filter's scale",
+    "taylor": "keeps the channels whose removal would change the loss most to first order, measured on "
+              "labelled calibration batches: the only criterion here that looks at the labels",
+    "random": "keeps a random subset of channels: when it wins, the other criteria did not single out the "
+              "channels this model needs at this ratio, and fine-tuning repaired the damage either way",
+}
+_DATA_AWARE, _WEIGHT_SVD = "decomposed", "decomposed-svd"
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "later")
 
 
 @dataclasses.dataclass
@@ -44,13 +72,13 @@ class DemoConfig:
     finetune_epochs: int = 1
     finetune_lr: float = 0.02
     criteria: Sequence[str] = _CRITERIA
-    ratios: Sequence[float] = (0.3, 0.5)
+    ratios: Sequence[float] = (0.5,)  # one ratio for five criteria keeps the run under 10 min on 2 CPU cores
     decompose_flops: float = 0.5
     energy: float = 0.9
     trp: bool = False
     trp_epochs: int = 2
     trp_lam: float = 3e-4
-    calibration_batches: int = 4
+    calibration_batches: int = 8
     latency_batch_size: int = 1
     latency_repeats: int = 50
     device: str = "cpu"
@@ -61,14 +89,16 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
-        """About a minute on 2 CPU cores: fewer images and epochs, one ratio, two criteria."""
+        """About a minute on 2 CPU cores: fewer images and epochs, two criteria."""
         settings = dict(train_size=1000, test_size=500, epochs=3, finetune_epochs=1, criteria=("energy", "l1"),
-                        ratios=(0.5,), trp_epochs=1, calibration_batches=2, latency_repeats=20)
+                        trp_epochs=1, calibration_batches=2, latency_repeats=20)
         settings.update(overrides)
         return cls(**settings)
 
     def check(self) -> None:
         """Raise ValueError naming the first setting out of range."""
+        from rankprune.scoring import CRITERIA
+
         positive = ("train_size", "test_size", "batch_size", "epochs", "calibration_batches",
                     "latency_batch_size", "latency_repeats")
         for name in positive:
@@ -86,9 +116,9 @@ class DemoConfig:
             raise ValueError(f"decompose_flops must be in (0, 1], got {self.decompose_flops}")
         if not 0 < self.energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
-        unknown = [c for c in self.criteria if c not in _CRITERIA]
+        unknown = [c for c in self.criteria if c not in CRITERIA]
         if unknown:
-            raise ValueError(f"unknown criteria {unknown}; choose from {', '.join(_CRITERIA)}")
+            raise ValueError(f"unknown criteria {unknown}; choose from {', '.join(sorted(CRITERIA))}")
 
 
 class _Stages:
@@ -134,30 +164,46 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
     notes: List[str] = []
     variants: List[Dict[str, object]] = []
     built: Dict[str, nn.Module] = {}
+    reports: Dict[str, dict] = {}
 
     with stages("data"):
         train_set = data.synthetic_cifar("train", n=config.train_size, seed=config.seed)
         test_set = data.synthetic_cifar("test", n=config.test_size, seed=config.seed)
         train_loader = data.batch_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
         test_loader = data.batch_loader(test_set, 250)
-        example = next(iter(data.batch_loader(train_set, 1)))[0]
-        calibration = [x for x, _ in _first(data.batch_loader(train_set, config.batch_size), config.calibration_batches)]
+        example = next(iter(data.batch_loader(train_set, 1)))[0].to(device)
+        # Labelled batches: taylor needs the labels; recalibration and data-aware decomposition use the images.
+        calibration = [(x.to(device), y.to(device)) for x, y in
+                       _first(data.batch_loader(train_set, config.batch_size), config.calibration_batches)]
+
+    def save(name: str, model: nn.Module, plan: Optional[dict]) -> Dict[str, str]:
+        stem = os.path.join(config.out, "plans", name)
+        files = {}
+        if plan is not None:
+            with open(stem + ".json", "w") as f:
+                json.dump(plan, f, indent=1)
+            files["plan"] = os.path.relpath(stem + ".json", config.out)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, stem + ".pt")  # loads without a GPU
+        files["weights"] = os.path.relpath(stem + ".pt", config.out)
+        return files
 
     def add(name: str, model: nn.Module, stage: str, plan: Optional[dict] = None, **extra) -> None:
         model = model.to(device).eval()
-        stats = report.model_stats(model, (example.to(device),))
+        stats = report.model_stats(model, (example,))
         row = {"variant": name, "stage": stage, "params": int(stats["params"]), "flops": int(stats["flops"]),
-               "accuracy": evaluate(model, test_loader, device), **extra}
-        if plan is not None:
-            stem = os.path.join(config.out, "plans", name)
-            with open(stem + ".json", "w") as f:
-                json.dump(plan, f, indent=1)
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, stem + ".pt")  # loads without a GPU
-            row["plan"] = os.path.relpath(stem + ".json", config.out)
+               "accuracy": evaluate(model, test_loader, device), **extra, **save(name, model, plan)}
         variants.append(row)
         built[name] = model
         echo(f"    {name}: accuracy {100 * row['accuracy']:.1f}%, {row['params']:,} params, "
              f"{row['flops'] / 1e6:.1f} MFLOPs")
+
+    def recalibrate_and_finetune(name: str, model: nn.Module, stage: str, plan: dict, **extra) -> None:
+        """Measure a compressed model as it comes out, after BN recalibration, after fine-tuning."""
+        raw = evaluate(model, test_loader, device)
+        rankprune.recalibrate(model, calibration)
+        recalibrated = evaluate(model, test_loader, device)
+        _finetune(model, train_loader, config, device, name)
+        add(name, model, stage, plan, accuracy_raw=raw, accuracy_recalibrated=recalibrated, **extra)
 
     with stages(f"train baseline {config.model} (width {config.width}), {config.epochs} epochs"):
         baseline = models.build(config.model, num_classes=10, width=config.width)
@@ -165,42 +211,45 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
               progress=config.progress, desc="baseline")
         add("baseline", baseline, "train")
 
-    with stages("score channels by feature-map energy"):
-        energy_scores = rankprune.scoring.score(baseline, calibration, "energy", progress=config.progress)
+    scores = {}
+    with stages(f"score channels by {', '.join(config.criteria)} on {config.calibration_batches} calibration "
+                f"batch(es)"):
+        for criterion in config.criteria:
+            options = {"seed": config.seed} if criterion == "random" else {}
+            crit = rankprune.scoring.get(criterion, **options)
+            if hasattr(crit, "progress"):
+                crit.progress = config.progress
+            scores[criterion] = crit.scores(baseline, calibration if crit.needs_data else None)
 
+    steps = f"recalibrate BN, fine-tune {config.finetune_epochs} epoch(s)"
     for ratio in config.ratios:
         for criterion in config.criteria:
             name = f"pruned-{criterion}-{ratio:g}"
-            with stages(f"prune {ratio:.0%} of channels by {criterion}, fine-tune {config.finetune_epochs} epoch(s)"):
-                # Energy scores were computed once above; the other criteria are named and scored by prune().
-                scores = energy_scores if criterion == "energy" else criterion
-                pruned, plan = rankprune.prune(baseline, (example.to(device),), scores, ratio=ratio,
+            with stages(f"prune {ratio:.0%} of channels by {criterion}, {steps}"):
+                pruned, plan = rankprune.prune(baseline, (example,), scores[criterion], ratio=ratio,
                                                progress=config.progress)
-                before = evaluate(pruned, test_loader, device)
-                _finetune(pruned, train_loader, config, device, name)
-                add(name, pruned, "prune", plan, criterion=criterion, ratio=ratio, accuracy_before_finetune=before)
+                recalibrate_and_finetune(name, pruned, "prune", plan, criterion=criterion, ratio=ratio)
 
-    with stages(f"decompose to {config.decompose_flops:.0%} of the FLOPs, fine-tune {config.finetune_epochs} epoch(s)"):
-        decomposed, plan, _ = rankprune.decompose(baseline, target_flops=config.decompose_flops,
-                                                  example_inputs=(example.to(device),), progress=config.progress)
-        before = evaluate(decomposed, test_loader, device)
-        _finetune(decomposed, train_loader, config, device, "decomposed")
-        add("decomposed", decomposed, "decompose", plan, target_flops=config.decompose_flops,
-            accuracy_before_finetune=before)
+    for name, label, data_kwargs in ((_DATA_AWARE, "data-aware", {"data": calibration, "recalibrate": False}),
+                                     (_WEIGHT_SVD, "weight SVD", {})):
+        with stages(f"decompose ({label}) to {config.decompose_flops:.0%} of the FLOPs, {steps}"):
+            decomposed, plan, reports[name] = rankprune.decompose(
+                baseline, target_flops=config.decompose_flops, example_inputs=(example,), progress=config.progress,
+                **data_kwargs)
+            recalibrate_and_finetune(name, decomposed, "decompose", plan, method=label,
+                                     target_flops=config.decompose_flops,
+                                     dense_layers=sorted(reports[name].get("skipped", {})))
 
     trp_ranks: Dict[str, int] = {}
     if config.trp:
-        with stages(f"train with TRP (energy {config.energy}) {config.trp_epochs} epoch(s), decompose, "
-                    f"fine-tune {config.finetune_epochs} epoch(s)"):
+        with stages(f"train with TRP (energy {config.energy}) {config.trp_epochs} epoch(s), decompose, {steps}"):
             trained = copy.deepcopy(baseline)
             pruner = rankprune.trp.TrainedRankPruner(trained, energy=config.energy, lam=config.trp_lam)
             train(trained, train_loader, config.trp_epochs, config.finetune_lr, device, pruner=pruner,
                   weight_decay=_WEIGHT_DECAY, progress=config.progress, desc="trp")
-            trp_model, plan = pruner.finalize(example_inputs=(example.to(device),), progress=config.progress)
+            trp_model, plan = pruner.finalize(example_inputs=(example,), progress=config.progress)
             trp_ranks = {k: int(v) for k, v in pruner.ranks().items()}
-            before = evaluate(trp_model, test_loader, device)
-            _finetune(trp_model, train_loader, config, device, "trp fine-tune")
-            add("trp", trp_model, "trp", plan, energy=config.energy, accuracy_before_finetune=before)
+            recalibrate_and_finetune("trp", trp_model, "trp", plan, energy=config.energy)
 
     with stages("latency"):
         _measure_latency(variants, built, example, config, notes)
@@ -211,7 +260,8 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
         "stages_s": stages.seconds,
         "total_s": round(sum(stages.seconds.values()), 1),
         "rows": variants,
-        "layers": _layer_table(baseline, built, energy_scores, trp_ranks),
+        "layers": _layer_table(baseline, built, scores.get("energy"), trp_ranks),
+        "verdict": criterion_verdict(variants, config.test_size),
         "notes": notes,
     }
     write_report(results, config.out, echo)
@@ -255,19 +305,18 @@ def _measure_latency(rows: List[Dict[str, object]], built: Dict[str, nn.Module],
 
 def _layer_table(baseline: nn.Module, built: Dict[str, nn.Module], energy_scores, trp_ranks: Dict[str, int]
                  ) -> List[Dict[str, object]]:
-    """Per conv layer of the baseline: channels, mean channel energy, full rank, decomposed and TRP ranks,
-    channels kept by the energy-pruned variants."""
-    decomposed = built.get("decomposed")
+    """Per conv layer of the baseline: channels, mean channel energy, full rank, the rank of each decomposed
+    variant (None where that variant kept the layer dense), TRP ranks, channels kept by energy pruning."""
     rows = []
     for name in _conv_names(baseline):
         conv = baseline.get_submodule(name)
         full = min(conv.out_channels, conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1])
         row = {"layer": name, "out_channels": conv.out_channels, "full_rank": full}
-        if name in energy_scores:
+        if energy_scores is not None and name in energy_scores:
             row["energy"] = float(torch.as_tensor(energy_scores[name]).float().mean())
-        if decomposed is not None:
-            sub = _get(decomposed, name)
-            row["decomposed_rank"] = getattr(sub, "rank", None)
+        for variant, key in ((_DATA_AWARE, "decomposed_rank"), (_WEIGHT_SVD, "decomposed_svd_rank")):
+            if variant in built:
+                row[key] = getattr(_get(built[variant], name), "rank", None)
         if name in trp_ranks:
             row["trp_rank"] = trp_ranks[name]
         for variant, model in built.items():
@@ -278,6 +327,48 @@ def _layer_table(baseline: nn.Module, built: Dict[str, nn.Module], energy_scores
     return rows
 
 
+def criterion_verdict(rows: List[Dict[str, object]], test_size: int) -> List[str]:
+    """Which pruning criterion won at each ratio (after fine-tuning), what it looks at, whether it already
+    led before fine-tuning, and whether its margin exceeds the noise of one run on ``test_size`` images."""
+    lines = []
+    ratios = sorted({r["ratio"] for r in rows if r["stage"] == "prune"})
+    for ratio in ratios:
+        mine = sorted((r for r in rows if r["stage"] == "prune" and r["ratio"] == ratio),
+                      key=lambda r: r["accuracy"], reverse=True)
+        if len(mine) < 2:
+            continue
+        win, second = mine[0], mine[1]
+        by_recal = max(mine, key=lambda r: r["accuracy_recalibrated"])
+        others = ", ".join(f"{r['criterion']} {100 * r['accuracy']:.1f}" for r in mine[1:])
+        p = win["accuracy"]
+        # 95% half-width of the difference of two accuracies near p on the same number of test images.
+        noise = 100 * 1.96 * math.sqrt(2 * p * (1 - p) / test_size)
+        margin = 100 * (win["accuracy"] - second["accuracy"])
+        gain = sum(r["accuracy_recalibrated"] - r["accuracy_raw"] for r in mine) / len(mine)
+        text = (f"At {ratio:.0%} of the channels, **{win['criterion']}** won: {100 * win['accuracy']:.1f}% after "
+                f"fine-tuning ({others}). It {_WHAT_IT_SEES.get(win['criterion'], 'is a custom criterion')}. ")
+        if by_recal is win:
+            text += (f"It already led after recalibration alone ({100 * win['accuracy_recalibrated']:.1f}%), so "
+                     "the channels it chose, not the fine-tuning, decided it. ")
+        else:
+            text += (f"Before fine-tuning (recalibrated) {by_recal['criterion']} led "
+                     f"({100 * by_recal['accuracy_recalibrated']:.1f}% against "
+                     f"{100 * win['accuracy_recalibrated']:.1f}%): fine-tuning reordered them. ")
+        text += (f"Its margin over {second['criterion']}, {margin:.1f} points, is "
+                 + ("within" if margin < noise else "beyond")
+                 + f" the noise of one run on {test_size} test images (about {noise:.1f} points at 95%)"
+                 + (": treat them as tied. " if margin < noise else ". ")
+                 + f"Recalibrating BatchNorm alone recovered {100 * gain:+.1f} points on average over the criteria.")
+        energy = next((i for i, r in enumerate(mine) if r["criterion"] == "energy"), None)
+        if energy:  # present and not the winner
+            text += (f" Energy came {_ORDINALS[min(energy, len(_ORDINALS) - 1)]}: it measures how large a "
+                     "channel's maps are, but recalibration absorbs the constant part of what a removed channel "
+                     "contributed, so what is lost is its variation, which |gamma| and Taylor measure more "
+                     "directly (docs/pruning.md).")
+        lines.append(text)
+    return lines
+
+
 def _get(model: nn.Module, name: str) -> Optional[nn.Module]:
     try:
         return model.get_submodule(name)
@@ -286,21 +377,46 @@ def _get(model: nn.Module, name: str) -> Optional[nn.Module]:
 
 
 def summary_table(results: Dict[str, object]) -> str:
-    """The demo's one table: params, FLOPs, accuracy and latency of every variant (Markdown)."""
+    """The demo's one table: params, FLOPs, accuracy (as compressed, after BN recalibration, after
+    fine-tuning) and latency of every variant (Markdown)."""
     from rankprune.benchmark import markdown_table
 
     rows = results["rows"]
     base = rows[0]
     has_gpu = any("cuda_ms" in r for r in rows)
-    headers = ["variant", "params", "MFLOPs", "FLOPs kept", "accuracy %", "CPU ms"] + (["GPU ms"] if has_gpu else [])
+    headers = ["variant", "params", "MFLOPs", "FLOPs kept", "compressed %", "recalibrated %", "fine-tuned %",
+               "CPU ms"] + (["GPU ms"] if has_gpu else [])
+
+    def percent(value):
+        return None if value is None else 100 * value
+
     body = []
     for r in rows:
-        line = [r["variant"], r["params"], r["flops"] / 1e6, r["flops"] / base["flops"], 100 * r["accuracy"],
+        line = [r["variant"], r["params"], r["flops"] / 1e6, r["flops"] / base["flops"],
+                percent(r.get("accuracy_raw")), percent(r.get("accuracy_recalibrated")), 100 * r["accuracy"],
                 r.get("cpu_ms")]
         if has_gpu:
             line.append(r.get("cuda_ms"))
         body.append(line)
     return markdown_table(headers, body)
+
+
+def _rank_panel(layers: List[Dict[str, object]]) -> Dict[str, object]:
+    """Ranks per layer: the full rank, each decomposed variant's rank only where it factored the layer (its
+    layers kept dense marked apart, at their full rank), TRP's energy rank."""
+    panel: Dict[str, object] = {"ylabel": "rank", "series": {"full rank": [row["full_rank"] for row in layers]},
+                                "points": []}
+    for key, label in (("decomposed_rank", "data-aware decomposition"), ("decomposed_svd_rank", "weight SVD")):
+        if not any(key in row for row in layers):
+            continue
+        panel["series"][f"{label}: rank"] = [row.get(key) for row in layers]
+        dense = [row["full_rank"] if key in row and row[key] is None else None for row in layers]
+        if any(v is not None for v in dense):
+            panel["series"][f"{label}: kept dense"] = dense
+            panel["points"].append(f"{label}: kept dense")
+    if any("trp_rank" in row for row in layers):
+        panel["series"]["TRP energy rank"] = [row.get("trp_rank") for row in layers]
+    return panel
 
 
 def write_report(results: Dict[str, object], out: str, echo: Callable[[str], None] = print) -> None:
@@ -313,19 +429,19 @@ def write_report(results: Dict[str, object], out: str, echo: Callable[[str], Non
     env = results["environment"]["cpu"]
     where = f"CPU: {env['device']}" + (f"; GPU: {results['environment']['cuda']['device']}"
                                         if "cuda" in results["environment"] else "")
-    points = [{"series": "baseline", "flops": results["rows"][0]["flops"], "accuracy": results["rows"][0]["accuracy"]}]
+    rows = results["rows"]
+    points = [{"series": "baseline", "flops": rows[0]["flops"], "accuracy": rows[0]["accuracy"]}]
     points += [{"series": f"prune: {r['criterion']}", "flops": r["flops"], "accuracy": r["accuracy"]}
-               for r in results["rows"] if r["stage"] == "prune"]
-    points += [{"series": r["stage"], "flops": r["flops"], "accuracy": r["accuracy"]}
-               for r in results["rows"] if r["stage"] in ("decompose", "trp")]
+               for r in rows if r["stage"] == "prune"]
+    points += [{"series": f"decompose: {r['method']}" if r["stage"] == "decompose" else r["stage"],
+                "flops": r["flops"], "accuracy": r["accuracy"]}
+               for r in rows if r["stage"] in ("decompose", "trp")]
     cfg = results["config"]
     title = f"{cfg['model']} (width {cfg['width']}) on synthetic CIFAR"
-    made = [plots.accuracy_vs_flops(points, os.path.join(out, "accuracy_vs_flops.png"), title)]
+    made = [plots.accuracy_vs_flops(points, os.path.join(out, "accuracy_vs_flops.png"),
+                                    title + ", after fine-tuning")]
     layers = results["layers"]
-    rank_series = {"full_rank": "full rank", "decomposed_rank": "decomposed (dense where absent)",
-                   "trp_rank": "TRP energy rank"}
-    panels = [{"ylabel": "rank", "series": {
-        label: [row.get(k) for row in layers] for k, label in rank_series.items() if any(k in row for row in layers)}}]
+    panels = [_rank_panel(layers)]
     kept = sorted({k for row in layers for k in row if k.startswith("kept_")})
     if kept:
         panels.append({"ylabel": "output channels", "series": {
@@ -341,7 +457,14 @@ def write_report(results: Dict[str, object], out: str, echo: Callable[[str], Non
     stage_lines = "\n".join(f"- {k}: {v:.1f} s" for k, v in results["stages_s"].items())
     md = [f"# rankprune demo: {title}", "", f"Measured on {where}; {env['date']}; torch {env['torch']}; "
           f"commit {env['commit']}.", "", table, "",
-          "Latency: median of repeated single-image forward passes (`rankprune.benchmark.latency`).", ""]
+          "Accuracy on the test images as each model comes out of `prune` / `decompose` (compressed), after "
+          "re-estimating its BatchNorm statistics on the calibration batches (recalibrated: what "
+          "`prune(data=...)` and `decompose(data=...)` return by default), and after fine-tuning. The "
+          "baseline's weights are `plans/baseline.pt`. Latency: median of repeated single-image forward "
+          "passes (`rankprune.benchmark.latency`).", ""]
+    verdict = results.get("verdict") or []
+    if verdict:
+        md += ["## Which criterion won", ""] + [f"- {line}" for line in verdict] + [""]
     if made[0]:
         md += ["![accuracy vs FLOPs](accuracy_vs_flops.png)", ""]
     if made[1]:
@@ -353,6 +476,8 @@ def write_report(results: Dict[str, object], out: str, echo: Callable[[str], Non
         f.write("\n".join(md))
     echo("")
     echo(table)
+    for line in verdict:
+        echo(line.replace("**", ""))
     for n in notes:
         echo(f"note: {n}")
     echo(f"total {results['total_s']:.1f} s; report in {out}/ (report.md, results.json"

@@ -68,8 +68,10 @@ def accuracy_vs_flops(points: Sequence[Dict[str, object]], path: str, title: str
 
 
 def layer_profile(layers: Sequence[str], panels: Sequence[Dict[str, object]], path: str, title: str) -> Optional[str]:
-    """One bar/line panel per entry of ``panels`` over the layer names ``layers``. A panel is
-    ``{"ylabel": str, "series": {label: [value or None per layer]}}``. Returns ``path`` or ``None``."""
+    """One line panel per entry of ``panels`` over the layer names ``layers``. A panel is
+    ``{"ylabel": str, "series": {label: [value or None per layer]}, "points": [label, ...]}``: a None leaves
+    a gap (the line is broken there, never drawn through the layer), and the series named in the optional
+    ``"points"`` are drawn as crosses without a line. Returns ``path`` or ``None``."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -77,9 +79,13 @@ def layer_profile(layers: Sequence[str], panels: Sequence[Dict[str, object]], pa
                              sharex=True, squeeze=False)
     x = list(range(len(layers)))
     for ax, panel in zip(axes[:, 0], panels):
+        points = set(panel.get("points", ()))
         for label, values in panel["series"].items():
-            xs = [i for i, v in zip(x, values) if v is not None]
-            ax.plot(xs, [values[i] for i in xs], marker="o", markersize=3, label=label)
+            ys = [float("nan") if v is None else v for v in values]  # NaN breaks the line
+            if label in points:
+                ax.plot(x, ys, linestyle="none", marker="x", markersize=6, label=label)
+            else:
+                ax.plot(x, ys, marker="o", markersize=3, label=label)
         ax.set_ylabel(panel["ylabel"])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -8,13 +8,15 @@ def register(sub) -> None:
     """Add ``demo`` to the subcommands."""
     p = sub.add_parser(
         "demo", help="train, score, prune, decompose (and TRP) a small model; print one table, write a report",
-        description="Train a small CIFAR ResNet on the built-in synthetic data, score its channels by energy, "
-                    "prune with each criterion, decompose into low-rank layers within a FLOP budget (and, with "
-                    "--trp, train with Trained Rank Pruning and decompose), fine-tune each compressed model, "
-                    "measure latency, print one table and write a report folder (JSON, Markdown, PNG plots, "
-                    "plans). A few minutes on 2 CPU cores; --quick: about one.")
+        description="Train a small CIFAR ResNet on the built-in synthetic data, score its channels by each "
+                    "criterion, prune with each, decompose into low-rank layers within a FLOP budget, data-aware "
+                    "(on calibration batches) and from the weights alone (and, with --trp, train with Trained "
+                    "Rank Pruning and decompose); measure each compressed model as it comes out, after "
+                    "BatchNorm recalibration and after fine-tuning; measure latency, print one table, say which "
+                    "criterion won and why, and write a report folder (JSON, Markdown, PNG plots, the "
+                    "baseline's weights, plans). A few minutes on 2 CPU cores (at most 10); --quick: about one.")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: fewer images and epochs, one ratio, two criteria (~1 min; accuracies stay low)")
+                   help="a smoke run: fewer images and epochs, two criteria (~1 min; accuracies stay low)")
     p.add_argument("--trp", action="store_true", help="also train with Trained Rank Pruning and decompose")
     p.add_argument("--model", help="built-in CIFAR model (default resnet20)")
     p.add_argument("--width", type=float, help="channel width multiplier of the model (default 0.5)")
@@ -25,8 +27,12 @@ def register(sub) -> None:
     p.add_argument("--train-size", type=int, help="training images (default 8000; --quick 1000)")
     p.add_argument("--test-size", type=int, help="test images (default 2000; --quick 500)")
     p.add_argument("--batch-size", type=int, help="training batch size (default 100)")
-    p.add_argument("--ratios", help="comma-separated channel ratios to prune, each in (0, 1) (default 0.3,0.5)")
-    p.add_argument("--criteria", help="comma-separated criteria among energy,l1,random (default all; --quick energy,l1)")
+    p.add_argument("--ratios", help="comma-separated channel ratios to prune, each in (0, 1) (default 0.5)")
+    p.add_argument("--criteria", help="comma-separated pruning criteria (rankprune.scoring names; default "
+                                      "energy,l1,bn_scale,taylor,random; --quick energy,l1)")
+    p.add_argument("--calibration-batches", type=int,
+                   help="training batches used to score channels, recalibrate BatchNorm and fit the data-aware "
+                        "decomposition (default 8; --quick 2)")
     p.add_argument("--decompose-flops", type=float,
                    help="fraction of the FLOPs the decomposed model keeps, in (0, 1] (default 0.5)")
     p.add_argument("--energy", type=float,
@@ -47,7 +53,7 @@ def run(args) -> int:
 
     overrides = {k: getattr(args, k) for k in ("model", "width", "epochs", "finetune_epochs", "trp_epochs",
                                                 "train_size", "test_size", "batch_size", "decompose_flops", "energy",
-                                                "latency_repeats")
+                                                "latency_repeats", "calibration_batches")
                  if getattr(args, k) is not None}
     try:
         if args.ratios is not None:
