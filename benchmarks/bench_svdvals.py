@@ -7,6 +7,7 @@ nuclear-norm relative error of each route against float64 LAPACK on the first ma
     python benchmarks/bench_svdvals.py                 # CUDA if available, else CPU
     python benchmarks/bench_svdvals.py --device cpu --quick
     python benchmarks/bench_svdvals.py --device cpu --shapes 1024x56 4096x14   # focused: BATCHxN, no layer1 row
+    python benchmarks/bench_svdvals.py --shapes 16384x56 65536x14 --baseline-batch 1024  # GPU targets, baselines sampled
 
 The results JSON records the load average before and after the run (the CPU machines are shared).
 """
@@ -66,6 +67,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1, help="alternating measurement rounds per case (ratios: median)")
     p.add_argument("--shapes", nargs="+", default=None, metavar="BATCHxN",
                    help="only these square shapes, e.g. 1024x56 (skips the ResNet-50 layer1 row and feature_energy)")
+    p.add_argument("--baseline-batch", type=int, default=None, metavar="N",
+                   help="time the other routes on the first N matrices of each case and scale their times by "
+                        "batch/N (their cost is linear in the batch: a per-matrix loop); rankprune runs the "
+                        "whole batch. Keeps the full-size GPU targets (16384x56, 65536x14) within a budget")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -83,24 +88,34 @@ def main(argv=None):
         n_img = max(1, RESNET50_LAYER1[0] // div)
         layer1 = relu_maps((n_img, *RESNET50_LAYER1[1:]), device)
         cases.append((f"resnet50.layer1 [{n_img},256,56,56]", layer1.reshape(-1, 56, 56)))
+    if args.baseline_batch is not None and args.baseline_batch < 1:
+        p.error("--baseline-batch must be a positive number of matrices")
     for name, a in cases:
         row = {"case": name, "batch": a.shape[0], "n": a.shape[-1], "median_ms": {}, "p10_ms": {}, "p90_ms": {},
                "nuclear_rel_err": {}}
+        # The baselines' sample and the factor their times are scaled by (1: measured on the whole batch).
+        sample = a if args.baseline_batch is None else a[:args.baseline_batch]
+        scale = a.shape[0] / sample.shape[0]
+        if scale != 1:
+            row["baseline_batch"] = sample.shape[0]
         # Rounds alternate the routes so that a change of load on a shared machine hits all of them; each
         # round's ratios are taken within the round, and the medians over rounds are reported.
         timings = {route: [] for route in routes(device)}
         for _ in range(args.rounds):
             for route, fn in routes(device).items():
                 # LAPACK's and cuSOLVER's per-matrix loops get fewer repeats on the big batches.
-                timings[route].append(measure(lambda: fn(a), device=device, warmup=1,
-                                              repeats=repeats if route == "rankprune" else max(1, repeats // 2)))
+                ours_route = route == "rankprune"
+                inputs = a if ours_route else sample
+                timings[route].append(measure(lambda: fn(inputs), device=device, warmup=1,
+                                              repeats=repeats if ours_route else max(1, repeats // 2)))
+        factor = {route: 1.0 if route == "rankprune" else scale for route in timings}
         for route, fn in routes(device).items():
-            row["median_ms"][route] = statistics.median(t.median_ms for t in timings[route])
-            row["p10_ms"][route] = min(t.p10_ms for t in timings[route])
-            row["p90_ms"][route] = max(t.p90_ms for t in timings[route])
+            row["median_ms"][route] = factor[route] * statistics.median(t.median_ms for t in timings[route])
+            row["p10_ms"][route] = factor[route] * min(t.p10_ms for t in timings[route])
+            row["p90_ms"][route] = factor[route] * max(t.p90_ms for t in timings[route])
             row["nuclear_rel_err"][route] = nuclear_error(fn, a)
         ours = timings["rankprune"]
-        row["speedup"] = {r: statistics.median(t.median_ms / o.median_ms for t, o in zip(ts, ours))
+        row["speedup"] = {r: statistics.median(factor[r] * t.median_ms / o.median_ms for t, o in zip(ts, ours))
                           for r, ts in timings.items() if r != "rankprune"}
         rows.append(row)
         print(format_row(row), flush=True)
@@ -118,7 +133,8 @@ def main(argv=None):
     load = {"before": list(load_before), "after": list(os.getloadavg()), "cpus": os.cpu_count()}
     print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']} on {load['cpus']} CPUs")
     payload = {"benchmark": "svdvals", "environment": environment(device), "quick": args.quick,
-               "shapes": args.shapes, "rounds": args.rounds, "dtype": "float32", "load_average": load, "rows": rows,
+               "shapes": args.shapes, "baseline_batch": args.baseline_batch, "rounds": args.rounds,
+               "dtype": "float32", "load_average": load, "rows": rows,
                **extra}
     path = write_results("svdvals", payload, args.out)
     print(f"wrote {path}")

@@ -47,12 +47,14 @@ SHARES = {"build": 200, "verify": 15, "smoke": 45, "tests": 150, "bench": 130}
 # Importing torch and initializing CUDA on a cold machine takes seconds whatever the budget.
 FLOOR_S = 30.0
 # The benchmarks, in order, with their shares of the bench step. Quick forms: no looped cuSOLVER over
-# thousands of matrices (bench_svdvals --quick divides the batches by 16; bench_svd_lowrank skips
+# thousands of matrices (bench_svdvals runs the target shapes in full and times the looped baselines on 512
+# matrices of each, scaled to the batch: their cost is linear in it; bench_svd_lowrank skips
 # torch.linalg.svd), two batch sizes of the fused conv, scoring on 2 batches; the ratios the GPU targets name
 # are all still measured side by side.
 BENCHMARKS = [
     ("bandwidth", 10, None),
-    ("svdvals", 40, ["bench_svdvals.py", "--device", "cuda", "--quick", "--repeats", "10"]),
+    ("svdvals", 40, ["bench_svdvals.py", "--device", "cuda", "--shapes", "16384x56", "65536x14", "4096x28",
+                 "--baseline-batch", "512", "--repeats", "10"]),
     ("lowrank_conv", 30, ["bench_lowrank_conv.py", "--device", "cuda", "--dtypes", "bfloat16",
                           "--batches", "8,32", "--no-model", "--repeats", "20"]),
     ("svd_lowrank", 20, ["bench_svd_lowrank.py", "--device", "cuda", "--no-linalg", "--no-small", "--repeats", "5"]),
