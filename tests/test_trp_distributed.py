@@ -54,9 +54,11 @@ def _worker(rank: int, world: int, store: str, out_dir: str, scheme: str, steps:
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_ddp_ranks_end_identical(tmp_path, scheme):
     world, steps = 2, 5
-    # fork: the children inherit the imported torch (a spawned child spends seconds importing it)
+    # spawn, not fork: a forked child of a process whose autograd engine has already run (any earlier test's
+    # backward) cannot run backward itself ("Unable to handle autograd's threading in combination with
+    # fork-based multiprocessing"); a spawned child pays a torch import instead.
     args = (world, str(tmp_path / "store"), str(tmp_path), scheme, steps)
-    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="fork")
+    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="spawn")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     first = results[0]
     for other in results[1:]:
