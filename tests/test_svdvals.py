@@ -1,4 +1,6 @@
 """svdvals / nuclear_norm / feature_energy / feature_rank against float64 LAPACK, on fresh random inputs."""
+import math
+
 import pytest
 import torch
 
@@ -393,3 +395,54 @@ def test_cuda_tensor_without_cuda_kernels_is_refused():
         pytest.skip("only meaningful for a CPU-only build on a CUDA machine")
     with pytest.raises(NotImplementedError):
         ops.svdvals(torch.randn(2, 3, 3, device="cuda"))
+
+
+# ---- the CPU's lanes path: 8 float / 4 double matrices at once, one per SIMD lane --------------------------
+# Batches of at least 8 (float) / 4 (double) matrices of up to 64 rows go through cpu/svdvals_lanes.h; what one
+# lane holds must never reach another, and a partial last group repeats its last matrix.
+
+
+def mixed_batch(count, m, n, dtype):
+    """count matrices cycling through the hard cases (float64), the indices of the non-finite ones, and the index
+    and exponent k of the one scaled by 2^-k so that its largest entry is subnormal in float32 / float64."""
+    cases = [gaussian(1, m, n), torch.zeros(1, m, n, dtype=torch.float64), rank_deficient(1, m, n, 2),
+             graded(1, m, n), sparse_relu(1, m, n), gaussian(1, m, n)]
+    a = torch.cat([cases[i % len(cases)] for i in range(count)])
+    tiny_at, k = 2 % count, (1060 if dtype == torch.float64 else 140)
+    a[tiny_at] = torch.ldexp(a[tiny_at], torch.tensor(-k))
+    bad = {5 % count: float("nan"), 11 % count: float("inf")}
+    bad.pop(tiny_at, None)
+    return a, bad, tiny_at, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("count", [4, 5, 8, 9, 17, 24])
+@pytest.mark.parametrize("shape", [(1, 1), (14, 14), (56, 56), (64, 30), (30, 64), (65, 65), (9, 2)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cpu_lanes_keep_matrices_apart(dtype, count, shape, seed):
+    a64, bad, tiny_at, k = mixed_batch(count, *shape, dtype)
+    a = a64.to(dtype)
+    for i, value in bad.items():
+        a[i, 0, 0] = value
+    values, nuclear = ops.svdvals(a), ops.nuclear_norm(a)
+    out_ulp = torch.finfo(values.dtype).smallest_normal * torch.finfo(values.dtype).eps  # smallest subnormal
+    rel = 1e-12 if dtype == torch.float64 else 1e-5
+    for i in range(count):
+        if i in bad:
+            assert torch.isnan(values[i]).all() and torch.isnan(nuclear[i]), i
+            continue
+        # the subnormal matrix is compared scaled back by 2^k (exact), with one output ulp of rounding
+        up = k if i == tiny_at else 0
+        ref = ops.svdvals_reference(torch.ldexp(a[i].double(), torch.tensor(up)))
+        got = torch.ldexp(values[i].double(), torch.tensor(up))
+        alone = torch.ldexp(ops.svdvals(a[i:i + 1])[0].double(), torch.tensor(up))  # the per-matrix path
+        slack = math.ldexp(out_ulp, up)
+        if ref[0] == 0:
+            assert torch.equal(values[i], torch.zeros_like(values[i])) and nuclear[i] == 0, i
+            continue
+        err = (got - ref).abs().max().item()
+        assert err <= rel * ref[0].item() + slack, f"matrix {i}: {err / ref[0].item():.3g}"
+        assert (values[i, :-1] >= values[i, 1:]).all(), i
+        total = torch.ldexp(nuclear[i].double(), torch.tensor(up))
+        assert abs(total - ref.sum()).item() <= 2 * rel * ref.sum().item() + len(ref) * slack, i
+        assert (got - alone).abs().max().item() <= 2 * rel * ref[0].item() + 2 * slack, i
