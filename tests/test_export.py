@@ -165,3 +165,32 @@ def test_exported_program_loads_where_rankprune_cannot_be_imported(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+class _NestedOutputs(nn.Module):
+    """A low-rank layer whose outputs come back nested, as a transformers ModelOutput (a dict) does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = LowRankConv2d(3, 4, 3, rank=2, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return {"logits": y, "extra": (y.mean((2, 3)), {"norm": y.pow(2).sum()})}
+
+
+def test_onnx_comparison_flattens_nested_outputs(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    model = _NestedOutputs().eval()
+    x = torch.randn(2, 3, 8, 8)
+    path = str(tmp_path / "nested.onnx")
+    rankprune.export_onnx(model, (x,), path, verbose=False)
+    outputs = rankprune.export.run_onnx(rankprune.export.onnx_session(path), (x,))
+    assert [tuple(o.shape) for o in outputs] == [(2, 4, 8, 8), (2, 4), ()]
+    assert rankprune.export.onnx_max_abs_diff(path, model, (x,)) < ATOL
+    # a model that differs only in the nested scalar is seen to differ
+    shifted = _NestedOutputs().eval()
+    shifted.load_state_dict(model.state_dict())
+    shifted.forward = lambda x: {**model(x), "extra": (model(x)["extra"][0], {"norm": model(x)["extra"][1]["norm"] + 1})}
+    assert rankprune.export.onnx_max_abs_diff(path, shifted, (x,)) == pytest.approx(1.0, rel=1e-4)

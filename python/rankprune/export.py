@@ -19,6 +19,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from ._inputs import call_model
@@ -172,7 +173,9 @@ def onnx_max_abs_diff(path: str, model: nn.Module, args: Any) -> float:
     model_device = next(iter(model.parameters()), torch.empty(0)).device
     with torch.no_grad():
         out = call_model(model, tuple(a.to(model_device) for a in args_cpu))
-    theirs = [out] if isinstance(out, torch.Tensor) else list(out)
+    # The exporters flatten nested outputs (tuples, dicts, a transformers ModelOutput) in pytree order and drop
+    # what is not a tensor; the model's outputs are flattened the same way.
+    theirs = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
     if len(ours) != len(theirs):
         raise ValueError(f"the ONNX file has {len(ours)} outputs, the model {len(theirs)}")
     return max(float((a.double() - b.detach().cpu().double()).abs().max()) for a, b in zip(ours, theirs))
