@@ -346,6 +346,10 @@ def test_decompose_passes_every_option_to_the_library(monkeypatch, tmp_path):
     # Without --data: data-free, and the library's own defaults for what was not given.
     assert cli.main(argv[:argv.index("--data")] + ["--device", "cpu", "--out", str(tmp_path)]) == 0
     assert "data" not in calls[-1] and "recalibrate" not in calls[-1]
+    # --recalibrate forces it; neither flag leaves the library's default
+    with_data = [a for a in argv if a != "--no-recalibrate"]
+    assert cli.main(with_data + ["--recalibrate"]) == 0 and calls[-1]["recalibrate"] is True
+    assert cli.main(with_data) == 0 and "recalibrate" not in calls[-1]
 
 
 def test_prune_no_recalibrate_reaches_the_library(monkeypatch, tmp_path):

@@ -333,8 +333,8 @@ def test_recalibration_after_decomposition(seed):
     with torch.no_grad():
         for x in images:  # running statistics that do not match the data
             model(x * 3.0)
-    new, _, report = rankprune.decompose(model, rank_ratio=0.5, data=images, progress=False)
-    assert report["recalibrated"]
+    new, _, report = rankprune.decompose(model, rank_ratio=0.5, data=images, asymmetric=False, progress=False)
+    assert report["recalibrated"]  # the default without the refit
     bn = new[1]
     with torch.no_grad():
         first = new[0](torch.cat(images))
@@ -344,12 +344,31 @@ def test_recalibration_after_decomposition(seed):
     assert not report["recalibrated"]
 
 
+def test_refitted_factors_keep_their_statistics_unless_asked(seed):
+    # The asymmetric refit fits each layer to the dense outputs on the inputs the existing BatchNorm statistics
+    # produce: by default those statistics stay; recalibrate=True re-estimates them anyway.
+    model = small_resnet().train()
+    images = [torch.randn(8, 3, 16, 16) + 1.0 for _ in range(3)]
+    with torch.no_grad():
+        for x in images:
+            model(x * 3.0)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    new, plan, report = rankprune.decompose(model, rank_ratio=0.5, data=images, progress=False)
+    assert not report["recalibrated"] and any(e["data_aware"] for e in plan["layers"].values())
+    assert all(torch.equal(new.state_dict()[k], v) for k, v in stats.items())
+    forced, _, report = rankprune.decompose(model, rank_ratio=0.5, data=images, recalibrate=True, progress=False)
+    assert report["recalibrated"]
+    with torch.no_grad():
+        first = forced[0](torch.cat(images))
+    torch.testing.assert_close(forced[1].running_mean, first.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
 def test_data_aware_plan_round_trip_and_caller_model_untouched(seed):
     model = small_resnet().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = iter([torch.randn(4, 3, 16, 16) for _ in range(3)])  # a one-shot iterator
     new, plan, report = rankprune.decompose(model, target_flops=0.5, data=images, progress=False)
-    assert report["recalibrated"] and all(e["data_aware"] for e in plan["layers"].values())
+    assert not report["recalibrated"] and all(e["data_aware"] for e in plan["layers"].values())
     assert not any(isinstance(m, (LowRankConv2d, LowRankLinear)) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     buffer = io.BytesIO()

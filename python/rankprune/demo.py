@@ -9,8 +9,9 @@
    ``prune(data=...)`` does by default) and after a short fine-tune;
 4. decompose the baseline into low-rank layers within a FLOP budget (``decompose_flops``) twice, measured the
    same way: data-aware (``decompose(data=...)``: each layer factored to minimise the error of its output on
-   the calibration batches, ranks allocated across layers by that output error) and, for comparison, from
-   the weights alone (weight SVD, ``decompose()`` without data);
+   the calibration batches, ranks allocated across layers by that output error; fine-tuned as it comes out,
+   its refitted factors keeping their BatchNorm statistics) and, for comparison, from the weights alone
+   (weight SVD, ``decompose()`` without data);
 5. with ``trp=True``: continue training the baseline with Trained Rank Pruning (weights kept near their
    ``energy`` rank), decompose it at the trained ranks, recalibrate, fine-tune;
 6. measure inference latency of every variant on the CPU (and the GPU when there is one);
@@ -197,11 +198,16 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
         echo(f"    {name}: accuracy {100 * row['accuracy']:.1f}%, {row['params']:,} params, "
              f"{row['flops'] / 1e6:.1f} MFLOPs")
 
-    def recalibrate_and_finetune(name: str, model: nn.Module, stage: str, plan: dict, **extra) -> None:
-        """Measure a compressed model as it comes out, after BN recalibration, after fine-tuning."""
+    def recalibrate_and_finetune(name: str, model: nn.Module, stage: str, plan: dict, from_raw: bool = False,
+                                 **extra) -> None:
+        """Measure a compressed model as it comes out and after BN recalibration, then fine-tune it: from the
+        recalibrated model, or with ``from_raw`` from the model as it came out (data-aware decomposition,
+        whose refitted factors keep the statistics they were fitted with)."""
         raw = evaluate(model, test_loader, device)
+        start = copy.deepcopy(model) if from_raw else model
         rankprune.recalibrate(model, calibration)
         recalibrated = evaluate(model, test_loader, device)
+        model = start
         _finetune(model, train_loader, config, device, name)
         add(name, model, stage, plan, accuracy_raw=raw, accuracy_recalibrated=recalibrated, **extra)
 
@@ -230,14 +236,14 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
                                                progress=config.progress)
                 recalibrate_and_finetune(name, pruned, "prune", plan, criterion=criterion, ratio=ratio)
 
-    for name, label, data_kwargs in ((_DATA_AWARE, "data-aware", {"data": calibration, "recalibrate": False}),
+    for name, label, data_kwargs in ((_DATA_AWARE, "data-aware", {"data": calibration}),
                                      (_WEIGHT_SVD, "weight SVD", {})):
         with stages(f"decompose ({label}) to {config.decompose_flops:.0%} of the FLOPs, {steps}"):
             decomposed, plan, reports[name] = rankprune.decompose(
                 baseline, target_flops=config.decompose_flops, example_inputs=(example,), progress=config.progress,
                 **data_kwargs)
-            recalibrate_and_finetune(name, decomposed, "decompose", plan, method=label,
-                                     target_flops=config.decompose_flops,
+            recalibrate_and_finetune(name, decomposed, "decompose", plan, from_raw=name == _DATA_AWARE,
+                                     method=label, target_flops=config.decompose_flops,
                                      dense_layers=sorted(reports[name].get("skipped", {})))
 
     trp_ranks: Dict[str, int] = {}
@@ -459,7 +465,8 @@ def write_report(results: Dict[str, object], out: str, echo: Callable[[str], Non
           f"commit {env['commit']}.", "", table, "",
           "Accuracy on the test images as each model comes out of `prune` / `decompose` (compressed), after "
           "re-estimating its BatchNorm statistics on the calibration batches (recalibrated: what "
-          "`prune(data=...)` and `decompose(data=...)` return by default), and after fine-tuning. The "
+          "`prune(data=...)` returns by default), and after fine-tuning (from the recalibrated model; the "
+          "data-aware decomposition from the model as `decompose(data=...)` returns it, not recalibrated). The "
           "baseline's weights are `plans/baseline.pt`. Latency: median of repeated single-image forward "
           "passes (`rankprune.benchmark.latency`).", ""]
     verdict = results.get("verdict") or []

@@ -16,7 +16,8 @@ def register(sub) -> None:
         "decompose", help="factor conv/linear layers into low-rank pairs; write plan, weights and report",
         description="Replace the Conv2d/Linear layers of a model by low-rank pairs (rankprune.decompose): "
                     "data-free from the weights' SVD, or data-aware with --data (factors and ranks chosen by "
-                    "the error of each layer's output on calibration images, then BatchNorm recalibrated). "
+                    "the error of each layer's output on calibration images, each refitted to the dense layer's "
+                    "outputs). "
                     "Writes OUT/plan.json, OUT/decomposed.pt (state_dict: rebuild with "
                     "rankprune.apply_plan(fresh_model, plan), then load_state_dict), OUT/report.json and "
                     "OUT/report.md (rank, FLOPs and output error per layer), and with --onnx an ONNX file.")
@@ -41,8 +42,12 @@ def register(sub) -> None:
     add_data_options(p, default=None, data_help="calibration data for data-aware decomposition: 'synthetic', a "
                                                 "folder of images or a .pt tensor file (default: none, data-free "
                                                 "weight SVD)")
-    p.add_argument("--no-recalibrate", action="store_true",
-                   help="with --data, do not re-estimate BatchNorm statistics after decomposing")
+    recal = p.add_mutually_exclusive_group()
+    recal.add_argument("--recalibrate", dest="recalibrate", action="store_const", const=True,
+                       help="with --data, re-estimate BatchNorm statistics after decomposing (default: only when no "
+                            "layer was refitted to the dense outputs, see rankprune.decompose)")
+    recal.add_argument("--no-recalibrate", dest="recalibrate", action="store_const", const=False,
+                       help="with --data, never re-estimate BatchNorm statistics after decomposing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_onnx_option(p)
     add_common_options(p, OUT_DEFAULT, f"output folder (default ./{OUT_DEFAULT})")
@@ -73,10 +78,11 @@ def _decompose_kwargs(args, loader):
         kwargs["rank_multiple"] = args.rank_multiple
     if loader is not None:
         kwargs["data"] = loader
-        if args.no_recalibrate:
-            kwargs["recalibrate"] = False
-    elif args.no_recalibrate:
-        raise UsageError("--no-recalibrate needs --data (data-free decomposition does not recalibrate)")
+        if args.recalibrate is not None:
+            kwargs["recalibrate"] = args.recalibrate
+    elif args.recalibrate is not None:
+        flag = "--recalibrate" if args.recalibrate else "--no-recalibrate"
+        raise UsageError(f"{flag} needs --data (data-free decomposition does not recalibrate)")
     return kwargs
 
 
