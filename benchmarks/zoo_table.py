@@ -35,7 +35,7 @@ COLUMNS: List[Tuple[str, List[Tuple[str, str]]]] = [
     ("plan round trip", [("prune_ratio-plan", "ratio"), ("prune_flops-plan", "FLOPs"), ("decompose-plan", "dec"),
                          ("decompose_data-plan", "data")]),
     ("torch.export", [("prune_ratio-export", "pruned"), ("decompose-export", "dec")]),
-    ("torch.compile (fullgraph)", [("prune_ratio-compile", "pruned"), ("decompose-compile", "dec")]),
+    ("torch.compile (fullgraph, decomposed)", [("decompose-compile", "")]),
     ("ONNX Runtime", [("prune_ratio-onnx", "pruned"), ("decompose-onnx", "dec")]),
 ]
 

@@ -180,10 +180,9 @@ def test_bad_arguments(net_and_input):
                                               "layers": {"1": {"kind": "conv2d", "scheme": "channel", "rank": 2}}})
 
 
-# (name, width): the 512-channel SVDs of full-width VGG-16/MobileNetV2/ResNet-50 take minutes on 2 cores.
-BUILTIN_MODELS = [("resnet20", 1.0), ("resnet56", 1.0), ("vgg16", 0.5), ("mobilenetv2", 0.5)] + [
-    pytest.param(name, 1.0, marks=pytest.mark.slow) for name in ("vgg16", "mobilenetv2", "resnet50")
-]
+# (name, width): every built-in architecture; the wide ones at half width (full-width VGG-16 alone took 100 s
+# on 2 cores, its 512-channel SVDs: large layers are timed by benchmarks/bench_decompose_large.py).
+BUILTIN_MODELS = [("resnet20", 1.0), ("resnet56", 1.0), ("vgg16", 0.5), ("mobilenetv2", 0.5), ("resnet50", 0.5)]
 
 
 @pytest.mark.parametrize("name, width", BUILTIN_MODELS)
@@ -566,3 +565,27 @@ def test_small_ranks_of_large_layers_use_the_randomized_svd(with_data, seed, mon
         s2 = torch.linalg.svdvals(W) ** 2
         exact = float(s2[:16].sum() / s2.sum())  # the randomized values can only underestimate it
         assert 0.97 * exact <= report["layers"]["0"]["energy_kept"] <= exact * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (nn.Conv2d(5, 7, 3, padding=1), (40, 5, 16, 16)),
+    (nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), (64, 4, 17, 13)),
+    (nn.Conv2d(3, 3, 1), (30, 3, 20, 20)),
+    (nn.Conv2d(2, 3, 3, padding="same"), (3, 2, 9, 9)),  # below the sample cap: every patch
+])
+def test_calibration_patches_are_unfold_rows_at_the_sampled_positions(conv, shape):
+    # Above MAX_SAMPLES_PER_BATCH patches only the sampled ones are gathered: they must be exactly im2col's rows
+    # at those positions, in its (channel, kernel row, kernel column) order.
+    from rankprune import lowrank
+
+    layer = lowrank._Layer.__new__(lowrank._Layer)
+    layer.module, layer.kind = conv, "conv2d"
+    x = torch.randn(*shape)
+    got = lowrank._layer_columns(layer, x, torch.Generator().manual_seed(3))
+    padding = lowrank._explicit_padding(conv)
+    patches = nn.functional.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride)
+    rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    if rows.shape[0] > lowrank.MAX_SAMPLES_PER_BATCH:
+        keep = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(3))[:lowrank.MAX_SAMPLES_PER_BATCH]
+        rows = rows[keep]
+    assert torch.equal(got, rows)

@@ -283,13 +283,33 @@ def _layer_columns(layer: _Layer, x: Tensor, generator: torch.Generator) -> Tens
     m = layer.module
     if layer.kind == "linear":
         rows = x.reshape(-1, x.shape[-1])
-    else:
-        patches = nn.functional.unfold(x, m.kernel_size, m.dilation, _explicit_padding(m), m.stride)  # [B, d, L]
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    if rows.shape[0] > MAX_SAMPLES_PER_BATCH:
-        keep = torch.randperm(rows.shape[0], generator=generator, device=generator.device)[:MAX_SAMPLES_PER_BATCH]
-        rows = rows[keep.to(rows.device)]
-    return rows
+        if rows.shape[0] > MAX_SAMPLES_PER_BATCH:
+            rows = rows[_subsample(rows.shape[0], generator).to(rows.device)]
+        return rows
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    ph, pw = _explicit_padding(m)
+    batch, height, width = x.shape[0], x.shape[2], x.shape[3]
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    count = batch * out_h * out_w
+    if count <= MAX_SAMPLES_PER_BATCH:
+        patches = nn.functional.unfold(x, m.kernel_size, m.dilation, (ph, pw), m.stride)  # [B, d, L]
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    # Only the sampled patches, gathered from the padded input: im2col of the whole batch costs more than the
+    # covariance itself. The rows are those of unfold's patches at the same sampled positions, in its order
+    # (channel, kernel row, kernel column).
+    keep = _subsample(count, generator).to(x.device)
+    image, pixel = keep // (out_h * out_w), keep % (out_h * out_w)
+    rows_at = (pixel // out_w)[:, None] * sh + torch.arange(kh, device=x.device) * dh  # [n, kh]
+    cols_at = (pixel % out_w)[:, None] * sw + torch.arange(kw, device=x.device) * dw  # [n, kw]
+    padded = nn.functional.pad(x, (pw, pw, ph, ph))
+    patches = padded[image[:, None, None], :, rows_at[:, :, None], cols_at[:, None, :]]  # [n, kh, kw, C]
+    return patches.permute(0, 3, 1, 2).reshape(keep.shape[0], -1)
+
+
+def _subsample(count: int, generator: torch.Generator) -> Tensor:
+    """``MAX_SAMPLES_PER_BATCH`` distinct indices in ``range(count)``, uniformly at random."""
+    return torch.randperm(count, generator=generator, device=generator.device)[:MAX_SAMPLES_PER_BATCH]
 
 
 def _collect_covariances(model: nn.Module, data, layers: List[_Layer], progress: bool) -> None:
