@@ -121,6 +121,29 @@ def test_inplace():
     pruned, plan = pruning.prune(model, torch.randn(1, 3, 8, 8), "l1", target_flops=0.5, inplace=True,
                                  progress=False)
     assert pruned is model and plan["flops"][1] == report.count_flops(model, torch.randn(1, 3, 8, 8))
+    # the same channels as pruning a copy
+    copy_pruned, copy_plan = pruning.prune(zero_channel_net(), torch.randn(1, 3, 8, 8), "l1", target_flops=0.5,
+                                           progress=False)
+    assert copy_plan["layers"] == plan["layers"]
+    assert all(torch.equal(a, b) for a, b in zip(copy_pruned.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("goal", [{"ratio": 0.3}, {"target_flops": 0.6}])
+def test_inplace_refusal_leaves_the_model_as_it_was(goal):
+    # torchvision's ViT keeps hidden_dim outside its layers: the cut model no longer runs and prune refuses;
+    # with inplace=True the caller's model must not be left cut.
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    want = model(x)
+    with pytest.raises(pruning.PruningError, match="no longer runs"):
+        pruning.prune(model, x, "l1", inplace=True, progress=False, **goal)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in before.items()}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert torch.equal(model(x), want)
 
 
 def test_bad_inputs():

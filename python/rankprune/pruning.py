@@ -463,7 +463,8 @@ def prune(
             model on it (:func:`rankprune.recalibrate`), once, after the FLOP-target search. Removing
             channels shifts the statistics of the layers after them; without recalibration the pruned
             model keeps the original network's statistics and loses far more accuracy.
-        inplace: prune ``model`` itself (else ``model`` is left as it was: weights, buffers, flags).
+        inplace: prune ``model`` itself (else ``model`` is left as it was: weights, buffers, flags). A copy is
+            pruned first either way, so a refusal (``PruningError``) leaves ``model`` as it was.
         progress: progress bars (scoring, FLOP-target search).
 
     Returns:
@@ -516,14 +517,14 @@ def prune(
             return kept, _pruned_flops(target, example_inputs)
 
         if ratio is not None:
-            pruned = model if inplace else copy.deepcopy(model)
+            pruned = copy.deepcopy(model)
             kept, flops = attempt(ratio, pruned)
         else:
             pruned, kept, flops, ratio = _search_flops(model, attempt, base_flops, target_flops, max_layer_ratio,
                                                        progress)
-            if inplace:
-                apply_prune_plan(model, {"method": "prune", "version": PLAN_VERSION, "layers": kept})
-                pruned = model
+        if inplace:  # the caller's model is cut only once a copy was pruned without error
+            apply_prune_plan(model, {"method": "prune", "version": PLAN_VERSION, "layers": kept})
+            pruned = model
     finally:
         model.train(was_training)
     pruned.train(was_training)
