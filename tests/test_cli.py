@@ -387,3 +387,26 @@ def test_bench_model_any_model_and_onnxruntime(capsys, tmp_path):
     rows = {r["variant"]: r for r in payload["rows"]}
     assert set(rows) == {"dense", "dense (onnxruntime)"}
     assert rows["dense (onnxruntime)"]["flops"] == rows["dense"]["flops"] > 0
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_timm_models_through_prune_and_decompose(name, tmp_path):
+    # --model timm:NAME (timm's own tiny test architectures, random weights: nothing is downloaded); the
+    # written plan and weights rebuild the compressed model on a fresh timm model.
+    timm = pytest.importorskip("timm")
+    common = ["--model", f"timm:{name}", "--num-classes", "10", "--input-size", "32", "--num-images", "8",
+              "--batch-size", "4", "--no-progress", "--device", "cpu"]
+    x = torch.randn(2, 3, 32, 32)
+    for command, extra, weights in (("prune", ["--criterion", "l1", "--ratio", "0.3"], "pruned.pt"),
+                                    ("decompose", ["--rank-ratio", "0.5", "--data", "synthetic"], "decomposed.pt")):
+        out = tmp_path / command
+        assert cli.main([command, *common, *extra, "--out", str(out)]) == 0
+        plan = json.loads((out / "plan.json").read_text())
+        assert plan["layers"]
+        torch.manual_seed(0)
+        fresh = timm.create_model(name, num_classes=10).eval()
+        rebuilt = rankprune.apply_plan(fresh, plan)
+        rebuilt.load_state_dict(torch.load(out / weights, weights_only=True))
+        assert rebuilt(x).shape == (2, 10)
+        assert sum(p.numel() for p in rebuilt.parameters()) < sum(
+            p.numel() for p in timm.create_model(name, num_classes=10).parameters())

@@ -49,6 +49,8 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
             timm = importlib.import_module("timm")
         except ImportError as exc:
             raise ValueError(f"model {name!r} needs timm, which is not installed") from exc
+        if not timm.is_model(factory_name):  # create_model would raise a bare RuntimeError
+            raise ValueError(f"model {name!r}: timm has no model {factory_name!r} (see timm.list_models())")
         return lambda **kw: timm.create_model(factory_name, **kw)
     try:
         module = importlib.import_module(module_name)
