@@ -162,6 +162,24 @@ struct LaneSearch {
   V result() const { return L::select(done, value, T(0.5) * (lo + hi)); }
 };
 
+// The Householder reflector I - c u u^T that maps (alpha, x) with |(alpha, x)|^2 = s onto (beta, 0), per lane
+// (see bidiagonalize): u = (u0, x), u0 = alpha - beta; norm = |beta|. A lane whose s is below `negligible`
+// gets the identity (c = 0) and norm 0.
+template <typename T>
+struct LaneReflector {
+  typename LaneVec<T>::V norm, u0, c;
+};
+template <typename T>
+inline LaneReflector<T> lane_reflector(typename LaneVec<T>::V s, typename LaneVec<T>::V alpha,
+                                       typename LaneVec<T>::V negligible) {
+  using L = LaneVec<T>;
+  using V = typename L::V;
+  const V root = L::sqrt(s);
+  const V beta = L::select(s > negligible, L::select(alpha >= V{}, -root, root), V{});
+  const V c = L::select(beta != V{}, T(1) / (beta * (beta - alpha)), V{});
+  return {L::abs(beta), alpha - beta, c};
+}
+
 // The matrices at `bases` (kLanes pointers, repeats allowed), all shaped as `ref`, through svdvals_one's
 // algorithm with the Values or Nuclear epilogue; lane l writes out + l * out_stride. `work` holds
 // lanes_workspace_size(ref) vectors.
@@ -222,13 +240,9 @@ inline void svdvals_lanes(const scalar_t* const* bases, const MatrixRef& ref, ty
     V* ak = a + k * lda;
     V s{};
     for (int64_t i = k; i < m; ++i) s += ak[i] * ak[i];
-    const V alpha = ak[k];
-    const V root = L::sqrt(s);
-    const V beta = L::select(s > negligible, L::select(alpha >= V{}, -root, root), V{});
-    d[k] = L::abs(beta);
-    const M reflect = beta != V{};
-    const V v0 = alpha - beta;
-    const V c = L::select(reflect, T(1) / (beta * (beta - alpha)), V{});
+    const LaneReflector<T> left = lane_reflector<T>(s, ak[k], negligible);
+    d[k] = left.norm;
+    const V v0 = left.u0, c = left.c;
     for (int64_t j = k + 1; j < n; ++j) {
       V* aj = a + j * lda;
       V dot = v0 * aj[k];
@@ -244,13 +258,9 @@ inline void svdvals_lanes(const scalar_t* const* bases, const MatrixRef& ref, ty
     // Right reflector zeroing a[k, k+2:]: w = c2 (A u) over the rows below k, then one update per column.
     V s2{};
     for (int64_t j = k + 1; j < n; ++j) s2 += a[k + j * lda] * a[k + j * lda];
-    const V alpha2 = a[k + (k + 1) * lda];
-    const V root2 = L::sqrt(s2);
-    const V beta2 = L::select(s2 > negligible, L::select(alpha2 >= V{}, -root2, root2), V{});
-    e[k] = L::abs(beta2);
-    const M reflect2 = beta2 != V{};
-    const V u0 = alpha2 - beta2;
-    const V c2 = L::select(reflect2, T(1) / (beta2 * (beta2 - alpha2)), V{});
+    const LaneReflector<T> right = lane_reflector<T>(s2, a[k + (k + 1) * lda], negligible);
+    e[k] = right.norm;
+    const V u0 = right.u0, c2 = right.c;
     for (int64_t i = k + 1; i < m; ++i) w[i] = u0 * a[i + (k + 1) * lda];
     for (int64_t j = k + 2; j < n; ++j) {
       const V ukj = a[k + j * lda];
