@@ -719,10 +719,10 @@ def decompose(
     BatchNorm is left as is and ``report["recalibrated"]`` is False). ``recalibrate=None`` (default)
     recalibrates unless data-aware factors were refitted (``asymmetric=True``): the refit makes each
     layer reproduce the dense layer's outputs, for which the existing statistics are the right ones, and each
-    refit is computed on the inputs those statistics produce; re-estimating them afterwards undoes part of it
-    (measured on the built-in ResNet-20 at 80/60/50% of the FLOPs: 92.8/92.2/91.6% without, 92.6/91.4/89.9%
-    with recalibration, baseline 93.3%; README, exp_quality). A one-shot iterator is read
-    into a list first (it is used twice). Without ``example_inputs`` the first batch of ``data`` serves as them.
+    refit is computed on the inputs those statistics produce; re-estimating them afterwards undoes part of it.
+    Measured (README, exp_quality): better without on ResNet-20 and MobileNetV2, worse without on the built-in
+    concatenation model at 50% of the FLOPs; compare on validation data where it matters. A one-shot iterator
+    is read into a list first (it is used twice). Without ``example_inputs`` the first batch of ``data`` serves as them.
 
     Candidates are the ``nn.Conv2d`` (groups=1, zero padding) and ``nn.Linear`` modules whose names match an
     ``include`` pattern (all when None) and no ``exclude`` pattern (fnmatch style, e.g. ``"layer1.*"``); with
