@@ -451,6 +451,40 @@ def test_asymmetric_refit_corrects_the_error_of_earlier_layers(seed):
     assert errors[True] < 0.95 * errors[False], errors
 
 
+def test_refit_never_grows_a_weight_past_the_limit():
+    # The first layer at rank 2 of 64 leaves the second layer's inputs with little energy in most directions;
+    # the dense outputs regressed on them (16 samples for 64 features) need a weight ~15x the dense one
+    # (measured unguarded). The refit's damping is raised, or the symmetric fit kept, until the weight is
+    # within MAX_REFIT_GROWTH of the dense one; the symmetric fit projects the dense weight and never grows it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    batches = [torch.randn(16, 64) + 1.0]
+    dense_norm = float(model[2].weight.norm())
+    with torch.no_grad():
+        new, _, report = rankprune.decompose(model, ranks={"0": 2, "2": 8}, data=batches, progress=False)
+        entry = report["layers"]["2"]
+        assert float(new[2].dense_weight().norm()) <= rankprune.lowrank.MAX_REFIT_GROWTH * dense_norm
+        assert not entry["refitted"] or entry["damping"] > rankprune.lowrank.DEFAULT_DAMPING, entry
+        # the first decomposed layer sees the dense inputs: never refitted, default damping
+        assert report["layers"]["0"]["refitted"] is False
+        assert report["layers"]["0"]["damping"] == rankprune.lowrank.DEFAULT_DAMPING
+        symmetric, _, _ = rankprune.decompose(model, ranks={"0": 2, "2": 8}, data=batches, asymmetric=False,
+                                              progress=False)
+        assert float(symmetric[2].dense_weight().norm()) <= dense_norm * (1 + 1e-6)
+
+
+def test_refit_of_a_well_determined_layer_keeps_the_default_damping(seed):
+    # 256 samples for 24 features and a mild truncation: the refit's weight stays near the dense one, so it
+    # is kept as fitted.
+    model = nn.Sequential(nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 24))
+    batches = [torch.randn(64, 24) for _ in range(4)]
+    with torch.no_grad():
+        _, _, report = rankprune.decompose(model, ranks={"0": 10, "2": 10}, data=batches, progress=False)
+    assert report["layers"]["2"]["refitted"] is True
+    assert report["layers"]["2"]["damping"] == rankprune.lowrank.DEFAULT_DAMPING
+    assert report["layers"]["0"]["damping"] == rankprune.lowrank.DEFAULT_DAMPING
+
+
 class TinyEncoder(nn.Module):
     """A ViT-style block: nn.MultiheadAttention (whose projections cannot be swapped) and an MLP."""
 
