@@ -22,14 +22,15 @@ import rankprune
 from rankprune.benchmark import environment, write_results
 
 
-def _seconds(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` calls: on a shared machine the fastest call is the one least slowed by others."""
+def _seconds(fn, repeats: int):
+    """``(seconds, result)``: the fastest of ``repeats`` calls (on a shared machine the fastest call is the one
+    least slowed by others) and the last call's result."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        result = fn()
         best = min(best, time.perf_counter() - start)
-    return best
+    return best, result
 
 
 def _largest_weight(model: nn.Module) -> torch.Tensor:
@@ -65,13 +66,13 @@ def main(argv=None) -> int:
         largest = _largest_weight(model).double()
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         torch.linalg.svd(largest[:64, :64], full_matrices=False)  # LAPACK's first-call setup, untimed
-        reference = _seconds(lambda: (torch.linalg.svd(largest, full_matrices=False), sync()), args.repeats)
+        reference, _ = _seconds(lambda: (torch.linalg.svd(largest, full_matrices=False), sync()), args.repeats)
         row = {"case": case, "largest_matrix": list(largest.shape), "linalg_svd_s": reference}
         layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
         for label, kwargs in (("energy_0.9", dict(energy=0.9)), ("rank_ratio_0.1", dict(rank_ratio=0.1))):
-            seconds = _seconds(lambda: (rankprune.decompose(model, example_inputs=example, progress=False,
-                                                            **kwargs), sync()), args.repeats)
-            _, plan, report = rankprune.decompose(model, example_inputs=example, progress=False, **kwargs)
+            seconds, (result, _) = _seconds(lambda: (rankprune.decompose(
+                model, example_inputs=example, progress=False, **kwargs), sync()), args.repeats)
+            _, plan, report = result
             # every layer went through an SVD: decomposed, or skipped because its rank saves no FLOPs
             assert len(plan["layers"]) + len(report["skipped"]) == layers
             row[f"decompose_{label}_s"] = seconds
