@@ -457,7 +457,8 @@ def _asymmetric_factors(layer: _Layer, dense: nn.Module, model: nn.Module, data,
     try:
         for step in range(REFIT_DAMPING_STEPS + 1):
             U, S, V = _whitened_factors(layer, damping * 10 ** step, rank, cross, inputs)
-            if float(((U[:, :rank] * S[:rank]) @ V[:, :rank].T).norm()) <= limit:
+            # ||U_r S_r V_r^T||_F = ||V_r S_r||_F: U's columns are orthonormal, so no m x n product is formed
+            if float((V[:, :rank] * S[:rank]).norm()) <= limit:
                 return (U, S, V), damping * 10 ** step
         return None, None
     finally:
