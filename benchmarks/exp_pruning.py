@@ -16,51 +16,20 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 import rankprune  # noqa: E402
 from rankprune import data, models, report, scoring  # noqa: E402
 from rankprune.benchmark import environment, write_results  # noqa: E402
+from rankprune.training import evaluate, train  # noqa: E402
 
 FULL = dict(width=1.0, train_size=10000, test_size=2000, epochs=30, finetune_epochs=10, calib_images=512,
             batch_size=128, lr=0.1, finetune_lr=0.01)
 QUICK = dict(width=0.5, train_size=2000, test_size=1000, epochs=5, finetune_epochs=2, calib_images=128,
              batch_size=100, lr=0.1, finetune_lr=0.01)
-
-
-def train(model, loader, epochs, lr, device, progress):
-    """SGD (momentum 0.9, weight decay 5e-4, nesterov) with a cosine schedule over all steps."""
-    if epochs <= 0:
-        return
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader))
-    steps = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="training", unit="epoch", leave=False)
-    model.train()
-    for _ in steps:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-
-
-@torch.no_grad()
-def accuracy(model, loader, device):
-    model.eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-        total += len(y)
-    return correct / total
+# rankprune.training.train: SGD, momentum 0.9, cosine schedule over all steps
+WEIGHT_DECAY = 5e-4
 
 
 def mean_std(values):
@@ -105,8 +74,9 @@ def main(argv=None):
         calib_scoring = [(x.to(score_dtype), y) for x, y in calib]
         base = models.build("resnet20", width=cfg["width"]).to(device)
         t0 = time.time()
-        train(base, train_loader, cfg["epochs"], cfg["lr"], device, progress)
-        base_acc = accuracy(base, test_loader, device)
+        train(base, train_loader, cfg["epochs"], cfg["lr"], device, weight_decay=WEIGHT_DECAY, progress=progress,
+              desc="baseline")
+        base_acc = evaluate(base, test_loader, device)
         example = torch.zeros(1, 3, 32, 32, device=device)
         base_stats = report.model_stats(base, example)
         print(f"seed {seed}: baseline {100 * base_acc:.2f}% ({time.time() - t0:.0f}s), "
@@ -123,9 +93,10 @@ def main(argv=None):
                 scores = crit.scores(base)
             t_score = time.time() - t0
             pruned, plan = rankprune.prune(base, example, scores, target_flops=args.target_flops, progress=progress)
-            acc_pruned = accuracy(pruned, test_loader, device)
-            train(pruned, train_loader, cfg["finetune_epochs"], cfg["finetune_lr"], device, progress)
-            acc_ft = accuracy(pruned, test_loader, device)
+            acc_pruned = evaluate(pruned, test_loader, device)
+            train(pruned, train_loader, cfg["finetune_epochs"], cfg["finetune_lr"], device,
+                  weight_decay=WEIGHT_DECAY, progress=progress, desc=f"fine-tune {name}")
+            acc_ft = evaluate(pruned, test_loader, device)
             run = {
                 "seed": seed, "criterion": name, "baseline_acc": base_acc, "pruned_acc": acc_pruned,
                 "finetuned_acc": acc_ft, "flops_kept": plan["flops"][1] / plan["flops"][0],
