@@ -207,7 +207,8 @@ class Unit:
         # baseline too, e.g. one short fine-tune epoch of an under-trained model, is not the compression's doing).
         rows = [self.measure(copy.deepcopy(base), self.row("baseline", "baseline", 1.0, train_s=self.train_seconds,
                                                            commit=commit))]
-        self.log(f"baseline {self.base_stats['flops'] / 1e6:.2f} MFLOPs, {self.base_stats['params'] / 1e3:.1f} k params")
+        self.log(f"baseline {self.base_stats['flops'] / 1e6:.2f} MFLOPs, "
+                 f"{self.base_stats['params'] / 1e3:.1f} k params")
         for family in families:
             path = self.family_path(family)
             if (args.resume or args.saved_only) and os.path.isfile(path):
@@ -528,8 +529,8 @@ def markdown(summary: List[dict], targets: List[dict], trp: Optional[dict], sett
             continue
         base = mine[0]
         lines += [f"**{model}** (width {s.width}), seeds {base['seeds']}: baseline {_cell(base, 'raw')}% "
-                  f"(recalibrated {_cell(base, 'recalibrated')}, after the fine-tune epoch {_cell(base, 'fine-tuned')}: "
-                  "the control for those columns), "
+                  f"(recalibrated {_cell(base, 'recalibrated')}, after the fine-tune epoch "
+                  f"{_cell(base, 'fine-tuned')}: the control for those columns), "
                   f"{base['flops'] / 1e6:.2f} MFLOPs, {base['params'] / 1e3:.1f} k params "
                   f"({s.epochs} epochs on {s.train_size} images; test {s.test_size}, fine-tune subset "
                   f"{s.finetune_size}, calibration {s.calib_images} images)", "",

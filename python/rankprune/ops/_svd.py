@@ -42,9 +42,10 @@ def _library_svd(A: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     X = A.detach().to(_real_dtype(A.dtype))
     # one reduction over everything first: the per-matrix mask costs three more small ops, which at k=32 are a
     # tenth of the SVD itself
-    has_bad = not bool(torch.isfinite(X).all())
+    finite = torch.isfinite(X)
+    has_bad = not bool(finite.all())
     if has_bad:
-        bad = ~torch.isfinite(X).all(-1).all(-1)
+        bad = ~finite.all(-1).all(-1)
         X = X.masked_fill(bad[..., None, None], 0.0)
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     V = Vh.mT
