@@ -1,6 +1,9 @@
-"""How models are called with ``example_inputs``: a tensor, a tuple/list of positional inputs, or a dict of
-keyword inputs (the Torch-Pruning convention)."""
-from typing import Any
+"""How models are called and fed, shared by every verb: ``example_inputs`` (a tensor, a tuple/list of
+positional inputs, or a dict of keyword inputs: the Torch-Pruning convention), calibration batches (tensors,
+``(inputs, labels, ...)`` tuples whose first item is the input, or dicts), device and dtype casting, and the
+eval-mode context that every calibration pass runs in."""
+import contextlib
+from typing import Any, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -50,3 +53,74 @@ def to_device(inputs: Any, device, dtype=None) -> Any:
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(to_device(v, device, dtype) for v in inputs)
     return inputs
+
+
+def model_device_dtype(model: nn.Module) -> Tuple[torch.device, Optional[torch.dtype]]:
+    """Device and dtype of the model's first parameter (CPU and None for a model without parameters)."""
+    for p in model.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), None
+
+
+def model_inputs(batch: Any, model: nn.Module) -> Any:
+    """The inputs of a data batch, on the model's device, floating tensors in the model's dtype."""
+    device, dtype = model_device_dtype(model)
+    return to_device(batch_inputs(batch), device, dtype)
+
+
+def check_data(data: Any, arg: str = "data") -> None:
+    """Raise a clear error unless ``data`` is an iterable of batches (not a tensor, a dict or None)."""
+    if data is None:
+        raise ValueError(f"{arg} must be an iterable of calibration batches (e.g. a DataLoader or a list of "
+                         "tensors), got None")
+    if isinstance(data, (torch.Tensor, dict)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"{arg} must be an iterable of calibration batches (e.g. a DataLoader or a list of "
+                        f"tensors), got {type(data).__name__}; wrap a single batch in a list: [x]")
+
+
+def reusable(data: Iterable, arg: str = "data") -> Iterable:
+    """``data`` if it can be iterated again (a list, a DataLoader), else its batches read into a list: every
+    verb that passes over calibration data more than once treats a one-shot iterator (a generator) this way."""
+    check_data(data, arg)
+    return list(data) if iter(data) is data else data
+
+
+def iter_batches(data: Iterable, max_batches: Optional[int] = None, arg: str = "data") -> Iterator[Any]:
+    """The batches of ``data``, at most ``max_batches`` of them (all when None)."""
+    check_data(data, arg)
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"max_batches must be an int >= 1, got {max_batches!r}")
+    for i, batch in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch
+
+
+def progress(iterable: Iterable, desc: str, enabled: bool, total: Optional[int] = None, unit: str = "batch"):
+    """``iterable`` wrapped in a tqdm bar (with an ETA where the length is known) when ``enabled``."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    if total is None:
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, no_grad: bool = True) -> Iterator[nn.Module]:
+    """Put every module of ``model`` in eval mode (and turn gradients off) for the block, then give every
+    module back its own training flag, also on an error: ``model.train(flag)`` would restore only the root's
+    flag onto all of them."""
+    flags: List[Tuple[nn.Module, bool]] = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
