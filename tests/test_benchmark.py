@@ -184,3 +184,48 @@ def test_exp_quality_torch_pruning_meets_the_flops():
     assert abs(kept / 0.6 - 1) <= 0.02 and 0 < ratio < 1
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in models.build("resnet20", width=0.25)
                                                              .parameters())  # the caller's model untouched
+
+
+def _calibration_rows():
+    rows = [{"model": "m", "input": "3x8x8", "images": 32, "forward_s": 2.0, "data_free_s": 10.0,
+             "data_aware_s": 20.0},
+            {"model": "m", "input": "3x8x8", "images": 256, "forward_s": 16.0, "data_free_s": 10.0,
+             "data_aware_s": 90.0},
+            {"model": "n", "input": "3x8x8", "images": 32, "forward_s": 1.0, "data_free_s": 5.0,
+             "data_aware_s": None, "data_aware_timeout_s": 300.0},
+            {"model": "t", "input": "128 tokens", "images": 32, "note": "skipped: transformers is not importable"}]
+    return rows
+
+
+def test_bench_calibration_extra_passes_and_linearity():
+    bench = _script("bench_calibration")
+    rows = _calibration_rows()
+    bench.summarize_rows(rows)
+    m32, m256, timed_out, skipped = rows
+    assert m32["extra_passes"] == 5.0 and m32["target_met"] is True  # (20 - 10) / 2
+    assert m256["extra_passes"] == 5.0 and m256["extra_growth"] == 8.0 and m256["linear_growth"] == 8.0
+    assert timed_out["extra_passes"] is None and timed_out["extra_passes_min"] == 295.0
+    assert skipped["extra_passes"] is None and skipped["extra_growth"] is None
+    text = bench.markdown(rows, {"target_flops": 0.5, "repeats": 3, "batch_size": 32, "threads": 2})
+    assert "**5.0**" in text and "8 (8)" in text and ">295.0" in text and "(timed out)" in text
+    assert "- t: skipped: transformers is not importable" in text and "ru_maxrss" in text
+
+
+@pytest.mark.slow
+def test_bench_calibration_quick_runs(tmp_path):
+    import importlib.util as util
+    import subprocess
+    import sys
+
+    if util.find_spec("torchvision") is None and util.find_spec("transformers") is None:
+        pytest.skip("bench_calibration --quick needs torchvision or transformers")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_calibration.py"), "--quick",
+                           "--no-progress", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = tmp_path.glob("bench_calibration-quick-cpu-*.json")
+    payload = json.loads(path.read_text())
+    measured = [r for r in payload["rows"] if not r.get("note")]
+    assert measured and "| model" in payload["markdown"]
+    for row in measured:
+        assert row["forward_s"] > 0 and row["data_free_s"] > 0 and row["data_aware_s"] > 0
+        assert row["extra_passes"] is not None and row["data_aware_peak_mib"] >= 0
