@@ -10,27 +10,11 @@ compression loads with ``torch.load(path, weights_only=True)``::
 Every plan is a dict with ``"method"`` ("prune" or "decompose") and ``"version"``; a list of plans is applied
 in order (e.g. pruning, then decomposition).
 """
-from typing import Dict, Mapping, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 from torch import nn
 
-Plan = Mapping[str, object]
-
-# Bumped when a plan's layout changes; apply_* refuse plans of another version.
-PLAN_VERSION = 1
-
-
-def plan_layers(plan: Plan, method: str, layout: str) -> Dict[str, dict]:
-    """Check that ``plan`` is a current ``method`` plan and return its ``"layers"`` mapping; ``layout`` describes
-    one layer entry for the error message."""
-    if not isinstance(plan, Mapping) or plan.get("method") != method:
-        raise ValueError(f"plan: expected a dict with method {method!r} (as returned by rankprune.{method})")
-    if plan.get("version") != PLAN_VERSION:
-        raise ValueError(f"plan: version {plan.get('version')!r} is not supported (expected {PLAN_VERSION})")
-    layers = plan.get("layers")
-    if not isinstance(layers, Mapping):
-        raise ValueError(f"plan: 'layers' must be a dict {{module name: {layout}}}")
-    return dict(layers)
+from .plan_format import PLAN_VERSION, Plan, plan_layers  # noqa: F401  (PLAN_VERSION, plan_layers: re-exported)
 
 
 def apply_plan(model: nn.Module, plan: Union[Plan, Sequence[Plan]]) -> nn.Module:
@@ -44,11 +28,11 @@ def apply_plan(model: nn.Module, plan: Union[Plan, Sequence[Plan]]) -> nn.Module
         raise ValueError("apply_plan: expected a plan dict with a 'method' key (or a list of them)")
     method = plan["method"]
     if method == "prune":
-        from .pruning import apply_prune_plan
+        from .pruning import apply_prune_plan  # at call time: rankprune.pruning needs torch-pruning
 
         return apply_prune_plan(model, plan)
     if method == "decompose":
-        from .lowrank import apply_decompose_plan
+        from .lowrank import apply_decompose_plan  # at call time while rankprune.lowrank imports this module
 
         return apply_decompose_plan(model, plan)
     raise ValueError(f"apply_plan: unknown plan method {method!r} (expected 'prune' or 'decompose')")
