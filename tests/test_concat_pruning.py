@@ -7,6 +7,7 @@ from torch import nn
 
 import rankprune
 from rankprune import models, pruning
+from rankprune.pruning._prune import _output_layers
 
 
 def test_concatnet_builds_and_prunes():
@@ -147,7 +148,7 @@ CASES = {
 
 def prunable_channels(model, x):
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
-    groups = graph.get_all_groups(ignored_layers=pruning._output_layers(model, x),
+    groups = graph.get_all_groups(ignored_layers=_output_layers(model, x),
                                   root_module_types=[nn.Conv2d, nn.Linear])
     return sum(len(g[0].idxs) for g in groups)
 

@@ -1,0 +1,277 @@
+""":func:`prune`: score, prune a copy at a channel ratio or a FLOP target, recalibrate, describe it in a plan."""
+import copy
+import math
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import scoring
+from .._inputs import call_model, eval_mode
+from ..plan_format import PLAN_VERSION
+from ..report import count_flops
+from ..training import recalibrate as recalibrate_batchnorm
+from ._by_ratio import prune_by_ratio
+from ._errors import PruningError
+from ._importance import Scores
+from ._plan import apply_prune_plan
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: Any,
+    criterion_or_scores: Union[str, scoring.Criterion, Scores] = "energy",
+    *,
+    data: Optional[Iterable] = None,
+    ratio: Optional[float] = None,
+    target_flops: Optional[float] = None,
+    global_ranking: bool = False,
+    ignored_layers: Optional[Sequence[Union[str, nn.Module]]] = None,
+    ignore_output_layer: bool = True,
+    round_to: Optional[int] = None,
+    max_layer_ratio: float = 0.9,
+    recalibrate: bool = True,
+    inplace: bool = False,
+    progress: bool = True,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Remove the least important conv output channels (and everything coupled to them).
+
+    Args:
+        model: the network; pruned in place when ``inplace``, else a deep copy is pruned.
+        example_inputs: inputs for one forward (tensor, tuple or dict) to trace the dependency graph and
+            count FLOPs; a batch of 1 is enough.
+        criterion_or_scores: a criterion name (see ``rankprune.scoring``), a Criterion, or precomputed
+            scores ``{conv_name: [out_channels]}`` of this model.
+        data: calibration batches (a list or DataLoader; see :func:`rankprune.recalibrate` for the batch
+            forms): scored by data-driven criteria (energy, hrank, taylor), then, with ``recalibrate``, used
+            to re-estimate the BatchNorm statistics of the pruned model. Iterated twice in that case, so a
+            one-shot iterator is refused.
+        ratio: fraction of channels to remove, in [0, 1) (see the module doc).
+        target_flops: fraction of the original FLOPs to keep, in (0, 1]; exclusive with ``ratio``.
+        global_ranking: rank all groups together (a single threshold) instead of pruning each group by
+            ``ratio``.
+        ignored_layers: modules or module names never pruned (nor anything tied to their output channels).
+        ignore_output_layer: also ignore the layer(s) producing the model output (the classifier).
+        round_to: keep a multiple of this many channels in each pruned group.
+        max_layer_ratio: no group loses more than this fraction of its channels (and at least one stays).
+        recalibrate: when ``data`` is given, re-estimate every BatchNorm's running statistics of the pruned
+            model on it (:func:`rankprune.recalibrate`), once, after the FLOP-target search. Removing
+            channels shifts the statistics of the layers after them; without recalibration the pruned
+            model keeps the original network's statistics and loses far more accuracy.
+        inplace: prune ``model`` itself (else ``model`` is left as it was: weights, buffers, flags). A copy is
+            pruned first either way, so a refusal (``PruningError``) leaves ``model`` as it was.
+        progress: progress bars (scoring, FLOP-target search).
+
+    Returns:
+        ``(pruned_model, plan)``; the plan is plain data (module doc) for :func:`apply_prune_plan`.
+    """
+    ratio, target_flops, max_layer_ratio = _check_arguments(model, ratio, target_flops, max_layer_ratio, round_to)
+    recalibrate = bool(recalibrate) and data is not None
+    criterion_name, scores = _scores(model, criterion_or_scores, data, recalibrate, progress)
+    flags = {name: m.training for name, m in model.named_modules()}
+    unpruned: Dict[str, str] = {}
+    with eval_mode(model, no_grad=False):  # no_grad=False: Torch-Pruning traces the graph through autograd
+        base_flops = count_flops(model, example_inputs)
+        base_params = sum(p.numel() for p in model.parameters())
+        ignored_names = _ignored_names(model, example_inputs, ignored_layers, ignore_output_layer)
+        pruned, kept, flops, ratio = _prune_copy(
+            model, example_inputs, scores, ratio, target_flops, global_ranking, ignored_names, round_to,
+            max_layer_ratio, base_flops, unpruned, progress)
+        if inplace:  # the caller's model is cut only once a copy was pruned without error
+            apply_prune_plan(model, {"method": "prune", "version": PLAN_VERSION, "layers": kept})
+            pruned = model
+    for name, m in pruned.named_modules():  # the copies were made in eval mode: every module's own flag back
+        m.training = flags.get(name, m.training)
+    _warn_unpruned(unpruned)
+    _warn_tied(scores, kept)
+    if recalibrate:
+        recalibrate_batchnorm(pruned, data, progress=progress)
+    plan = {"method": "prune", "version": PLAN_VERSION, "layers": kept, "criterion": criterion_name,
+            "ratio": ratio, "target_flops": target_flops, "global_ranking": bool(global_ranking),
+            "round_to": round_to, "ignored_layers": ignored_names, "recalibrated": recalibrate,
+            "flops": [base_flops, flops], "params": [base_params, sum(p.numel() for p in pruned.parameters())]}
+    return pruned, plan
+
+
+def _check_arguments(model: nn.Module, ratio: Optional[float], target_flops: Optional[float],
+                     max_layer_ratio: float, round_to: Optional[int]) -> Tuple[Optional[float], Optional[float], float]:
+    """Refuse arguments out of range (and a model without convs) before any work; the fractions as floats."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if (ratio is None) == (target_flops is None):
+        raise ValueError("give exactly one of ratio (fraction of channels to remove) and target_flops "
+                         "(fraction of FLOPs to keep)")
+    if ratio is not None:
+        ratio = _check_fraction("ratio", ratio, lo_open=False, hi_open=True)
+    if target_flops is not None:
+        target_flops = _check_fraction("target_flops", target_flops, lo_open=True, hi_open=False)
+    max_layer_ratio = _check_fraction("max_layer_ratio", max_layer_ratio, lo_open=False, hi_open=True)
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    scoring.conv_layers(model)  # a model without convs is refused here, before any work
+    return ratio, target_flops, max_layer_ratio
+
+
+def _check_fraction(name: str, value, lo_open: bool, hi_open: bool, lo=0.0, hi=1.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    bad = (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi)
+    if bad or not math.isfinite(value):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return float(value)
+
+
+def _scores(model: nn.Module, criterion_or_scores, data: Optional[Iterable], recalibrate: bool,
+            progress: bool) -> Tuple[str, Scores]:
+    """The criterion's name (``"scores"`` for precomputed scores) and the checked scores of ``model``."""
+    crit = None if isinstance(criterion_or_scores, dict) else scoring.get(criterion_or_scores)
+    if recalibrate and crit is not None and crit.needs_data and iter(data) is data:
+        raise ValueError("data: a one-shot iterator cannot be both scored and used for BatchNorm recalibration; "
+                         "pass a list of batches or a DataLoader (or recalibrate=False)")
+    if crit is None:
+        return "scores", scoring.check_scores(model, criterion_or_scores)
+    if hasattr(crit, "progress"):
+        crit.progress = crit.progress and progress
+    return crit.name, scoring.check_scores(model, crit.scores(model, data))
+
+
+def _ignored_names(model: nn.Module, example_inputs: Any, ignored_layers, ignore_output_layer: bool) -> List[str]:
+    """Names of the modules never pruned: ``ignored_layers``, and the output layer(s) if asked."""
+    ignored_modules = set(_resolve_ignored(model, ignored_layers))
+    if ignore_output_layer:
+        ignored_modules.update(_output_layers(model, example_inputs))
+    return [n for n, m in model.named_modules() if m in ignored_modules]
+
+
+def _resolve_ignored(model: nn.Module, ignored_layers) -> List[nn.Module]:
+    if ignored_layers is None:
+        return []
+    modules = dict(model.named_modules())
+    out = []
+    for item in ignored_layers:
+        if isinstance(item, str):
+            if item not in modules:
+                raise ValueError(f"ignored_layers: {item!r} is not a module of the model")
+            out.append(modules[item])
+        elif isinstance(item, nn.Module):
+            out.append(item)
+        else:
+            raise TypeError(f"ignored_layers must hold module names or modules, got {type(item).__name__}")
+    return out
+
+
+def _output_layers(model: nn.Module, example_inputs: Any) -> List[nn.Module]:
+    """Conv/Linear layers whose output is the model's output (the classifier), by one probe forward;
+    the last such layer called if the output went through functional ops after it."""
+    called: List[Tuple[nn.Module, Tensor]] = []
+    handles = [m.register_forward_hook(lambda m, i, o: called.append((m, o)))
+               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            out = call_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else [out]
+    ids = {id(t) for t in outs if isinstance(t, Tensor)}
+    direct = [m for m, o in called if id(o) in ids]
+    if direct:
+        return direct
+    return [called[-1][0]] if called else []
+
+
+def _prune_copy(model: nn.Module, example_inputs: Any, scores: Scores, ratio: Optional[float],
+                target_flops: Optional[float], global_ranking: bool, ignored_names: List[str],
+                round_to: Optional[int], max_layer_ratio: float, base_flops: int, unpruned: Dict[str, str],
+                progress: bool):
+    """A pruned copy of ``model`` at ``ratio``, or at the ratio that meets ``target_flops``: ``(pruned, kept
+    indices per layer, its FLOPs, the ratio)``."""
+    def attempt(r: float, target: nn.Module, dither: bool = False):
+        ignored = [target.get_submodule(n) for n in ignored_names]
+        kept = prune_by_ratio(target, example_inputs, scores, r, global_ranking, ignored, round_to,
+                              max_layer_ratio, dither, unpruned)
+        return kept, _pruned_flops(target, example_inputs)
+
+    if ratio is not None:
+        pruned = copy.deepcopy(model)
+        kept, flops = attempt(ratio, pruned)
+        return pruned, kept, flops, ratio
+    return _search_flops(model, attempt, base_flops, target_flops, max_layer_ratio, progress)
+
+
+def _pruned_flops(pruned: nn.Module, example_inputs: Any) -> int:
+    """FLOPs of the pruned model; a forward that now fails is a PruningError (a channel count kept as a
+    plain attribute, such as torchvision ViT's ``hidden_dim``, no longer matches the sliced layers)."""
+    try:
+        return count_flops(pruned, example_inputs)
+    except Exception as exc:
+        raise PruningError(
+            f"the pruned {type(pruned).__name__} no longer runs ({type(exc).__name__}: {exc}); the model probably "
+            "keeps a channel count outside its layers (an attribute or constant used in forward, like "
+            "torchvision ViT's hidden_dim): pass the layers that set it as ignored_layers") from exc
+
+
+def _search_flops(model, attempt, base_flops: int, target: float, max_layer_ratio: float, progress: bool):
+    """The channel ratio whose pruned model keeps the fraction of ``base_flops`` closest to ``target`` (within
+    2% relative, else the closest of the tries). Each try prunes a copy, so tries are few: a conv's FLOPs scale
+    with its input times its output channels, so sqrt(FLOPs kept) is close to linear in the ratio. The first
+    try is ``1 - sqrt(target)``, the next ones secant steps on sqrt(FLOPs kept), kept inside the bracket of
+    the tries so far (bisection when a step would leave it)."""
+    best = None
+
+    def consider(r):
+        nonlocal best
+        candidate = copy.deepcopy(model)
+        kept, flops = attempt(r, candidate, dither=True)
+        err = abs(flops / base_flops - target)
+        if best is None or err < best[0]:
+            best = (err, candidate, kept, flops, r)
+        return flops / base_flops
+
+    lo, hi = 0.0, max_layer_ratio
+    steps = range(24)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"searching ratio for {100 * target:.1f}% FLOPs", leave=False)
+    if target >= 1.0:
+        consider(0.0)
+    else:
+        tries = [(0.0, 1.0)]  # (ratio, sqrt(FLOPs kept)): nothing removed keeps everything
+        r = min(max(1.0 - math.sqrt(target), 1e-3), hi)
+        for _ in steps:
+            kept_fraction = consider(r)
+            if abs(kept_fraction / target - 1) <= 0.02:
+                break
+            if kept_fraction > target:
+                lo = r
+            else:
+                hi = r
+            if hi - lo < 1e-4:
+                break
+            tries.append((r, math.sqrt(kept_fraction)))
+            (r1, s1), (r2, s2) = tries[-2], tries[-1]
+            r = r2 + (math.sqrt(target) - s2) * (r2 - r1) / (s2 - s1) if s2 != s1 else lo
+            if not lo < r < hi:
+                r = 0.5 * (lo + hi)
+    _, pruned, kept, flops, r = best
+    return pruned, kept, flops, r
+
+
+def _warn_unpruned(unpruned: Dict[str, str]) -> None:
+    if unpruned:
+        lines = "".join(f"\n  {name}: {reason}" for name, reason in sorted(unpruned.items()))
+        warnings.warn(f"prune: {len(unpruned)} channel group(s) left unpruned (named by their first layer):{lines}",
+                      stacklevel=3)
+
+
+def _warn_tied(scores: Scores, kept: Dict[str, Dict[str, Any]]) -> None:
+    """Warn once about pruned layers whose scores are all equal: which of their channels go is arbitrary."""
+    tied = sorted(name for name, s in scores.items()
+                  if len(s) > 1 and bool((s == s[0]).all()) and "out_channels_kept" in kept.get(name, {}))
+    if tied:
+        warnings.warn(f"prune: the scores of {len(tied)} pruned layer(s) are all equal, so which of their channels "
+                      f"were removed is arbitrary (a criterion that cannot tell them apart, e.g. bn_scale without a "
+                      f"BatchNorm, or dead layers): {', '.join(tied)}", stacklevel=3)
