@@ -191,7 +191,7 @@ def test_bad_inputs():
         scoring.get("magic")
     with pytest.raises(ValueError, match="not nn.Conv2d layers"):
         scoring.score(net, None, "l1", layers=["8"])
-    with pytest.raises(TypeError, match="iterable of batches"):
+    with pytest.raises(TypeError, match="iterable of calibration batches"):
         scoring.score(net, torch.randn(2, 3, 5, 5), "energy", progress=False)
     with pytest.raises(ValueError, match="shape"):
         scoring.check_scores(net, {"0": torch.ones(3)})

@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ._inputs import eval_mode
+
 
 @dataclass
 class Timing:
@@ -164,14 +166,9 @@ def latency(
     if device is None:
         tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
         device = tensors[0].device if tensors else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return measure(lambda: model(*args, **kwargs), device=device, warmup=warmup, repeats=repeats,
-                           min_time_s=min_time_s, cuda_graph=cuda_graph)
-    finally:
-        model.train(was_training)
+    with eval_mode(model, no_grad=False), torch.inference_mode():
+        return measure(lambda: model(*args, **kwargs), device=device, warmup=warmup, repeats=repeats,
+                       min_time_s=min_time_s, cuda_graph=cuda_graph)
 
 
 def environment(device="cpu") -> Dict[str, object]:

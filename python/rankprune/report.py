@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._inputs import call_model
+from ._inputs import call_model, eval_mode
 
 _CHANNEL_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -34,12 +34,8 @@ def model_stats(model: nn.Module, example_inputs: Any) -> Dict[str, Any]:
     """``{"params", "flops", "layers"}`` of ``model``: parameter count, FLOPs of one forward on
     ``example_inputs`` (see :func:`count_flops`; the batch size of ``example_inputs`` scales it), and
     :func:`layer_channels`. The model is run in eval mode and restored to its previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         flops = count_flops(model, example_inputs)
-    finally:
-        model.train(was_training)
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "flops": flops,

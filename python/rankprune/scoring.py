@@ -44,14 +44,15 @@ the per-channel sums and sample counts are all-reduced, so all ranks get the mea
 process would on the union of the shards.
 """
 import copy
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from ._inputs import batch_inputs, batch_size, call_model, to_device
+from ._inputs import batch_size, call_model, eval_mode, iter_batches, model_device_dtype, model_inputs, to_device
+from ._inputs import progress as progress_bar
 
 Scores = Dict[str, Tensor]
 
@@ -81,36 +82,11 @@ def conv_layers(model: nn.Module, layers: Optional[Sequence[str]] = None) -> Dic
     return {name: convs[name] for name in layers}
 
 
-def _model_device_dtype(model: nn.Module) -> Tuple[torch.device, Optional[torch.dtype]]:
-    for p in model.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), None
-
-
-def _progress(iterable: Iterable, desc: str, enabled: bool, total: Optional[int] = None):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    if total is None:
-        try:
-            total = len(iterable)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-    return tqdm(iterable, desc=desc, total=total, unit="batch", leave=False)
-
-
-def _batches(data: Iterable, max_batches: Optional[int]):
+def _calibration_batches(data: Optional[Iterable], max_batches: Optional[int], name: str, enabled: bool):
+    """The batches of ``data`` a data-driven criterion reads (at most ``max_batches``), behind a progress bar."""
     if data is None:
         raise ValueError("data: this criterion needs calibration data (an iterable of batches), got None")
-    if isinstance(data, Tensor):
-        raise TypeError("data must be an iterable of batches (e.g. a DataLoader or [x]), not a single tensor")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
-    for i, batch in enumerate(data):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield batch
+    return progress_bar(iter_batches(data, max_batches), f"scoring ({name})", enabled)
 
 
 class _Tap:
@@ -312,17 +288,15 @@ class FeatureMapCriterion(Criterion):
 
     def scores(self, model: nn.Module, data: Optional[Iterable] = None) -> Scores:
         convs = conv_layers(model, self.layers)
-        device, dtype = _model_device_dtype(model)
-        was_training = model.training
-        model.eval()
+        device, _ = model_device_dtype(model)
         sums: Dict[str, Tensor] = {name: torch.zeros(c.out_channels, dtype=torch.float64, device=device)
                                    for name, c in convs.items()}
         count = torch.zeros(1, dtype=torch.float64, device=device)
         handles = []
         try:
-            with torch.no_grad():
-                for batch in _progress(_batches(data, self.max_batches), f"scoring ({self.name})", self.progress):
-                    inputs = to_device(batch_inputs(batch), device, dtype)
+            with eval_mode(model):
+                for batch in _calibration_batches(data, self.max_batches, self.name, self.progress):
+                    inputs = model_inputs(batch, model)
                     if not handles:  # first batch: find the taps on its first sample, then hook them
                         taps = find_taps(model, _first_sample(inputs), convs, self.tap, self.residual_output)
                         handles = [tap.host.register_forward_hook(self._hook(sums[name], tap))
@@ -332,7 +306,6 @@ class FeatureMapCriterion(Criterion):
         finally:
             for h in handles:
                 h.remove()
-            model.train(was_training)
         return _finish(sums, count, bool(handles), self.distributed)
 
     def _hook(self, acc: Tensor, tap: _Tap):
@@ -473,12 +446,10 @@ class Taylor(Criterion):
 
     def scores(self, model: nn.Module, data: Optional[Iterable] = None) -> Scores:
         convs = conv_layers(model, self.layers)
-        device, dtype = _model_device_dtype(model)
+        device, dtype = model_device_dtype(model)
         sums = {name: torch.zeros(c.out_channels, dtype=torch.float64, device=device) for name, c in convs.items()}
         count = torch.zeros(1, dtype=torch.float64, device=device)
         saved_grads = {p: p.grad for p in model.parameters()}
-        was_training = model.training
-        model.eval()
 
         def make_hook(acc: Tensor):
             def hook(module, inputs, output):
@@ -494,22 +465,22 @@ class Taylor(Criterion):
         handles = [conv.register_forward_hook(make_hook(sums[name])) for name, conv in convs.items()]
         seen = 0
         try:
-            for batch in _progress(_batches(data, self.max_batches), f"scoring ({self.name})", self.progress):
-                seen += 1
-                if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-                    raise ValueError("taylor needs labelled batches (inputs, labels)")
-                inputs = to_device(batch[0], device, dtype)
-                labels = to_device(batch[1], device)
-                model.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    self.loss_fn(call_model(model, inputs), labels).backward()
-                count += batch_size(inputs)
+            with eval_mode(model, no_grad=False):
+                for batch in _calibration_batches(data, self.max_batches, self.name, self.progress):
+                    seen += 1
+                    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+                        raise ValueError("taylor needs labelled batches (inputs, labels)")
+                    inputs = to_device(batch[0], device, dtype)
+                    labels = to_device(batch[1], device)
+                    model.zero_grad(set_to_none=True)
+                    with torch.enable_grad():
+                        self.loss_fn(call_model(model, inputs), labels).backward()
+                    count += batch_size(inputs)
         finally:
             for h in handles:
                 h.remove()
             for p, g in saved_grads.items():
                 p.grad = g
-            model.train(was_training)
         return _finish(sums, count, seen > 0, self.distributed)
 
 

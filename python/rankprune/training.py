@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._inputs import batch_inputs, call_model, to_device
-from .scoring import _batches, _model_device_dtype, _progress
+from ._inputs import call_model, eval_mode, iter_batches, model_device_dtype, model_inputs
+from ._inputs import progress as progress_bar
 
 
 def _device_of(model: nn.Module, device) -> torch.device:
-    return torch.device(device) if device is not None else _model_device_dtype(model)[0]
+    return torch.device(device) if device is not None else model_device_dtype(model)[0]
 
 
 def train(model: nn.Module, loader, epochs: int, lr: float, device=None, *, pruner=None,
@@ -140,22 +140,19 @@ def recalibrate(model: nn.Module, data: Iterable, max_batches: Optional[int] = N
         warnings.warn(f"recalibrate: {type(model).__name__} has no BatchNorm with running statistics; "
                       "nothing to recalibrate", stacklevel=2)
         return model
-    device, dtype = _model_device_dtype(model)
     saved = {name: (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
              for name, bn in norms.items()}
-    flags = {m: m.training for m in model.modules()}
     stats = {name: _BatchStats(name, bn) for name, bn in norms.items()}
     handles = [bn.register_forward_pre_hook(stats[name]) for name, bn in norms.items()]
     batches = 0
     ok = False
     try:
-        model.eval()
-        for bn in norms.values():
-            bn.train()
-            bn.momentum = None  # the layer's own buffers follow a cumulative average too while we stream
-        with torch.no_grad():
-            for batch in _progress(_batches(data, max_batches), "recalibrating BatchNorm", progress):
-                call_model(model, to_device(batch_inputs(batch), device, dtype))
+        with eval_mode(model):  # every module's own flag back afterwards
+            for bn in norms.values():
+                bn.train()
+                bn.momentum = None  # the layer's own buffers follow a cumulative average too while we stream
+            for batch in progress_bar(iter_batches(data, max_batches), "recalibrating BatchNorm", progress):
+                call_model(model, model_inputs(batch, model))
                 batches += 1
         if batches == 0:
             raise ValueError("recalibrate: data yielded no batches: nothing to calibrate on")
@@ -181,8 +178,6 @@ def recalibrate(model: nn.Module, data: Iterable, max_batches: Optional[int] = N
                 bn.running_mean.copy_(mean)
                 bn.running_var.copy_(var)
                 bn.num_batches_tracked.copy_(tracked)
-        for m, flag in flags.items():
-            m.training = flag
     return model
 
 
