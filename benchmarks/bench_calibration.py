@@ -18,7 +18,9 @@ For each model and number of images N, three measurements, each in a fresh proce
     not depend on N, so it runs once per model.
 (c) ``data-aware``: ``decompose(model, data=calib, target_flops=0.5, example_inputs=x1)``.
 
-Reported: ``extra_passes = (c - b) / a`` (target: <= 8), and its linearity: ``extra_growth`` is ``(c - b)`` at
+Reported: ``extra_passes = (c - b) / a`` (target: <= 8), the same in CPU seconds (``extra_passes_cpu``: each
+measuring process's user + system time, so less sensitive to other processes on a shared machine), and its
+linearity: ``extra_growth`` is ``(c - b)`` at
 N over ``(c - b)`` at the smallest N, next to ``linear_growth = N / smallest N`` (equal when the extra cost is
 linear in N). ``report["calibration"]`` (per-phase seconds, peak memory, pass count) is printed and kept
 where decompose returns it.
@@ -163,6 +165,7 @@ def measure_one(spec: Dict[str, object]) -> Dict[str, object]:
                 times.append(time.perf_counter() - start)
         result["seconds"] = statistics.median(times)
         result["times_s"] = times
+        result["passes"] = len(times)
     else:
         data = calib if spec["measure"] == "data-aware" else None
         start = time.perf_counter()
@@ -179,6 +182,7 @@ def measure_one(spec: Dict[str, object]) -> Dict[str, object]:
     peak = _maxrss_kib()
     result.update(peak_mib=(peak - rss_before) / 1024, rss_before_mib=rss_before / 1024, peak_reset=reset,
                   cpu_s=_cpu_s() - cpu_before, load_before=load_before, load_after=os.getloadavg()[0])
+    result["cpu_s_per_call"] = result["cpu_s"] / result.get("passes", 1)
     return result
 
 
@@ -219,7 +223,8 @@ def _available(model: str) -> Optional[str]:
 
 def summarize_rows(rows: List[Dict[str, object]]) -> None:
     """Fill each row's ``extra_passes = (data_aware - data_free) / forward`` (a lower bound ``extra_passes_min``
-    when the data-aware call timed out), ``extra_growth`` (the extra seconds over those of the model's smallest
+    when the data-aware call timed out), ``extra_passes_cpu`` (the same in CPU seconds of the measuring
+    processes: less sensitive to other processes on the machine), ``extra_growth`` (the extra seconds over those of the model's smallest
     image count) and ``linear_growth`` (the image count over the smallest), in place."""
     for row in rows:
         a, b, c = row.get("forward_s"), row.get("data_free_s"), row.get("data_aware_s")
@@ -228,6 +233,9 @@ def summarize_rows(rows: List[Dict[str, object]]) -> None:
         row["extra_passes_min"] = None
         if c is None and row.get("data_aware_timeout_s") and b is not None and a:
             row["extra_passes_min"] = (row["data_aware_timeout_s"] - b) / a
+        a_cpu, b_cpu, c_cpu = row.get("forward_cpu_s"), row.get("data_free_cpu_s"), row.get("data_aware_cpu_s")
+        row["extra_passes_cpu"] = ((c_cpu - b_cpu) / a_cpu if None not in (a_cpu, b_cpu, c_cpu) and a_cpu
+                                   and c is not None else None)
         row["target_met"] = None if row["extra_passes"] is None else row["extra_passes"] <= TARGET_EXTRA_PASSES
     by_model: Dict[str, List[Dict[str, object]]] = {}
     for row in rows:
@@ -240,6 +248,17 @@ def summarize_rows(rows: List[Dict[str, object]]) -> None:
                                    if row["extra_s"] is not None and base["extra_s"] else None)
 
 
+def _rounded(value):
+    """``value`` with its floats to 3 significant digits (nested dicts and lists too), for the table's notes."""
+    if isinstance(value, float):
+        return float(f"{value:.3g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _fmt(value, digits: str = ".3g") -> str:
     return "-" if value is None else format(value, digits)
 
@@ -247,7 +266,7 @@ def _fmt(value, digits: str = ".3g") -> str:
 def markdown(rows: List[Dict[str, object]], config: Dict[str, object]) -> str:
     """The README table: one row per model and image count."""
     headers = ["model", "input", "images", "forward pass s", "data-free s", "data-aware s", "extra passes",
-               "extra growth (linear)", "peak MiB fwd / free / aware"]
+               "in CPU s", "extra growth (linear)", "peak MiB fwd / free / aware"]
     lines = []
     for r in rows:
         aware = _fmt(r.get("data_aware_s"), ".1f") if r.get("data_aware_s") is not None else (
@@ -259,14 +278,20 @@ def markdown(rows: List[Dict[str, object]], config: Dict[str, object]) -> str:
                                                           "data_aware_peak_mib"))
         lines.append([r["model"], r["input"], r["images"], _fmt(r.get("forward_s")),
                       _fmt(r.get("data_free_s"), ".1f") if r.get("data_free_s") is not None else "-", aware, extra,
-                      growth, peaks])
+                      _fmt(r.get("extra_passes_cpu"), ".1f"), growth, peaks])
     setting = (f"`decompose(data=calib, target_flops={config['target_flops']})` against the data-free call and "
                f"one forward pass over the calibration data (median of {config['repeats']}), random weights, "
                f"random inputs in batches of {config['batch_size']}, {config['threads']} CPU threads; extra "
-               f"passes = (data-aware - data-free) / forward pass (target <= {TARGET_EXTRA_PASSES:g}); extra "
+               f"passes = (data-aware - data-free) / forward pass (target <= {TARGET_EXTRA_PASSES:g}), in wall "
+               "seconds, and in CPU seconds of the measuring process (less sensitive to other load); extra "
                "growth = the extra seconds over those at the smallest image count (linear: the ratio of image "
                f"counts, in parentheses). {MEMORY_NOTE}.")
     notes = [f"- {r['model']}: {r['note']}" for r in rows if r.get("note")]
+    for r in rows:
+        calibration = r.get("runs", {}).get("data-aware", {}).get("calibration")
+        if calibration is not None:
+            notes.append(f"- {r['model']}, {r['images']} images, `report[\"calibration\"]`: "
+                         f"`{json.dumps(_rounded(calibration))}`")
     return setting + "\n\n" + markdown_table(headers, lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
@@ -294,7 +319,7 @@ def main(argv=None) -> int:
     if args.one is not None:
         result = measure_one(json.loads(args.one))
         with open(args.one_out, "w") as f:
-            json.dump(result, f)
+            json.dump(result, f, default=str)  # whatever report["calibration"] holds, it reaches the parent
         return 0
 
     quick = dict(models="resnet18,gpt2-tiny", images="4,8", batch_size=4, size=112, seq_len=32)
@@ -348,6 +373,7 @@ def main(argv=None) -> int:
             rows[i][f"{key}_s"] = result.get("seconds")
             if result.get("peak_mib") is not None:
                 rows[i][f"{key}_peak_mib"] = result["peak_mib"]
+                rows[i][f"{key}_cpu_s"] = result["cpu_s_per_call"]
             if result.get("timed_out"):
                 rows[i][f"{key}_timeout_s"] = timeout
             rows[i].setdefault("runs", {})[measure] = result
