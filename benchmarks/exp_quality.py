@@ -302,7 +302,7 @@ def min_rank_of(layer_report: dict) -> int:
 
     if "min_rank" in layer_report:
         return layer_report["min_rank"]
-    return lowrank._resolve_min_rank(lowrank.DEFAULT_MIN_RANK, layer_report["full_rank"])
+    return lowrank.allocation.resolve_min_rank(lowrank.DEFAULT_MIN_RANK, layer_report["full_rank"])
 
 
 def torch_pruning_default(model: nn.Module, example: torch.Tensor, target: float, tolerance: float = 0.005):
@@ -338,8 +338,8 @@ def torch_pruning_default(model: nn.Module, example: torch.Tensor, target: float
 
 
 # The library modules each family's numbers depend on (besides the models, the data and this script).
-_SOURCES = {"prune": ("pruning.py", "scoring.py", "training.py", "ops/_svdvals.py", "ops/_library.py"),
-            "decompose": ("lowrank.py", "nn.py", "training.py", "ops")}
+_SOURCES = {"prune": ("pruning", "scoring.py", "training.py", "_inputs.py", "ops/_svdvals.py", "ops/_library.py"),
+            "decompose": ("lowrank", "calibration.py", "_inputs.py", "nn.py", "training.py", "ops")}
 
 
 def _source_digest(family: str) -> str:

@@ -390,7 +390,7 @@ def test_data_aware_bad_input(seed):
         rankprune.decompose(model, energy=0.9, data=[], example_inputs=torch.randn(1, 3, 16, 16), progress=False)
     bad = torch.randn(2, 3, 16, 16)
     bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf inputs to layer '0'"):
+    with pytest.raises(ValueError, match="input of layer '0' holds NaN or Inf"):
         rankprune.decompose(model, energy=0.9, data=[bad], progress=False)
     with pytest.raises(TypeError, match="iterable of calibration batches"):
         rankprune.decompose(model, energy=0.9, data=torch.randn(2, 3, 16, 16), progress=False)
@@ -610,16 +610,14 @@ def test_small_ranks_of_large_layers_use_the_randomized_svd(with_data, seed, mon
 def test_calibration_patches_are_unfold_rows_at_the_sampled_positions(conv, shape):
     # Above MAX_SAMPLES_PER_BATCH patches only the sampled ones are gathered: they must be exactly im2col's rows
     # at those positions, in its (channel, kernel row, kernel column) order.
-    from rankprune import lowrank
+    from rankprune import calibration
+    from rankprune.nn import _explicit_padding
 
-    layer = lowrank._Layer.__new__(lowrank._Layer)
-    layer.module, layer.kind = conv, "conv2d"
     x = torch.randn(*shape)
-    got = lowrank._layer_columns(layer, x, torch.Generator().manual_seed(3))
-    padding = lowrank._explicit_padding(conv)
-    patches = nn.functional.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride)
+    got = calibration.input_columns(conv, x, torch.Generator().manual_seed(3))
+    patches = nn.functional.unfold(x, conv.kernel_size, conv.dilation, _explicit_padding(conv), conv.stride)
     rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    if rows.shape[0] > lowrank.MAX_SAMPLES_PER_BATCH:
-        keep = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(3))[:lowrank.MAX_SAMPLES_PER_BATCH]
+    if rows.shape[0] > calibration.MAX_SAMPLES_PER_BATCH:
+        keep = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(3))[:calibration.MAX_SAMPLES_PER_BATCH]
         rows = rows[keep]
     assert torch.equal(got, rows)

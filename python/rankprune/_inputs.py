@@ -62,6 +62,15 @@ def model_device_dtype(model: nn.Module) -> Tuple[torch.device, Optional[torch.d
     return torch.device("cpu"), None
 
 
+# The floating-point types a model can be cast to by name (the CLI's ``--dtype``, the demo's ``dtype``).
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a name of :data:`DTYPES` (``"float32"``, ``"bfloat16"``, ...)."""
+    return DTYPES[name]
+
+
 def model_inputs(batch: Any, model: nn.Module) -> Any:
     """The inputs of a data batch, on the model's device, floating tensors in the model's dtype."""
     device, dtype = model_device_dtype(model)
@@ -124,3 +133,13 @@ def eval_mode(model: nn.Module, no_grad: bool = True) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def check_finite_weights(model: nn.Module, verb: str) -> None:
+    """Raise ValueError naming the first parameter or buffer of ``model`` that holds NaN or Inf: weights are
+    checked before calibration data are blamed for non-finite activations."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                layer = name.rpartition(".")[0] or type(model).__name__
+                raise ValueError(f"{verb}: the {kind} {name!r} of layer {layer!r} holds NaN or Inf")

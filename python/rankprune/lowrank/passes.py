@@ -1,0 +1,251 @@
+"""The calibration passes of a data-aware decomposition, run by the calibration engine
+(:mod:`rankprune.calibration`):
+
+1. **statistics** (one full pass): each layer's float64 input covariance ``X X^T`` of its calibration columns,
+   its first call in execution order, its refit stage, and (for the refit) its dense columns, kept within the
+   engine's cache budget;
+2. **sensitivity** (on a probe of the first batch): the change of the model's output with only one layer
+   decomposed, each layer's pass starting from the cached outputs of the modules before it;
+3. **refit** (one stage pass per stage, each starting from the frontier cache): ``H H^T`` and ``H Y^T`` of the
+   inputs ``H`` the layer gets once the layers before it are decomposed and the dense outputs ``Y = W X`` at
+   the same sampled columns; the layers of a stage are refitted and replaced at its end.
+"""
+import collections
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .._inputs import batch_size, call_model, eval_mode
+from ..calibration import Calibration, input_columns
+from .cost import Candidate
+from .factoring import lowrank_module
+
+# Layers whose input dimension d exceeds this keep weight SVD even with data: the float64 covariance is d^2
+# (8192: 512 MiB).
+MAX_COVARIANCE_DIM = 8192
+# How many recent layer inputs are compared with each new one to find layers reading the same tensor.
+SAME_INPUT_WINDOW = 16
+
+
+def _generator(layer: Candidate, batch: int, call: int, device) -> torch.Generator:
+    """The seeded generator of a layer's column subsample on one call: the statistics and refit passes draw
+    the same columns from the dense and the decomposed model's inputs."""
+    return torch.Generator(device=device).manual_seed(((layer.index * 1_000_003) + batch) * 64 + call)
+
+
+def _columns(layer: Candidate, batch: int, call: int, x: Tensor) -> Tensor:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"decompose: the input of layer {layer.name!r} holds NaN or Inf on calibration batch "
+                         f"{batch} (the weights are finite: the calibration data, or a module before this layer, "
+                         "produces them)")
+    return input_columns(layer.module, x, _generator(layer, batch, call, x.device))
+
+
+class _Stages:
+    """Groups layers into refit stages as they are called on the first batch: a layer whose input is the very
+    tensor (same storage and version, still alive) that a recent layer got joins that layer's stage."""
+
+    def __init__(self):
+        self.recent = collections.deque(maxlen=SAME_INPUT_WINDOW)  # (tensor, version, stage)
+        self.count = 0
+
+    def assign(self, layer: Candidate, x: Tensor) -> None:
+        for seen, version, stage in self.recent:
+            if seen.data_ptr() == x.data_ptr() and seen.shape == x.shape and seen._version == version \
+                    and seen.stride() == x.stride():
+                layer.stage = stage
+                break
+        else:
+            layer.stage = self.count
+            self.count += 1
+        self.recent.append((x, x._version, layer.stage))
+
+
+def collect_statistics(engine: Calibration, layers: List[Candidate], keep_dense_rows: bool) -> None:
+    """The statistics pass (see the module docstring). Layers the data never reaches keep ``samples == 0``."""
+    device = engine.device
+    stages = _Stages()
+    for layer in layers:
+        d = layer.in_dim
+        layer.covariance = torch.zeros(d, d, dtype=torch.float64, device=device)
+        layer.samples = 0
+    order = [0]
+
+    def capture(layer: Candidate) -> Callable[[int, int, Tensor], None]:
+        def hook(batch: int, call: int, x: Tensor) -> None:
+            if batch == 0 and call == 0:
+                layer.order = order[0]
+                order[0] += 1
+                stages.assign(layer, x)
+            rows = _columns(layer, batch, call, x)
+            rows64 = rows.to(torch.float64)
+            layer.covariance.addmm_(rows64.T, rows64)
+            layer.samples += rows.shape[0]
+            if keep_dense_rows:
+                _keep_dense_rows(engine, layer, batch, call, rows)
+        return hook
+
+    with engine.phase("statistics"):
+        engine.trace({layer.module: capture(layer) for layer in layers}, "statistics")
+        engine.all_reduce([layer.covariance for layer in layers])
+        if engine.distributed:
+            counts = torch.tensor([float(layer.samples) for layer in layers], dtype=torch.float64)
+            engine.all_reduce([counts])
+            for layer, count in zip(layers, counts.tolist()):
+                layer.samples = int(count)
+    for layer in layers:
+        if layer.samples == 0:
+            layer.covariance = None
+
+
+def _keep_dense_rows(engine: Calibration, layer: Candidate, batch: int, call: int, rows: Tensor) -> None:
+    """Keep the dense columns of one call for the refit (or ``W X``, where the layer has fewer outputs than
+    inputs), if the engine's budget has room; a layer that misses one loses all and is recomputed."""
+    if layer.dense_rows is None:
+        return
+    out_dim = layer.matrix().shape[0]
+    layer.dense_rows_are_outputs = out_dim < rows.shape[1]
+    kept = rows @ layer.matrix().T.to(rows.dtype) if layer.dense_rows_are_outputs else rows
+    kept = kept.contiguous()
+    nbytes = kept.numel() * kept.element_size()
+    if engine.reserve(nbytes):
+        layer.dense_rows[(batch, call)] = kept
+        return
+    engine.release(sum(t.numel() * t.element_size() for t in layer.dense_rows.values()))
+    layer.dense_rows = None
+    engine.notes.append(f"the dense inputs of layer {layer.name!r} do not fit the cache budget: recomputed "
+                        "in its refit stage")
+
+
+def drop_dense_rows(engine: Calibration, layer: Candidate) -> None:
+    if layer.dense_rows:
+        engine.release(sum(t.numel() * t.element_size() for t in layer.dense_rows.values()))
+    layer.dense_rows = {}
+
+
+# ----------------------------------------------------------------------------------------------- sensitivity
+def probe_samples(engine: Calibration) -> int:
+    """Samples of the first batch that the sensitivity probe uses: an eighth of the calibration samples, at
+    least 4 (the probe's cost is about half a forward pass of it per layer)."""
+    return max(4, math.ceil(engine.samples / 8))
+
+
+def first_samples(inputs, count: int):
+    """The first ``count`` samples of model inputs (every tensor sliced along its first dimension)."""
+    if isinstance(inputs, Tensor):
+        return inputs[:count]
+    if isinstance(inputs, dict):
+        return {k: first_samples(v, count) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(first_samples(v, count) for v in inputs)
+    return inputs
+
+
+def output_tensor(output) -> Optional[Tensor]:
+    """The tensor a model's output is judged by: the output itself, ``.logits`` (Hugging Face), or the first
+    tensor of a tuple/list/dict."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return next((v for v in values if isinstance(v, Tensor)), None)
+
+
+def measure_sensitivities(engine: Calibration, model: nn.Module, layers: List[Candidate], probes: Dict[str, int],
+                          set_module: Callable[[str, nn.Module], None]) -> Dict[str, float]:
+    """``{name: sensitivity}`` for the layers in ``probes`` (name -> probe rank) whose discarded energy at that
+    rank is positive: the relative squared change of the model's output on the probe (the first samples of
+    the first batch, see ``probe_samples``) with only that layer decomposed at the probe rank, over the
+    layer's normalised discarded energy there. Each layer's forward starts from the cached outputs of the
+    modules that finish before it; under ``torch.distributed`` the ranks' measurements are averaged."""
+    first = next(iter(engine.batches()))[1]
+    probe = first_samples(first, min(probe_samples(engine), batch_size(first)))
+    measured: Dict[str, float] = {}
+    with engine.phase("sensitivity"):
+        runner = Calibration(model, [probe], cache_bytes=engine.cache_bytes, progress=False, distributed=False,
+                             name=engine.name)
+        dense = []
+        runner.trace({}, "sensitivity", outputs=dense)
+        dense = output_tensor(dense[0]) if dense else None
+        if dense is None:
+            return measured
+        dense = dense.double()
+        scale = float(dense.square().sum())
+        values = torch.zeros(len(layers), dtype=torch.float64)
+        for i, layer in enumerate(engine_progress(engine, layers, "sensitivity")):
+            rank = probes.get(layer.name)
+            lost = layer.discarded(rank) if rank is not None else 0.0
+            if rank is None or not lost > 0 or scale == 0:
+                continue
+            set_module(layer.name, lowrank_module(layer, rank))
+            try:
+                changed = output_tensor(runner.outputs_from(layer.module, "sensitivity")[0]).double()
+            finally:
+                set_module(layer.name, layer.module)
+            values[i] = float((changed - dense).square().sum()) / scale / lost
+            measured[layer.name] = i
+        engine.all_reduce([values])
+        if engine.distributed:
+            values /= torch.distributed.get_world_size()
+    return {name: float(values[i]) for name, i in measured.items()}
+
+
+def engine_progress(engine: Calibration, items, desc: str):
+    from .._inputs import progress
+
+    return progress(items, f"{engine.name}: {desc}", engine.show_progress, unit="layer")
+
+
+# ------------------------------------------------------------------------------------------------------ refit
+class _RefitStatistics:
+    """``H H^T`` and ``H Y^T`` of one layer over the calibration batches (float64, streaming)."""
+
+    def __init__(self, layer: Candidate, device):
+        d, n = layer.in_dim, layer.matrix().shape[0]
+        self.inputs = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.outputs_cross = torch.zeros(d, n, dtype=torch.float64, device=device)
+        self.dense: Dict[Tuple[int, int], Tensor] = {}  # recomputed dense columns of the current batch
+
+    def add(self, layer: Candidate, batch: int, call: int, x: Tensor) -> None:
+        h = _columns(layer, batch, call, x).to(torch.float64)
+        kept = layer.dense_rows[(batch, call)] if layer.dense_rows is not None else self.dense.pop((batch, call))
+        y = kept.to(torch.float64)
+        if not layer.dense_rows_are_outputs:
+            y = y @ layer.matrix().to(torch.float64).T
+        self.inputs.addmm_(h.T, h)
+        self.outputs_cross.addmm_(h.T, y)
+
+
+def refit_stage(engine: Calibration, stage: List[Candidate], dense_modules: Dict[str, nn.Module],
+                set_module: Callable[[str, nn.Module], None], desc: str) -> Dict[str, _RefitStatistics]:
+    """One stage pass accumulating the refit statistics of ``stage``'s layers. Dense columns that were not
+    kept are recomputed per batch by a forward through the dense layers (``dense_modules``, swapped in for
+    it), which starts from the model's inputs."""
+    stats = {layer.name: _RefitStatistics(layer, engine.device) for layer in stage}
+    missing = [layer for layer in stage if layer.dense_rows is None]
+
+    def dense_capture(layer: Candidate):
+        def hook(batch: int, call: int, x: Tensor) -> None:
+            rows = _columns(layer, batch, call, x)
+            stats[layer.name].dense[(batch, call)] = rows
+            layer.dense_rows_are_outputs = False
+        return hook
+
+    def recompute(index: int, inputs) -> None:
+        current = {name: engine.model.get_submodule(name) for name in dense_modules}
+        for name, module in dense_modules.items():
+            set_module(name, module)
+        try:
+            engine.forward_uncached(index, inputs, {l.module: dense_capture(l) for l in missing})
+        finally:
+            for name, module in current.items():
+                set_module(name, module)
+
+    captures = {layer.module: (lambda b, c, x, layer=layer: stats[layer.name].add(layer, b, c, x)) for layer in stage}
+    engine.stage_pass(captures, desc, before_batch=recompute if missing else None)
+    engine.all_reduce([t for s in stats.values() for t in (s.inputs, s.outputs_cross)])
+    return stats
