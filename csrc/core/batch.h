@@ -4,15 +4,9 @@
 
 #include <ATen/ATen.h>
 
-#include "core/group.h"
+#include "core/batch_offsets.h"
 
 namespace rankprune {
-
-// Where matrix b of a BatchView lies, in a form that kernels can take by value (BatchView holds a Tensor).
-struct BatchOffsets {
-  int64_t inner, outer_stride, inner_stride;
-  RP_HD int64_t offset(int64_t b) const { return (b / inner) * outer_stride + (b % inner) * inner_stride; }
-};
 
 struct BatchView {
   int64_t count = 0;         // number of matrices

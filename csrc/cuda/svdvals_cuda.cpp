@@ -1,4 +1,4 @@
-// CUDA backend of the singular-value ops: many matrices per launch, each resident on chip and worked on by
+// CUDA backend of the singular-value ops, host side (the kernels: svdvals_kernels.cuh): many matrices per launch, each resident on chip and worked on by
 // one warp (matrices with at most 32 rows) or one block (larger), running core/svdvals_small.h.
 //
 // Paths, by the per-matrix workspace (about rows * cols values of the compute type):
@@ -21,42 +21,10 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "core/svdvals_runner.h"
-#include "cuda/shared_memory.cuh"
+#include "cuda/svdvals_kernels.h"
 
 namespace rankprune {
 namespace {
-
-constexpr int kWarpsPerBlock = 4;
-constexpr int kScratchDoubles = 32;  // BlockGroup reduction scratch: one double per warp
-
-template <typename T, typename scalar_t>
-__global__ void svdvals_warp_kernel(const scalar_t* __restrict__ base, int64_t count, BatchOffsets where, MatrixRef ref,
-                                    SvdvalsEpilogue epilogue, double rtol, T* __restrict__ out, int64_t out_stride,
-                                    int64_t ws) {
-  extern __shared__ double smem[];
-  const int warp = threadIdx.x >> 5;
-  const WarpGroup g{static_cast<int>(threadIdx.x & 31)};
-  T* work = reinterpret_cast<T*>(smem) + warp * ws;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; b < count;
-       b += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
-    svdvals_one<T>(g, base + where.offset(b), ref, work, epilogue, rtol, out + b * out_stride);
-    g.sync();  // the next matrix overwrites the workspace
-  }
-}
-
-template <typename T, typename scalar_t>
-__global__ void svdvals_block_kernel(const scalar_t* __restrict__ base, int64_t count, BatchOffsets where, MatrixRef ref,
-                                     SvdvalsEpilogue epilogue, double rtol, T* __restrict__ out, int64_t out_stride,
-                                     T* global_work, int64_t ws) {
-  extern __shared__ double smem[];
-  const BlockGroup g{smem};
-  T* work = global_work != nullptr ? global_work + static_cast<int64_t>(blockIdx.x) * ws
-                                   : reinterpret_cast<T*>(smem + kScratchDoubles);
-  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
-    svdvals_one<T>(g, base + where.offset(b), ref, work, epilogue, rtol, out + b * out_stride);
-    g.sync();
-  }
-}
 
 // Threads per matrix on the block path: enough for one row or column each in the Householder updates.
 int block_threads(int64_t rows) { return rows <= 64 ? 64 : rows <= 128 ? 128 : 256; }
@@ -77,31 +45,27 @@ void run_svdvals_cuda(const BatchView& batch, SvdvalsEpilogue epilogue, double r
     const scalar_t* base = batch.tensor.const_data_ptr<scalar_t>();
     T* out_ptr = out.data_ptr<T>();
     if (ref.rows <= 32) {
-      const size_t bytes = static_cast<size_t>(kWarpsPerBlock * ws) * sizeof(T);
-      const int64_t blocks = std::min<int64_t>((batch.count + kWarpsPerBlock - 1) / kWarpsPerBlock,
+      const size_t bytes = static_cast<size_t>(kSvdvalsWarpsPerBlock * ws) * sizeof(T);
+      const int64_t blocks = std::min<int64_t>((batch.count + kSvdvalsWarpsPerBlock - 1) / kSvdvalsWarpsPerBlock,
                                                static_cast<int64_t>(prop->multiProcessorCount) * 64);
-      auto kernel = svdvals_warp_kernel<T, scalar_t>;
-      allow_dynamic_shared_memory(kernel, bytes);
-      kernel<<<blocks, kWarpsPerBlock * 32, bytes, stream>>>(base, batch.count, where, ref, epilogue, rtol, out_ptr, out_stride, ws);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_svdvals_warp_kernel<scalar_t>({static_cast<unsigned>(blocks), kSvdvalsWarpsPerBlock * 32, bytes, stream},
+                                           base, batch.count, where, ref, epilogue, rtol, out_ptr, out_stride, ws);
       return;
     }
     const int threads = block_threads(ref.rows);
-    const size_t smem_bytes = kScratchDoubles * sizeof(double) + static_cast<size_t>(ws) * sizeof(T);
-    auto kernel = svdvals_block_kernel<T, scalar_t>;
+    const size_t smem_bytes = kSvdvalsScratchDoubles * sizeof(double) + static_cast<size_t>(ws) * sizeof(T);
     if (smem_bytes <= prop->sharedMemPerBlockOptin) {
       const int64_t blocks = std::min<int64_t>(batch.count, static_cast<int64_t>(prop->multiProcessorCount) * 32);
-      allow_dynamic_shared_memory(kernel, smem_bytes);
-      kernel<<<blocks, threads, smem_bytes, stream>>>(base, batch.count, where, ref, epilogue, rtol, out_ptr, out_stride, nullptr,
-                                                        ws);
+      launch_svdvals_block_kernel<scalar_t>({static_cast<unsigned>(blocks), threads, smem_bytes, stream}, base,
+                                            batch.count, where, ref, epilogue, rtol, out_ptr, out_stride, nullptr, ws);
     } else {
       // Workspace in global memory: a few resident blocks per SM, each reusing its slice.
       const int64_t blocks = std::min<int64_t>(batch.count, static_cast<int64_t>(prop->multiProcessorCount) * 4);
       at::Tensor work = at::empty({blocks * ws}, out.options().dtype(c10::CppTypeToScalarType<T>::value));
-      kernel<<<blocks, threads, kScratchDoubles * sizeof(double), stream>>>(base, batch.count, where, ref, epilogue, rtol, out_ptr,
-                                                                           out_stride, work.data_ptr<T>(), ws);
+      launch_svdvals_block_kernel<scalar_t>(
+          {static_cast<unsigned>(blocks), threads, kSvdvalsScratchDoubles * sizeof(double), stream}, base,
+          batch.count, where, ref, epilogue, rtol, out_ptr, out_stride, work.data_ptr<T>(), ws);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

@@ -1,6 +1,6 @@
-// CUDA backend of svd / orthonormalize: one thread block per matrix (its warps rotate disjoint column pairs
-// of the Jacobi SVD, or update disjoint columns in the Householder QR), every matrix of the batch in one
-// launch on the current stream, no host synchronization. The per-matrix arithmetic is core/svd_small.h,
+// CUDA backend of svd / orthonormalize, host side: one thread block per matrix (its warps rotate disjoint column
+// pairs of the Jacobi SVD, or update disjoint columns in the Householder QR), every matrix of the batch in one
+// launch on the current stream, no host synchronization. The kernels (svd_kernels.cuh) run core/svd_small.h,
 // the same code the CPU backend runs with a SerialGroup.
 //
 // Memory: the workspace (matrix, V, vectors) lives in dynamic shared memory when it fits the device's
@@ -15,12 +15,11 @@
 #include <algorithm>
 
 #include "core/svd_runner.h"
-#include "cuda/shared_memory.cuh"
+#include "cuda/svd_kernels.h"
 
 namespace rankprune {
 namespace {
 
-constexpr int kScratchDoubles = 32;  // BlockGroup's reduction scratch, at the start of shared memory
 constexpr int kMaxWarps = 8;
 
 // ints stored after T values, rounded up to whole T slots
@@ -43,7 +42,7 @@ Launch plan_launch(int64_t count, int64_t slots_bytes) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t scratch = kScratchDoubles * sizeof(double);
+  const size_t scratch = kSvdScratchDoubles * sizeof(double);
   Launch l;
   if (static_cast<int64_t>(scratch) + slots_bytes <= optin) {
     l.global_work = false;
@@ -55,38 +54,6 @@ Launch plan_launch(int64_t count, int64_t slots_bytes) {
     l.grid = std::min<int64_t>(count, 4 * static_cast<int64_t>(prop->multiProcessorCount));
   }
   return l;
-}
-
-template <typename T, typename scalar_t, typename out_t>
-__global__ void svd_kernel(const scalar_t* base, BatchOffsets where, MatrixRef ref, int64_t count, out_t* left,
-                           out_t* sigma, out_t* right, T* global_work, int64_t slots) {
-  extern __shared__ double smem[];
-  const BlockGroup g{smem};
-  const Teams<WarpGroup> tm{WarpGroup{static_cast<int>(threadIdx.x & 31)}, static_cast<int>(threadIdx.x >> 5),
-                            static_cast<int>(blockDim.x >> 5)};
-  T* work = global_work != nullptr ? global_work + blockIdx.x * slots : reinterpret_cast<T*>(smem + kScratchDoubles);
-  int* iwork = reinterpret_cast<int*>(work + svd_workspace_size(ref.rows, ref.cols));
-  const int64_t rows = ref.rows, cols = ref.cols;
-  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
-    svd_one<T>(g, tm, base + where.offset(b), ref, work, iwork, left + b * rows * cols, sigma + b * cols,
-               right + b * cols * cols);
-    __syncthreads();  // the next matrix reuses the workspace
-  }
-}
-
-template <typename T, typename scalar_t, typename out_t>
-__global__ void qr_kernel(const scalar_t* base, BatchOffsets where, MatrixRef ref, int64_t count, out_t* q, out_t* r,
-                          T* global_work, int64_t slots) {
-  extern __shared__ double smem[];
-  const BlockGroup g{smem};
-  const Teams<WarpGroup> tm{WarpGroup{static_cast<int>(threadIdx.x & 31)}, static_cast<int>(threadIdx.x >> 5),
-                            static_cast<int>(blockDim.x >> 5)};
-  T* work = global_work != nullptr ? global_work + blockIdx.x * slots : reinterpret_cast<T*>(smem + kScratchDoubles);
-  const int64_t m = ref.rows, k = ref.cols;
-  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
-    householder_qr_one<T>(g, tm, base + where.offset(b), ref, work, q + b * m * k, r == nullptr ? r : r + b * k * k);
-    __syncthreads();
-  }
 }
 
 }  // namespace
@@ -104,12 +71,10 @@ void run_svd_small_cuda(const BatchView& batch, at::Tensor& left, at::Tensor& si
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, batch.tensor.scalar_type(), "rankprune_svd_cuda", [&] {
     using out_t = typename ComputeType<scalar_t>::type;
-    auto kernel = svd_kernel<T, scalar_t, out_t>;
-    allow_dynamic_shared_memory(kernel, l.smem);
-    kernel<<<static_cast<unsigned>(l.grid), 32 * warps, l.smem, stream>>>(
-        batch.tensor.const_data_ptr<scalar_t>(), batch.offsets(), ref, batch.count, left.data_ptr<out_t>(),
-        sigma.data_ptr<out_t>(), right.data_ptr<out_t>(), l.global_work ? work.data_ptr<T>() : nullptr, slots);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_svd_kernel<scalar_t>({static_cast<unsigned>(l.grid), 32 * warps, l.smem, stream},
+                                batch.tensor.const_data_ptr<scalar_t>(), batch.offsets(), ref, batch.count,
+                                left.data_ptr<out_t>(), sigma.data_ptr<out_t>(), right.data_ptr<out_t>(),
+                                l.global_work ? work.data_ptr<T>() : nullptr, slots);
   });
 }
 
@@ -125,12 +90,10 @@ void run_householder_qr_cuda(const BatchView& batch, at::Tensor& q, at::Tensor& 
     const Launch l = plan_launch(batch.count, slots * static_cast<int64_t>(sizeof(T)));
     at::Tensor work;
     if (l.global_work) work = at::empty({l.grid * slots}, q.options());
-    auto kernel = qr_kernel<T, scalar_t, T>;
-    allow_dynamic_shared_memory(kernel, l.smem);
-    kernel<<<static_cast<unsigned>(l.grid), threads, l.smem, stream>>>(
-        batch.tensor.const_data_ptr<scalar_t>(), batch.offsets(), ref, batch.count, q.data_ptr<T>(),
-        r.defined() ? r.data_ptr<T>() : nullptr, l.global_work ? work.data_ptr<T>() : nullptr, slots);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_qr_kernel<scalar_t>({static_cast<unsigned>(l.grid), threads, l.smem, stream},
+                               batch.tensor.const_data_ptr<scalar_t>(), batch.offsets(), ref, batch.count,
+                               q.data_ptr<T>(), r.defined() ? r.data_ptr<T>() : nullptr,
+                               l.global_work ? work.data_ptr<T>() : nullptr, slots);
   });
 }
 

@@ -1,24 +1,16 @@
-#pragma once
-// Opting CUDA kernels in to more than the default 48 KiB of shared memory per block.
+// Definitions for csrc/cuda/launch.h, compiled once by the host compiler.
+#include "cuda/launch.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
-#include <cuda_runtime.h>
 
-#include <cstddef>
 #include <map>
 #include <mutex>
 #include <utility>
 
 namespace rankprune {
 
-// The default 48 KiB per block covers a kernel's static *and* dynamic shared memory together, so a launch whose
-// dynamic request plus the kernel's static tables (cudaFuncAttributes::sharedSizeBytes) exceeds 48 KiB fails
-// with "invalid argument" unless cudaFuncAttributeMaxDynamicSharedMemorySize was raised first. The attribute
-// belongs to the kernel on one device: its static size is queried and the attribute raised once per
-// (kernel, device), and raised again only when a launch asks for more than before; a driver call on every
-// launch would cost more than a small kernel itself. Call on the launching device.
-inline void allow_dynamic_shared_memory(const void* kernel, size_t bytes) {
+void allow_dynamic_shared_memory(const void* kernel, size_t bytes) {
   constexpr size_t kDefaultLimit = 48 * 1024;
   static std::mutex mutex;
   // (kernel, device) -> the dynamic shared memory a launch may use without raising the attribute.
@@ -38,9 +30,6 @@ inline void allow_dynamic_shared_memory(const void* kernel, size_t bytes) {
   }
 }
 
-template <typename... Args>
-void allow_dynamic_shared_memory(void (*kernel)(Args...), size_t bytes) {
-  allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), bytes);
-}
+void check_kernel_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 
 }  // namespace rankprune
