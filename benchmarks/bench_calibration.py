@@ -34,7 +34,7 @@ also records ``cpu_s`` (the process's CPU seconds during the call) and the load 
 on a shared machine, a call whose ``cpu_s`` is far below threads x seconds was slowed by other processes.
 
     python benchmarks/bench_calibration.py                              # everything (hours on 2 CPU threads)
-    python benchmarks/bench_calibration.py --quick                      # smoke run, about a minute
+    python benchmarks/bench_calibration.py --quick                      # smoke run, 1-2 min on an idle machine
     python benchmarks/bench_calibration.py --models resnet18 --images 32 --timeout 300
     python benchmarks/bench_calibration.py --models resnet18 --measure forward,data-free
 
