@@ -14,6 +14,7 @@ from typing import Mapping, Sequence, Union
 
 from torch import nn
 
+from .lowrank import apply_decompose_plan
 from .plan_format import PLAN_VERSION, Plan, plan_layers  # noqa: F401  (PLAN_VERSION, plan_layers: re-exported)
 
 
@@ -32,7 +33,5 @@ def apply_plan(model: nn.Module, plan: Union[Plan, Sequence[Plan]]) -> nn.Module
 
         return apply_prune_plan(model, plan)
     if method == "decompose":
-        from .lowrank import apply_decompose_plan  # at call time while rankprune.lowrank imports this module
-
         return apply_decompose_plan(model, plan)
     raise ValueError(f"apply_plan: unknown plan method {method!r} (expected 'prune' or 'decompose')")
