@@ -36,6 +36,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
+from . import data, models, report, scoring
+from ._inputs import iter_batches, resolve_dtype
+from .lowrank import decompose
+from .training import evaluate, recalibrate, train
+from .trp import TrainedRankPruner
+
 _CRITERIA = ("energy", "l1", "bn_scale", "taylor", "random")
 _WEIGHT_DECAY = 5e-4  # the usual CIFAR ResNet setting
 # Why a criterion can win: what it looks at (for the report's verdict).
@@ -98,8 +104,6 @@ class DemoConfig:
 
     def check(self) -> None:
         """Raise ValueError naming the first setting out of range."""
-        from rankprune.scoring import CRITERIA
-
         positive = ("train_size", "test_size", "batch_size", "epochs", "calibration_batches",
                     "latency_batch_size", "latency_repeats")
         for name in positive:
@@ -117,9 +121,9 @@ class DemoConfig:
             raise ValueError(f"decompose_flops must be in (0, 1], got {self.decompose_flops}")
         if not 0 < self.energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
-        unknown = [c for c in self.criteria if c not in CRITERIA]
+        unknown = [c for c in self.criteria if c not in scoring.CRITERIA]
         if unknown:
-            raise ValueError(f"unknown criteria {unknown}; choose from {', '.join(sorted(CRITERIA))}")
+            raise ValueError(f"unknown criteria {unknown}; choose from {', '.join(sorted(scoring.CRITERIA))}")
 
 
 class _Stages:
@@ -138,12 +142,75 @@ class _Stages:
         self.echo(f"    {name}: {self.seconds[name]:.1f} s")
 
 
-def _finetune(model: nn.Module, loader, config: DemoConfig, device: torch.device, desc: str) -> None:
-    from rankprune.training import train
+class _Session:
+    """What the demo's stages share: the settings, the data, and every variant measured so far (its row,
+    its model, its decomposition report)."""
 
-    if config.finetune_epochs:
-        train(model, loader, config.finetune_epochs, config.finetune_lr, device, weight_decay=_WEIGHT_DECAY,
-              progress=config.progress, desc=desc)
+    def __init__(self, config: DemoConfig, echo: Callable[[str], None]):
+        self.config = config
+        self.echo = echo
+        self.device = torch.device(config.device)
+        self.stages = _Stages(echo)
+        self.notes: List[str] = []
+        self.variants: List[Dict[str, object]] = []
+        self.built: Dict[str, nn.Module] = {}
+        self.reports: Dict[str, dict] = {}
+        self.steps = f"recalibrate BN, fine-tune {config.finetune_epochs} epoch(s)"
+
+    def load_data(self) -> None:
+        config, device = self.config, self.device
+        with self.stages("data"):
+            train_set = data.synthetic_cifar("train", n=config.train_size, seed=config.seed)
+            test_set = data.synthetic_cifar("test", n=config.test_size, seed=config.seed)
+            self.train_loader = data.batch_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
+            self.test_loader = data.batch_loader(test_set, 250)
+            self.example = next(iter(data.batch_loader(train_set, 1)))[0].to(device)
+            # Labelled batches: taylor needs the labels; recalibration and data-aware decomposition use the images.
+            loader = data.batch_loader(train_set, config.batch_size)
+            self.calibration = [(x.to(device), y.to(device)) for x, y in
+                                iter_batches(loader, config.calibration_batches)]
+
+    def save(self, name: str, model: nn.Module, plan: Optional[dict]) -> Dict[str, str]:
+        """Write the plan and the weights of a variant under ``plans/``; their paths in the report folder."""
+        stem = os.path.join(self.config.out, "plans", name)
+        files = {}
+        if plan is not None:
+            with open(stem + ".json", "w") as f:
+                json.dump(plan, f, indent=1)
+            files["plan"] = os.path.relpath(stem + ".json", self.config.out)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, stem + ".pt")  # loads without a GPU
+        files["weights"] = os.path.relpath(stem + ".pt", self.config.out)
+        return files
+
+    def add(self, name: str, model: nn.Module, stage: str, plan: Optional[dict] = None, **extra) -> None:
+        """Measure a variant (params, FLOPs, test accuracy), save it and add its row."""
+        model = model.to(self.device).eval()
+        stats = report.model_stats(model, (self.example,))
+        row = {"variant": name, "stage": stage, "params": int(stats["params"]), "flops": int(stats["flops"]),
+               "accuracy": evaluate(model, self.test_loader, self.device), **extra, **self.save(name, model, plan)}
+        self.variants.append(row)
+        self.built[name] = model
+        self.echo(f"    {name}: accuracy {100 * row['accuracy']:.1f}%, {row['params']:,} params, "
+                  f"{row['flops'] / 1e6:.1f} MFLOPs")
+
+    def recalibrate_and_finetune(self, name: str, model: nn.Module, stage: str, plan: dict, from_raw: bool = False,
+                                 **extra) -> None:
+        """Measure a compressed model as it comes out and after BN recalibration, then fine-tune it: from the
+        recalibrated model, or with ``from_raw`` from the model as it came out (data-aware decomposition,
+        whose refitted factors keep the statistics they were fitted with)."""
+        raw = evaluate(model, self.test_loader, self.device)
+        start = copy.deepcopy(model) if from_raw else model
+        recalibrate(model, self.calibration)
+        recalibrated = evaluate(model, self.test_loader, self.device)
+        model = start
+        self.finetune(model, name)
+        self.add(name, model, stage, plan, accuracy_raw=raw, accuracy_recalibrated=recalibrated, **extra)
+
+    def finetune(self, model: nn.Module, desc: str) -> None:
+        config = self.config
+        if config.finetune_epochs:
+            train(model, self.train_loader, config.finetune_epochs, config.finetune_lr, self.device,
+                  weight_decay=_WEIGHT_DECAY, progress=config.progress, desc=desc)
 
 
 def _conv_names(model: nn.Module) -> List[str]:
@@ -153,132 +220,99 @@ def _conv_names(model: nn.Module) -> List[str]:
 def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, object]:
     """Run the whole demo with ``config``, write the report folder ``config.out`` and return the results
     (what ``results.json`` holds). Raises ValueError for settings out of range."""
-    import rankprune
-    from rankprune import data, models, report
-    from rankprune.training import evaluate, train
-
     config.check()
-    device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    stages = _Stages(echo)
+    session = _Session(config, echo)
     os.makedirs(os.path.join(config.out, "plans"), exist_ok=True)
-    notes: List[str] = []
-    variants: List[Dict[str, object]] = []
-    built: Dict[str, nn.Module] = {}
-    reports: Dict[str, dict] = {}
+    session.load_data()
+    baseline = _train_baseline(session)
+    scores = _score_channels(session, baseline)
+    _prune_variants(session, baseline, scores)
+    _decompose_variants(session, baseline)
+    trp_ranks = _trp_variant(session, baseline) if config.trp else {}
+    with session.stages("latency"):
+        _measure_latency(session.variants, session.built, session.example, config, session.notes)
 
-    with stages("data"):
-        train_set = data.synthetic_cifar("train", n=config.train_size, seed=config.seed)
-        test_set = data.synthetic_cifar("test", n=config.test_size, seed=config.seed)
-        train_loader = data.batch_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
-        test_loader = data.batch_loader(test_set, 250)
-        example = next(iter(data.batch_loader(train_set, 1)))[0].to(device)
-        # Labelled batches: taylor needs the labels; recalibration and data-aware decomposition use the images.
-        calibration = [(x.to(device), y.to(device)) for x, y in
-                       _first(data.batch_loader(train_set, config.batch_size), config.calibration_batches)]
-
-    def save(name: str, model: nn.Module, plan: Optional[dict]) -> Dict[str, str]:
-        stem = os.path.join(config.out, "plans", name)
-        files = {}
-        if plan is not None:
-            with open(stem + ".json", "w") as f:
-                json.dump(plan, f, indent=1)
-            files["plan"] = os.path.relpath(stem + ".json", config.out)
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, stem + ".pt")  # loads without a GPU
-        files["weights"] = os.path.relpath(stem + ".pt", config.out)
-        return files
-
-    def add(name: str, model: nn.Module, stage: str, plan: Optional[dict] = None, **extra) -> None:
-        model = model.to(device).eval()
-        stats = report.model_stats(model, (example,))
-        row = {"variant": name, "stage": stage, "params": int(stats["params"]), "flops": int(stats["flops"]),
-               "accuracy": evaluate(model, test_loader, device), **extra, **save(name, model, plan)}
-        variants.append(row)
-        built[name] = model
-        echo(f"    {name}: accuracy {100 * row['accuracy']:.1f}%, {row['params']:,} params, "
-             f"{row['flops'] / 1e6:.1f} MFLOPs")
-
-    def recalibrate_and_finetune(name: str, model: nn.Module, stage: str, plan: dict, from_raw: bool = False,
-                                 **extra) -> None:
-        """Measure a compressed model as it comes out and after BN recalibration, then fine-tune it: from the
-        recalibrated model, or with ``from_raw`` from the model as it came out (data-aware decomposition,
-        whose refitted factors keep the statistics they were fitted with)."""
-        raw = evaluate(model, test_loader, device)
-        start = copy.deepcopy(model) if from_raw else model
-        rankprune.recalibrate(model, calibration)
-        recalibrated = evaluate(model, test_loader, device)
-        model = start
-        _finetune(model, train_loader, config, device, name)
-        add(name, model, stage, plan, accuracy_raw=raw, accuracy_recalibrated=recalibrated, **extra)
-
-    with stages(f"train baseline {config.model} (width {config.width}), {config.epochs} epochs"):
-        baseline = models.build(config.model, num_classes=10, width=config.width)
-        train(baseline, train_loader, config.epochs, config.lr, device, weight_decay=_WEIGHT_DECAY,
-              progress=config.progress, desc="baseline")
-        add("baseline", baseline, "train")
-
-    scores = {}
-    with stages(f"score channels by {', '.join(config.criteria)} on {config.calibration_batches} calibration "
-                f"batch(es)"):
-        for criterion in config.criteria:
-            options = {"seed": config.seed} if criterion == "random" else {}
-            crit = rankprune.scoring.get(criterion, **options)
-            if hasattr(crit, "progress"):
-                crit.progress = config.progress
-            scores[criterion] = crit.scores(baseline, calibration if crit.needs_data else None)
-
-    steps = f"recalibrate BN, fine-tune {config.finetune_epochs} epoch(s)"
-    for ratio in config.ratios:
-        for criterion in config.criteria:
-            name = f"pruned-{criterion}-{ratio:g}"
-            with stages(f"prune {ratio:.0%} of channels by {criterion}, {steps}"):
-                pruned, plan = rankprune.prune(baseline, (example,), scores[criterion], ratio=ratio,
-                                               progress=config.progress)
-                recalibrate_and_finetune(name, pruned, "prune", plan, criterion=criterion, ratio=ratio)
-
-    for name, label, data_kwargs in ((_DATA_AWARE, "data-aware", {"data": calibration}),
-                                     (_WEIGHT_SVD, "weight SVD", {})):
-        with stages(f"decompose ({label}) to {config.decompose_flops:.0%} of the FLOPs, {steps}"):
-            decomposed, plan, reports[name] = rankprune.decompose(
-                baseline, target_flops=config.decompose_flops, example_inputs=(example,), progress=config.progress,
-                **data_kwargs)
-            recalibrate_and_finetune(name, decomposed, "decompose", plan, from_raw=name == _DATA_AWARE,
-                                     method=label, target_flops=config.decompose_flops,
-                                     dense_layers=sorted(reports[name].get("skipped", {})))
-
-    trp_ranks: Dict[str, int] = {}
-    if config.trp:
-        with stages(f"train with TRP (energy {config.energy}) {config.trp_epochs} epoch(s), decompose, {steps}"):
-            trained = copy.deepcopy(baseline)
-            pruner = rankprune.trp.TrainedRankPruner(trained, energy=config.energy, lam=config.trp_lam)
-            train(trained, train_loader, config.trp_epochs, config.finetune_lr, device, pruner=pruner,
-                  weight_decay=_WEIGHT_DECAY, progress=config.progress, desc="trp")
-            trp_model, plan = pruner.finalize(example_inputs=(example,), progress=config.progress)
-            trp_ranks = {k: int(v) for k, v in pruner.ranks().items()}
-            recalibrate_and_finetune("trp", trp_model, "trp", plan, energy=config.energy)
-
-    with stages("latency"):
-        _measure_latency(variants, built, example, config, notes)
-
+    stages = session.stages
     results = {
         "config": dataclasses.asdict(config),
-        "environment": _environment(device),
+        "environment": _environment(session.device),
         "stages_s": stages.seconds,
         "total_s": round(sum(stages.seconds.values()), 1),
-        "rows": variants,
-        "layers": _layer_table(baseline, built, scores.get("energy"), trp_ranks),
-        "verdict": criterion_verdict(variants, config.test_size),
-        "notes": notes,
+        "rows": session.variants,
+        "layers": _layer_table(baseline, session.built, scores.get("energy"), trp_ranks),
+        "verdict": criterion_verdict(session.variants, config.test_size),
+        "notes": session.notes,
     }
     write_report(results, config.out, echo)
     return results
 
 
-def _first(loader, n: int):
-    for i, batch in enumerate(loader):
-        if i >= n:
-            return
-        yield batch
+def _train_baseline(session: _Session) -> nn.Module:
+    config = session.config
+    with session.stages(f"train baseline {config.model} (width {config.width}), {config.epochs} epochs"):
+        baseline = models.build(config.model, num_classes=10, width=config.width)
+        train(baseline, session.train_loader, config.epochs, config.lr, session.device, weight_decay=_WEIGHT_DECAY,
+              progress=config.progress, desc="baseline")
+        session.add("baseline", baseline, "train")
+    return baseline
+
+
+def _score_channels(session: _Session, baseline: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
+    """The baseline's channel scores by every criterion of the config (on the calibration batches)."""
+    config = session.config
+    scores = {}
+    with session.stages(f"score channels by {', '.join(config.criteria)} on {config.calibration_batches} "
+                        f"calibration batch(es)"):
+        for criterion in config.criteria:
+            options = {"seed": config.seed} if criterion == "random" else {}
+            crit = scoring.get(criterion, **options)
+            if hasattr(crit, "progress"):
+                crit.progress = config.progress
+            scores[criterion] = crit.scores(baseline, session.calibration if crit.needs_data else None)
+    return scores
+
+
+def _prune_variants(session: _Session, baseline: nn.Module, scores: Dict[str, Dict[str, torch.Tensor]]) -> None:
+    from .pruning import prune  # at call time: channel pruning needs torch-pruning
+
+    config = session.config
+    for ratio in config.ratios:
+        for criterion in config.criteria:
+            name = f"pruned-{criterion}-{ratio:g}"
+            with session.stages(f"prune {ratio:.0%} of channels by {criterion}, {session.steps}"):
+                pruned, plan = prune(baseline, (session.example,), scores[criterion], ratio=ratio,
+                                     progress=config.progress)
+                session.recalibrate_and_finetune(name, pruned, "prune", plan, criterion=criterion, ratio=ratio)
+
+
+def _decompose_variants(session: _Session, baseline: nn.Module) -> None:
+    """Data-aware decomposition and weight SVD of the baseline at the config's FLOP budget."""
+    config = session.config
+    for name, label, data_kwargs in ((_DATA_AWARE, "data-aware", {"data": session.calibration}),
+                                     (_WEIGHT_SVD, "weight SVD", {})):
+        with session.stages(f"decompose ({label}) to {config.decompose_flops:.0%} of the FLOPs, {session.steps}"):
+            decomposed, plan, session.reports[name] = decompose(
+                baseline, target_flops=config.decompose_flops, example_inputs=(session.example,),
+                progress=config.progress, **data_kwargs)
+            session.recalibrate_and_finetune(name, decomposed, "decompose", plan, from_raw=name == _DATA_AWARE,
+                                             method=label, target_flops=config.decompose_flops,
+                                             dense_layers=sorted(session.reports[name].get("skipped", {})))
+
+
+def _trp_variant(session: _Session, baseline: nn.Module) -> Dict[str, int]:
+    """Train a copy of the baseline with TRP, decompose it at the trained ranks; returns those ranks."""
+    config = session.config
+    with session.stages(f"train with TRP (energy {config.energy}) {config.trp_epochs} epoch(s), decompose, "
+                        f"{session.steps}"):
+        trained = copy.deepcopy(baseline)
+        pruner = TrainedRankPruner(trained, energy=config.energy, lam=config.trp_lam)
+        train(trained, session.train_loader, config.trp_epochs, config.finetune_lr, session.device, pruner=pruner,
+              weight_decay=_WEIGHT_DECAY, progress=config.progress, desc="trp")
+        trp_model, plan = pruner.finalize(example_inputs=(session.example,), progress=config.progress)
+        trp_ranks = {k: int(v) for k, v in pruner.ranks().items()}
+        session.recalibrate_and_finetune("trp", trp_model, "trp", plan, energy=config.energy)
+    return trp_ranks
 
 
 def _environment(device: torch.device) -> Dict[str, object]:
@@ -293,7 +327,6 @@ def _environment(device: torch.device) -> Dict[str, object]:
 def _measure_latency(rows: List[Dict[str, object]], built: Dict[str, nn.Module], example: torch.Tensor,
                      config: DemoConfig, notes: List[str]) -> None:
     from rankprune.benchmark import latency
-    from rankprune.cli.common import resolve_dtype
     from tqdm.auto import tqdm
 
     dtype = resolve_dtype(config.dtype)

@@ -16,9 +16,10 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
+from .._inputs import resolve_dtype
 from . import UsageError
 from .common import (add_common_options, add_model_options, build_model, check_output_dir, check_ratio,
-                     default_input_size, load_model, read_plan, resolve_device, resolve_dtype, seed_everything)
+                     default_input_size, load_model, read_plan, resolve_device, seed_everything)
 
 OUT_DEFAULT = "rankprune-bench"
 MODEL_VARIANTS = ("dense", "pruned", "decomposed")

@@ -7,9 +7,8 @@ from typing import Optional
 
 import torch
 
+from .._inputs import DTYPES
 from . import UsageError
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_common_options(parser: argparse.ArgumentParser, out_default: Optional[str], out_help: str,
@@ -38,11 +37,6 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
     return device
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """The torch dtype for a ``--dtype`` name."""
-    return DTYPES[name]
 
 
 def seed_everything(seed: int) -> None:

@@ -3,10 +3,11 @@ writes the plan, the weights, a report and optionally an ONNX file."""
 import json
 import os
 
+from .._inputs import resolve_dtype
 from . import UsageError
 from .common import (add_common_options, add_data_options, add_model_options, add_onnx_option, check_onnx_path, check_output_dir,
-                     check_ratio, default_input_size, load_data, load_model, resolve_device, resolve_dtype,
-                     seed_everything, write_onnx)
+                     check_ratio, default_input_size, load_data, load_model, resolve_device, seed_everything,
+                     write_onnx)
 
 OUT_DEFAULT = "rankprune-decomposed"
 

@@ -2,10 +2,10 @@
 without rankprune: an ONNX file and a ``torch.export`` program of its plain-PyTorch form."""
 import os
 
+from .._inputs import resolve_dtype
 from . import UsageError
 from .common import (add_common_options, add_model_options, build_model, check_output_dir,
-                     default_input_size, load_weights, read_plan, resolve_device, resolve_dtype, seed_everything,
-                     write_onnx)
+                     default_input_size, load_weights, read_plan, resolve_device, seed_everything, write_onnx)
 
 OUT_DEFAULT = "rankprune-export"
 FORMATS = ("onnx", "pt2")

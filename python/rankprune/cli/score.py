@@ -2,8 +2,9 @@
 import json
 import os
 
+from .._inputs import resolve_dtype
 from .common import (add_common_options, add_data_options, add_model_options, check_output_dir, default_input_size,
-                     load_data, load_model, resolve_device, resolve_dtype, seed_everything)
+                     load_data, load_model, resolve_device, seed_everything)
 
 OUT_DEFAULT = "rankprune-scores"
 

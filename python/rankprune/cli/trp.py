@@ -54,7 +54,8 @@ def run(args) -> int:
     from rankprune.training import evaluate, train
 
     from . import UsageError
-    from .common import check_output_dir, resolve_device, resolve_dtype, seed_everything
+    from .._inputs import resolve_dtype
+    from .common import check_output_dir, resolve_device, seed_everything
 
     if args.model not in models.available():
         raise UsageError(f"--model: unknown model '{args.model}'; built-in: {', '.join(models.available())}")
