@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .lowrank import decompose
 from .nn import check_decomposable_conv, weight_matrix
 
 __all__ = ["TrainedRankPruner", "matrix_to_weight", "default_layers"]
@@ -434,13 +435,11 @@ class TrainedRankPruner:
         ``min_flop_saving`` and ``progress`` are passed to ``decompose`` (layers whose factorisation would not
         save at least that fraction of their FLOPs stay dense, with their projected weights).
         """
-        import rankprune  # at call time: the package imports this module
-
         for group, r in zip(self._groups, self._current_projection_ranks()):
             if r is None:
                 self._project_group(group)
         ranks = self.ranks()
-        model, plan, report = rankprune.decompose(
+        model, plan, report = decompose(
             self.module,
             ranks=ranks,
             scheme=self.scheme,
