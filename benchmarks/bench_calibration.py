@@ -260,7 +260,10 @@ def _rounded(value):
 
 
 def _fmt(value, digits: str = ".3g") -> str:
-    return "-" if value is None else format(value, digits)
+    if value is None:
+        return "-"
+    text = format(value, digits)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # "-0" (RSS went down a little): "0"
 
 
 def markdown(rows: List[Dict[str, object]], config: Dict[str, object]) -> str:
