@@ -1,5 +1,5 @@
 // CUDA backend of lowrank_conv2d, host side: which path a call takes, and the launch of the fused kernel
-// (lowrank_conv_kernels.cuh: out = conv1x1(conv_khxkw(x, w1), w2) + bias in one kernel, the r-channel
+// (lowrank_conv_kernels.cu: out = conv1x1(conv_khxkw(x, w1), w2) + bias in one kernel, the r-channel
 // intermediate never leaving the chip).
 // Shapes outside the kernel's cover (r not a multiple of 16 or above 128, float64, pre-Ampere GPUs) run the
 // unfused path, and so, in auto mode, do shapes where the kernel is not expected to win (see `fused_expected_faster`)

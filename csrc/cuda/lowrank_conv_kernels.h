@@ -1,6 +1,4 @@
-// The fused lowrank_conv2d kernel (lowrank_conv_kernels.cuh) as the host side (lowrank_conv_cuda.cpp) calls it.
-// Each operand type is compiled in its own file (lowrank_conv_kernels_<dtype>.cu), all eight ranks of a type
-// there, so that the build runs them in parallel.
+// The fused lowrank_conv2d kernel (lowrank_conv_kernels.cu) as the host side (lowrank_conv_cuda.cpp) calls it.
 #pragma once
 
 #include <cuda_bf16.h>

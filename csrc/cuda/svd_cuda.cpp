@@ -1,6 +1,6 @@
 // CUDA backend of svd / orthonormalize, host side: one thread block per matrix (its warps rotate disjoint column
 // pairs of the Jacobi SVD, or update disjoint columns in the Householder QR), every matrix of the batch in one
-// launch on the current stream, no host synchronization. The kernels (svd_kernels.cuh) run core/svd_small.h,
+// launch on the current stream, no host synchronization. The kernels (svd_kernels.cu) run core/svd_small.h,
 // the same code the CPU backend runs with a SerialGroup.
 //
 // Memory: the workspace (matrix, V, vectors) lives in dynamic shared memory when it fits the device's

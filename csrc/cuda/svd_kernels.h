@@ -1,6 +1,6 @@
-// The CUDA kernels of svd / orthonormalize (svd_kernels.cuh), as the host side (svd_cuda.cpp) calls them: one
-// launch each, on `stream`, with the grid, block and dynamic shared memory of `l`. Each scalar_t is compiled in
-// its own file (svd_kernels_<dtype>.cu) so that the build runs them in parallel.
+// The CUDA kernels of svd / orthonormalize (svd_kernels.cu), as the host side (svd_cuda.cpp) calls them: one
+// launch each, on `l.stream`, with the grid, block and dynamic shared memory of `l`; instantiated for float,
+// double, c10::Half and c10::BFloat16.
 #pragma once
 
 #include <cuda_runtime_api.h>

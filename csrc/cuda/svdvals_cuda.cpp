@@ -1,5 +1,6 @@
-// CUDA backend of the singular-value ops, host side (the kernels: svdvals_kernels.cuh): many matrices per launch, each resident on chip and worked on by
-// one warp (matrices with at most 32 rows) or one block (larger), running core/svdvals_small.h.
+// CUDA backend of the singular-value ops, host side (the kernels are in svdvals_kernels.cu): many matrices per
+// launch, each resident on chip and worked on by one warp (matrices with at most 32 rows) or one block (larger),
+// running core/svdvals_small.h.
 //
 // Paths, by the per-matrix workspace (about rows * cols values of the compute type):
 //   - warp path: rows <= 32, kWarpsPerBlock matrices per block, workspaces in shared memory;

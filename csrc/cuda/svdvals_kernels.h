@@ -1,6 +1,5 @@
-// The CUDA kernels of the singular-value ops (svdvals_kernels.cuh), as the host side (svdvals_cuda.cpp) calls
-// them: one launch each, on `l.stream`. Each scalar_t is compiled in its own file (svdvals_kernels_<dtype>.cu)
-// so that the build runs them in parallel.
+// The CUDA kernels of the singular-value ops (svdvals_kernels.cu), as the host side (svdvals_cuda.cpp) calls
+// them: one launch each, on `l.stream`; instantiated for float, double, c10::Half and c10::BFloat16.
 #pragma once
 
 #include "core/batch_offsets.h"

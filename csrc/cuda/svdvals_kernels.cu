@@ -1,8 +1,8 @@
 // CUDA kernels of the singular-value ops: many matrices per launch, each resident on chip and worked on by one
 // warp (matrices with at most 32 rows) or one block (larger), running core/svdvals_small.h. Which kernel a
-// batch takes is decided on the host (svdvals_cuda.cpp). Included by the svdvals_kernels_<dtype>.cu files only,
-// each instantiating the launchers for one scalar type.
-#pragma once
+// batch takes is decided on the host (svdvals_cuda.cpp). No ATen header here (see launch.h).
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include "cuda/launch.h"
 #include "cuda/svdvals_kernels.h"
@@ -64,14 +64,21 @@ void launch_svdvals_block_kernel(const KernelLaunch& l, const scalar_t* base, in
   check_kernel_launch();
 }
 
-}  // namespace rankprune
+template void launch_svdvals_warp_kernel<float>(const KernelLaunch&, const float*, int64_t, BatchOffsets,
+    MatrixRef, SvdvalsEpilogue, double, float*, int64_t, int64_t);
+template void launch_svdvals_warp_kernel<double>(const KernelLaunch&, const double*, int64_t, BatchOffsets,
+    MatrixRef, SvdvalsEpilogue, double, double*, int64_t, int64_t);
+template void launch_svdvals_warp_kernel<c10::Half>(const KernelLaunch&, const c10::Half*, int64_t, BatchOffsets,
+    MatrixRef, SvdvalsEpilogue, double, float*, int64_t, int64_t);
+template void launch_svdvals_warp_kernel<c10::BFloat16>(const KernelLaunch&, const c10::BFloat16*, int64_t,
+    BatchOffsets, MatrixRef, SvdvalsEpilogue, double, float*, int64_t, int64_t);
+template void launch_svdvals_block_kernel<float>(const KernelLaunch&, const float*, int64_t, BatchOffsets,
+    MatrixRef, SvdvalsEpilogue, double, float*, int64_t, float*, int64_t);
+template void launch_svdvals_block_kernel<double>(const KernelLaunch&, const double*, int64_t, BatchOffsets,
+    MatrixRef, SvdvalsEpilogue, double, double*, int64_t, double*, int64_t);
+template void launch_svdvals_block_kernel<c10::Half>(const KernelLaunch&, const c10::Half*, int64_t, BatchOffsets,
+    MatrixRef, SvdvalsEpilogue, double, float*, int64_t, float*, int64_t);
+template void launch_svdvals_block_kernel<c10::BFloat16>(const KernelLaunch&, const c10::BFloat16*, int64_t,
+    BatchOffsets, MatrixRef, SvdvalsEpilogue, double, float*, int64_t, float*, int64_t);
 
-// The launchers for one scalar type (in namespace rankprune).
-#define RANKPRUNE_INSTANTIATE_SVDVALS_KERNELS(scalar_t)                                                          \
-  template void launch_svdvals_warp_kernel<scalar_t>(const KernelLaunch&, const scalar_t*, int64_t, BatchOffsets, \
-                                                     MatrixRef, SvdvalsEpilogue, double,                          \
-                                                     ComputeType<scalar_t>::type*, int64_t, int64_t);             \
-  template void launch_svdvals_block_kernel<scalar_t>(const KernelLaunch&, const scalar_t*, int64_t, BatchOffsets, \
-                                                      MatrixRef, SvdvalsEpilogue, double,                         \
-                                                      ComputeType<scalar_t>::type*, int64_t,                      \
-                                                      ComputeType<scalar_t>::type*, int64_t)
+}  // namespace rankprune

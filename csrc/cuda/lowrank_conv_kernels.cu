@@ -9,10 +9,7 @@
 // The r-channel intermediate never leaves the chip. float32 runs in TF32, only where the cuDNN TF32 flag
 // (torch.backends.cudnn.allow_tf32, on by default) lets the unfused convolutions do the same.
 // The kernel is deliberately plain (single-buffered shared memory, no cp.async): a baseline for tuning.
-// Which calls take it is decided on the host (lowrank_conv_cuda.cpp). Included by the
-// lowrank_conv_kernels_<dtype>.cu files only, each instantiating the launchers for one operand type.
-#pragma once
-
+// Which calls take it is decided on the host (lowrank_conv_cuda.cpp). No ATen header here (see launch.h).
 #include <mma.h>
 
 #include <type_traits>
@@ -264,10 +261,8 @@ void launch_fused(const FusedParams& p, int64_t n_blocks_y, cudaStream_t stream)
   check_kernel_launch();
 }
 
-}  // namespace rankprune
-
-// The launchers of the eight ranks for one operand type (in namespace rankprune).
-#define RANKPRUNE_INSTANTIATE_FUSED_LOWRANK_CONV(T)                                \
+// Every operand type and rank that lowrank_conv_cuda.cpp launches (launch_fused_rank).
+#define RANKPRUNE_FUSED_RANKS(T)                                                   \
   template void launch_fused<T, 1>(const FusedParams&, int64_t, cudaStream_t); \
   template void launch_fused<T, 2>(const FusedParams&, int64_t, cudaStream_t); \
   template void launch_fused<T, 3>(const FusedParams&, int64_t, cudaStream_t); \
@@ -275,4 +270,10 @@ void launch_fused(const FusedParams& p, int64_t n_blocks_y, cudaStream_t stream)
   template void launch_fused<T, 5>(const FusedParams&, int64_t, cudaStream_t); \
   template void launch_fused<T, 6>(const FusedParams&, int64_t, cudaStream_t); \
   template void launch_fused<T, 7>(const FusedParams&, int64_t, cudaStream_t); \
-  template void launch_fused<T, 8>(const FusedParams&, int64_t, cudaStream_t)
+  template void launch_fused<T, 8>(const FusedParams&, int64_t, cudaStream_t);
+RANKPRUNE_FUSED_RANKS(__half)
+RANKPRUNE_FUSED_RANKS(__nv_bfloat16)
+RANKPRUNE_FUSED_RANKS(float)
+#undef RANKPRUNE_FUSED_RANKS
+
+}  // namespace rankprune

@@ -1,8 +1,9 @@
 // CUDA kernels of svd / orthonormalize: one thread block per matrix (its warps rotate disjoint column pairs of
 // the Jacobi SVD, or update disjoint columns in the Householder QR), every matrix of the batch in one launch.
 // The per-matrix arithmetic is core/svd_small.h, the same code the CPU backend runs with a SerialGroup.
-// Included by the svd_kernels_<dtype>.cu files only, each instantiating the launchers for one scalar type.
-#pragma once
+// No ATen header here (see launch.h): the host side is svd_cuda.cpp.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include "cuda/launch.h"
 #include "cuda/svd_kernels.h"
@@ -66,13 +67,21 @@ void launch_qr_kernel(const KernelLaunch& l, const scalar_t* base, BatchOffsets 
   check_kernel_launch();
 }
 
-}  // namespace rankprune
+template void launch_svd_kernel<float>(const KernelLaunch&, const float*, BatchOffsets, MatrixRef, int64_t, float*,
+                                       float*, float*, svd_compute_t*, int64_t);
+template void launch_svd_kernel<double>(const KernelLaunch&, const double*, BatchOffsets, MatrixRef, int64_t, double*,
+                                        double*, double*, svd_compute_t*, int64_t);
+template void launch_svd_kernel<c10::Half>(const KernelLaunch&, const c10::Half*, BatchOffsets, MatrixRef, int64_t,
+                                           float*, float*, float*, svd_compute_t*, int64_t);
+template void launch_svd_kernel<c10::BFloat16>(const KernelLaunch&, const c10::BFloat16*, BatchOffsets, MatrixRef,
+                                               int64_t, float*, float*, float*, svd_compute_t*, int64_t);
+template void launch_qr_kernel<float>(const KernelLaunch&, const float*, BatchOffsets, MatrixRef, int64_t, float*,
+                                      float*, float*, int64_t);
+template void launch_qr_kernel<double>(const KernelLaunch&, const double*, BatchOffsets, MatrixRef, int64_t, double*,
+                                       double*, double*, int64_t);
+template void launch_qr_kernel<c10::Half>(const KernelLaunch&, const c10::Half*, BatchOffsets, MatrixRef, int64_t,
+                                          float*, float*, float*, int64_t);
+template void launch_qr_kernel<c10::BFloat16>(const KernelLaunch&, const c10::BFloat16*, BatchOffsets, MatrixRef,
+                                              int64_t, float*, float*, float*, int64_t);
 
-// The launchers for one scalar type (in namespace rankprune).
-#define RANKPRUNE_INSTANTIATE_SVD_KERNELS(scalar_t)                                                                  \
-  template void launch_svd_kernel<scalar_t>(const KernelLaunch&, const scalar_t*, BatchOffsets, MatrixRef, int64_t, \
-                                            ComputeType<scalar_t>::type*, ComputeType<scalar_t>::type*,             \
-                                            ComputeType<scalar_t>::type*, svd_compute_t*, int64_t);                 \
-  template void launch_qr_kernel<scalar_t>(const KernelLaunch&, const scalar_t*, BatchOffsets, MatrixRef, int64_t,  \
-                                           ComputeType<scalar_t>::type*, ComputeType<scalar_t>::type*,              \
-                                           ComputeType<scalar_t>::type*, int64_t)
+}  // namespace rankprune

@@ -1,6 +1,0 @@
-// The fused lowrank_conv2d kernel for __nv_bfloat16 operands, every rank (lowrank_conv_kernels.cuh).
-#include "cuda/lowrank_conv_kernels.cuh"
-
-namespace rankprune {
-RANKPRUNE_INSTANTIATE_FUSED_LOWRANK_CONV(__nv_bfloat16);
-}  // namespace rankprune
