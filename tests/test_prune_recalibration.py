@@ -62,12 +62,16 @@ def test_inplace_recalibrates_the_callers_model():
         assert torch.equal(model.state_dict()[k], v), k
 
 
-def test_without_data_nothing_is_recalibrated_and_one_shot_data_is_refused():
+def test_without_data_nothing_is_recalibrated_and_one_shot_data_is_read_once():
     model, data, x = _setup()
     pruned, plan = pruning.prune(model, x, "l1", ratio=0.5, progress=False)
     assert not plan["recalibrated"]
-    with pytest.raises(ValueError, match="one-shot iterator"):
-        pruning.prune(model, x, "energy", data=iter(data), ratio=0.5, progress=False)
+    # scored and recalibrated on: a one-shot iterator is read into a list, as every verb does
+    from_list, list_plan = pruning.prune(model, x, "energy", data=data, ratio=0.5, progress=False)
+    from_iter, iter_plan = pruning.prune(model, x, "energy", data=iter(data), ratio=0.5, progress=False)
+    assert iter_plan == list_plan
+    for k, v in from_list.state_dict().items():
+        assert torch.equal(from_iter.state_dict()[k], v), k
     # a data-free criterion iterates the data once: a generator is fine
     _, plan = pruning.prune(model, x, "l1", data=(b for b in data), ratio=0.5, progress=False)
     assert plan["recalibrated"]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import scoring
-from .._inputs import call_model, eval_mode
+from .._inputs import call_model, eval_mode, reusable
 from ..plan_format import PLAN_VERSION
 from ..report import count_flops
 from ..training import recalibrate as recalibrate_batchnorm
@@ -46,7 +46,7 @@ def prune(
         data: calibration batches (a list or DataLoader; see :func:`rankprune.recalibrate` for the batch
             forms): scored by data-driven criteria (energy, hrank, taylor), then, with ``recalibrate``, used
             to re-estimate the BatchNorm statistics of the pruned model. Iterated twice in that case, so a
-            one-shot iterator is refused.
+            one-shot iterator (a generator) is read into a list first, as every verb does.
         ratio: fraction of channels to remove, in [0, 1) (see the module doc).
         target_flops: fraction of the original FLOPs to keep, in (0, 1]; exclusive with ``ratio``.
         global_ranking: rank all groups together (a single threshold) instead of pruning each group by
@@ -68,7 +68,7 @@ def prune(
     """
     ratio, target_flops, max_layer_ratio = _check_arguments(model, ratio, target_flops, max_layer_ratio, round_to)
     recalibrate = bool(recalibrate) and data is not None
-    criterion_name, scores = _scores(model, criterion_or_scores, data, recalibrate, progress)
+    criterion_name, scores, data = _scores(model, criterion_or_scores, data, recalibrate, progress)
     flags = {name: m.training for name, m in model.named_modules()}
     unpruned: Dict[str, str] = {}
     with eval_mode(model, no_grad=False):  # no_grad=False: Torch-Pruning traces the graph through autograd
@@ -124,17 +124,17 @@ def _check_fraction(name: str, value, lo_open: bool, hi_open: bool, lo=0.0, hi=1
 
 
 def _scores(model: nn.Module, criterion_or_scores, data: Optional[Iterable], recalibrate: bool,
-            progress: bool) -> Tuple[str, Scores]:
-    """The criterion's name (``"scores"`` for precomputed scores) and the checked scores of ``model``."""
+            progress: bool) -> Tuple[str, Scores, Optional[Iterable]]:
+    """The criterion's name (``"scores"`` for precomputed scores), the checked scores of ``model``, and
+    ``data``, read into a list if it is a one-shot iterator that is both scored and recalibrated on."""
     crit = None if isinstance(criterion_or_scores, dict) else scoring.get(criterion_or_scores)
-    if recalibrate and crit is not None and crit.needs_data and iter(data) is data:
-        raise ValueError("data: a one-shot iterator cannot be both scored and used for BatchNorm recalibration; "
-                         "pass a list of batches or a DataLoader (or recalibrate=False)")
     if crit is None:
-        return "scores", scoring.check_scores(model, criterion_or_scores)
+        return "scores", scoring.check_scores(model, criterion_or_scores), data
+    if recalibrate and crit.needs_data:
+        data = reusable(data)
     if hasattr(crit, "progress"):
         crit.progress = crit.progress and progress
-    return crit.name, scoring.check_scores(model, crit.scores(model, data))
+    return crit.name, scoring.check_scores(model, crit.scores(model, data)), data
 
 
 def _ignored_names(model: nn.Module, example_inputs: Any, ignored_layers, ignore_output_layer: bool) -> List[str]:
