@@ -62,9 +62,10 @@ def decompose(
       the layers to minimise the total normalised discarded energy ``sum_l sum_{i>r_l} s_i^2 / sum_i s_i^2``
       within the budget (greedy, within one rank step of it). With ``data`` that is the sum of the layers'
       relative output errors on the calibration inputs, each weighted (``sensitivity=True``, default) by the
-      layer's measured sensitivity: the relative squared change of the model's output on the first
-      calibration batch with only that layer decomposed at a probe rank, over its relative output error (one
-      forward pass per layer); without data, of their relative weight errors.
+      layer's measured sensitivity: the relative squared change of the model's output on a probe (the first
+      samples of the first calibration batch, an eighth of all samples and at least 4) with only that layer
+      decomposed at a probe rank, over its relative output error; without data, of their relative weight
+      errors.
 
     ``energy``, ``rank_ratio`` and the budgets never give a layer less than ``min_rank`` (an int, or a fraction
     of the layer's full rank, rounded up; default 0.25) and only ranks that are multiples of ``rank_multiple``
@@ -80,8 +81,10 @@ def decompose(
     than ``MAX_COVARIANCE_DIM`` inputs and layers the data never reaches; ``report["layers"][name]["method"]``
     says which. With ``asymmetric=True`` (default) each data-aware layer is then refitted, in forward order, to
     the dense layer's outputs from the inputs it receives once the layers before it are decomposed
-    (``min ||W X - W_r H||_F``, Zhang et al.'s asymmetric reconstruction): one more pass over ``data`` per
-    decomposed layer, each stopped at that layer. With ``data`` and ``recalibrate=True`` the BatchNorm statistics of
+    (``min ||W X - W_r H||_F``, Zhang et al.'s asymmetric reconstruction), in stages of layers that read the
+    same input; each stage pass starts from cached outputs and stops at the stage's last input (see
+    :mod:`rankprune.calibration`). ``cache_bytes`` bounds the memory the calibration engine keeps (default: a
+    quarter of the memory available on the model's device, at most 8 GiB); what does not fit is recomputed. With ``data`` and ``recalibrate=True`` the BatchNorm statistics of
     the decomposed model are then re-estimated on ``data`` (``rankprune.training.recalibrate``; a model without
     BatchNorm is left as is and ``report["recalibrated"]`` is False). ``recalibrate=None`` (default)
     recalibrates unless data-aware factors were refitted (``asymmetric=True``): the refit makes each
@@ -89,7 +92,9 @@ def decompose(
     refit is computed on the inputs those statistics produce; re-estimating them afterwards undoes part of it.
     Measured (README, exp_quality): better without on ResNet-20 and MobileNetV2, worse without on the built-in
     concatenation model at 50% of the FLOPs; compare on validation data where it matters. A one-shot iterator
-    is read into a list first (it is used twice). Without ``example_inputs`` the first batch of ``data`` serves as them.
+    is read into a list first (every pass must see the same batches; data that change between passes raise
+    ValueError). Without ``example_inputs`` the first sample of the first batch of ``data`` serves as them,
+    so FLOPs are per example, as ``prune`` counts them.
 
     Candidates are the ``nn.Conv2d`` (groups=1, zero padding) and ``nn.Linear`` modules whose names match an
     ``include`` pattern (all when None) and no ``exclude`` pattern (fnmatch style, e.g. ``"layer1.*"``); with
@@ -105,7 +110,7 @@ def decompose(
     {"kind": "conv2d"|"linear", "scheme": ..., "rank": r, "data_aware": bool}}}`` and ``report = {"layers":
     {name: {kind, scheme, method, rank, full_rank, energy_kept, params_dense, params, flops_dense, flops,
     rel_error, output_error, output_energy, sensitivity, refitted, damping}}, "skipped": {name: reason},
-    "total": {params_dense, params, flops_dense, flops, outputrel_error}, "recalibrated": bool}``.
+    "total": {params_dense, params, flops_dense, flops, output_rel_error}, "recalibrated": bool}``.
     ``refitted`` says whether the asymmetric refit was kept; ``damping`` is the damping of the layer's data-aware
     fit (None for weight SVD): raised tenfold, up to ``REFIT_DAMPING_STEPS`` times, when the refit would make
     the weight more than ``MAX_REFIT_GROWTH`` times the dense one (an under-determined regression, e.g. a
@@ -115,7 +120,12 @@ def decompose(
     calibration columns (the dense model's inputs), in float64; ``sensitivity`` is the measured weight (1.0
     when not measured); ``energy_kept`` is ``1 - `` the normalised discarded energy above;
     ``rel_error`` is the layer's relative output error on ``example_inputs``. FLOPs and ``rel_error`` are None
-    without example inputs.
+    without example inputs. ``report["calibration"]`` gives the seconds, batches and peak memory of each phase
+    (``statistics``, ``factorization``, ``sensitivity``, ``refit`` or ``replace``, ``recalibration``) and, with
+    data, the cache budget, the number of batches and samples and notes (see :mod:`rankprune.calibration`).
+
+    Raises ValueError for non-finite weights (named) before any data are run, for NaN or Inf in a layer's
+    calibration inputs (naming the layer), and for empty data.
     """
     _check_arguments(model, ranks, energy, rank_ratio, target_flops, target_params, scheme, min_flop_saving,
                      min_rank, rank_multiple, damping)

@@ -43,6 +43,23 @@ def factor(layer: Candidate, matrix: Tensor, rank: Optional[int]) -> Tuple[Tenso
     return ops.svd(matrix)
 
 
+def gram_svd(matrix: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``(U, S, V)`` of a float64 matrix from the eigendecomposition of its Gram matrix on the smaller
+    side (``A A^T = U S^2 U^T``, ``V = A^T U / S``): a GEMM and a small ``eigh`` instead of LAPACK's SVD,
+    3-10x faster for the whitened weights of convolutions (``[n, C*kh*kw]``, n far from C*kh*kw), measured
+    on 2 CPU threads. Squaring costs the small singular values their relative accuracy (absolute error
+    about 1e-16 of the largest squared), which the discarded energies and the leading factors do not feel;
+    directions of (numerically) zero singular values get zero vectors on the long side."""
+    wide = matrix.shape[0] <= matrix.shape[1]
+    short = matrix if wide else matrix.mT
+    values, vectors = torch.linalg.eigh(short @ short.mT)
+    values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
+    S = values.sqrt()
+    scale = torch.where(S > S[:1] * 1e-12, 1 / S, torch.zeros_like(S)) if S.numel() else S
+    long = (short.mT @ vectors) * scale
+    return (vectors, S, long) if wide else (long, S, vectors)
+
+
 def cholesky(C: Tensor, damping: float, name: str) -> Tensor:
     """Lower ``L`` with ``L L^T = C + damping * mean(diag C) * I`` (the damping raised tenfold until the
     factorisation succeeds: dead inputs make C singular); the identity for an all-zero C."""
@@ -77,7 +94,11 @@ def whitened_factors(layer: Candidate, damping: float, rank: Optional[int] = Non
     else:
         L = cholesky(inputs, damping, layer.name)
         target = torch.linalg.solve_triangular(L, outputs_cross, upper=False).mT
-    U, S, V = factor(layer, target, rank)
+    k = min(target.shape)
+    if rank is not None and k >= LOWRANK_SVD_MIN_DIM and rank <= LOWRANK_SVD_MAX_FRACTION * k:
+        U, S, V = factor(layer, target, rank)
+    else:
+        U, S, V = gram_svd(target)
     return U, S, torch.linalg.solve_triangular(L.mT, V, upper=True)
 
 

@@ -25,6 +25,12 @@ from .factoring import lowrank_module
 # Layers whose input dimension d exceeds this keep weight SVD even with data: the float64 covariance is d^2
 # (8192: 512 MiB).
 MAX_COVARIANCE_DIM = 8192
+# Layers with at least this many inputs form each batch's products (X^T X, H^T H, H^T Y) in the model's dtype
+# before adding them to the float64 accumulators: these GEMMs (rows x d^2 per call) dominate the statistics
+# of large layers (ResNet-50's 4608-input convolutions), and float32 runs them twice as fast on CPUs. The
+# rounding (about 1e-7 * sqrt(rows) of an entry) stays far below the default damping (1e-4 of the mean
+# diagonal); smaller layers, which cost little, keep float64 products (exact enough for damping=0 fits).
+FLOAT64_PRODUCT_MAX_DIM = 1024
 # How many recent layer inputs are compared with each new one to find layers reading the same tensor.
 SAME_INPUT_WINDOW = 16
 
@@ -36,7 +42,8 @@ def _generator(layer: Candidate, batch: int, call: int, device) -> torch.Generat
 
 
 def _columns(layer: Candidate, batch: int, call: int, x: Tensor) -> Tensor:
-    if not torch.isfinite(x).all():
+    # a sum is NaN or Inf when an entry is (and, rarely, when finite entries overflow: confirmed elementwise)
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"decompose: the input of layer {layer.name!r} holds NaN or Inf on calibration batch "
                          f"{batch} (the weights are finite: the calibration data, or a module before this layer, "
                          "produces them)")
@@ -80,8 +87,7 @@ def collect_statistics(engine: Calibration, layers: List[Candidate], keep_dense_
                 order[0] += 1
                 stages.assign(layer, x)
             rows = _columns(layer, batch, call, x)
-            rows64 = rows.to(torch.float64)
-            layer.covariance.addmm_(rows64.T, rows64)
+            _accumulate(layer.covariance, rows, rows)
             layer.samples += rows.shape[0]
             if keep_dense_rows:
                 _keep_dense_rows(engine, layer, batch, call, rows)
@@ -98,6 +104,14 @@ def collect_statistics(engine: Calibration, layers: List[Candidate], keep_dense_
     for layer in layers:
         if layer.samples == 0:
             layer.covariance = None
+
+
+def _accumulate(total: Tensor, a: Tensor, b: Tensor) -> None:
+    """``total += a^T b`` (float64 ``total``; see ``FLOAT64_PRODUCT_MAX_DIM`` for the product's dtype)."""
+    if a.shape[1] < FLOAT64_PRODUCT_MAX_DIM or a.dtype == torch.float64:
+        total.addmm_(a.T.to(torch.float64), b.to(torch.float64))
+    else:
+        total += (a.T @ b.to(a.dtype)).to(torch.float64)
 
 
 def _keep_dense_rows(engine: Calibration, layer: Candidate, batch: int, call: int, rows: Tensor) -> None:
@@ -211,13 +225,12 @@ class _RefitStatistics:
         self.dense: Dict[Tuple[int, int], Tensor] = {}  # recomputed dense columns of the current batch
 
     def add(self, layer: Candidate, batch: int, call: int, x: Tensor) -> None:
-        h = _columns(layer, batch, call, x).to(torch.float64)
-        kept = layer.dense_rows[(batch, call)] if layer.dense_rows is not None else self.dense.pop((batch, call))
-        y = kept.to(torch.float64)
+        h = _columns(layer, batch, call, x)
+        y = layer.dense_rows[(batch, call)] if layer.dense_rows is not None else self.dense.pop((batch, call))
         if not layer.dense_rows_are_outputs:
-            y = y @ layer.matrix().to(torch.float64).T
-        self.inputs.addmm_(h.T, h)
-        self.outputs_cross.addmm_(h.T, y)
+            y = y.to(torch.float64) @ layer.matrix().to(torch.float64).T
+        _accumulate(self.inputs, h, h)
+        _accumulate(self.outputs_cross, h, y)
 
 
 def refit_stage(engine: Calibration, stage: List[Candidate], dense_modules: Dict[str, nn.Module],
