@@ -248,8 +248,16 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save(new.state_dict(), os.path.join(out_dir, f"ranks-{rank}.pt"))
         new, plan, _ = rankprune.decompose(_net(), target_flops=0.6, data=shard, min_rank=1, progress=False)
         torch.save({"plan": plan, "state": new.state_dict()}, os.path.join(out_dir, f"budget-{rank}.pt"))
+        net = rankprune.recalibrate(_bn_net(), shard)
+        torch.save(net.state_dict(), os.path.join(out_dir, f"recalibrated-{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1),
+                         nn.BatchNorm2d(2)).double()
 
 
 def test_two_process_gloo_matches_single_process(tmp_path):
@@ -264,3 +272,9 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     assert first["plan"] == second["plan"]
     for name, value in first["state"].items():
         torch.testing.assert_close(second["state"][name], value, rtol=0, atol=0)
+    # recalibrate: the BatchNorm statistics of both shards together, as one process computes them
+    single = rankprune.recalibrate(_bn_net(), _data(batches=4)).state_dict()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"recalibrated-{rank}.pt", weights_only=True)
+        for name, value in single.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-12)

@@ -195,6 +195,7 @@ class PhaseClock:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Account the wall time, batches and peak memory of the block to phase ``name``."""
         phase = self.phases.setdefault(name, _Phase())
         outer, self._current = self._current, phase
         if self.device.type == "cuda":
@@ -208,6 +209,7 @@ class PhaseClock:
             self._current = outer
 
     def batch_done(self) -> None:
+        """Count one batch run by the current phase and sample the memory."""
         if self._current is not None:
             self._current.batches += 1
             self._sample()
@@ -218,6 +220,7 @@ class PhaseClock:
         self._current.peak_memory = max(self._current.peak_memory, used)
 
     def summary(self) -> dict:
+        """``{"phases": {name: {seconds, batches, peak_memory}}, "memory": what peak_memory measures}``."""
         return {"phases": {name: {"seconds": p.seconds, "batches": p.batches, "peak_memory": p.peak_memory}
                            for name, p in self.phases.items()},
                 "memory": "cuda max_memory_allocated" if self.device.type == "cuda" else "process resident memory"}
@@ -286,6 +289,7 @@ class Calibration:
         return True
 
     def release(self, nbytes: int) -> None:
+        """Give back ``nbytes`` taken with :meth:`reserve`."""
         self.reserved = max(0, self.reserved - nbytes)
 
     def _cache_used(self) -> int:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .calibration import Calibration
 from ._inputs import call_model, eval_mode, iter_batches, model_device_dtype, model_inputs
 from ._inputs import progress as progress_bar
 
@@ -81,8 +82,7 @@ class _BatchStats:
         self.mean = torch.zeros(bn.num_features, dtype=torch.float64, device=bn.running_mean.device)
         self.m2 = torch.zeros_like(self.mean)
 
-    def __call__(self, module: nn.Module, inputs: Tuple[Any, ...]) -> None:
-        x = inputs[0]
+    def __call__(self, batch: int, call: int, x: torch.Tensor) -> None:
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         dims = [0] + list(range(2, x.dim()))
@@ -100,6 +100,35 @@ class _BatchStats:
         self.m2 += var * n + delta.square() * (self.count * n / total)
         self.count = total
 
+    def sums(self) -> List[torch.Tensor]:
+        """``[count, sum x, sum x^2]`` per channel (float64), the form that adds up over ranks."""
+        count = torch.full_like(self.mean, float(self.count))
+        return [count, self.mean * count, self.m2 + self.mean.square() * count]
+
+    def set_sums(self, sums: List[torch.Tensor]) -> None:
+        count, total, squares = sums
+        self.count = int(count[0]) if count.numel() else 0
+        self.mean = total / max(self.count, 1)
+        self.m2 = (squares - self.mean.square() * self.count).clamp_min(0)
+
+
+def _collect(engine: Calibration, norms: Dict[str, _BatchNorm], stats: Dict[str, _BatchStats]) -> int:
+    """One pass with every module in eval mode (dropout off) but the BatchNorms, which normalise by their
+    batch; each BatchNorm's input statistics all-reduced under torch.distributed. Returns the number of
+    batches (of all ranks)."""
+    engine.trace({bn: stats[name] for name, bn in norms.items()}, "BatchNorm statistics", train=list(norms.values()))
+    batches = torch.tensor([float(len(engine.fingerprints))], dtype=torch.float64)
+    if engine.distributed:
+        sums = [stats[name].sums() for name in norms]
+        engine.all_reduce([t for group in sums for t in group] + [batches])
+        for name, group in zip(norms, sums):
+            stats[name].set_sums(group)
+    never = [name for name, s in stats.items() if s.count == 0]
+    if never:
+        warnings.warn(f"recalibrate: BatchNorm layers {never} were not called on the calibration data; "
+                      "their statistics are unchanged", stacklevel=4)
+    return int(batches)
+
 
 def recalibrate(model: nn.Module, data: Iterable, max_batches: Optional[int] = None,
                 progress: bool = False) -> nn.Module:
@@ -112,6 +141,11 @@ def recalibrate(model: nn.Module, data: Iterable, max_batches: Optional[int] = N
     over samples, so that batch sizes may differ and the result does not depend on how the data was split
     into batches (PyTorch's own ``momentum=None`` average is a mean of per-batch variances, which misses
     the spread of the batch means). ``num_batches_tracked`` becomes the number of batches seen.
+
+    The pass runs through the calibration engine (:mod:`rankprune.calibration`), as every data-aware verb
+    does: a one-shot iterator is read into a list, floating inputs are cast to the model's dtype, and under
+    ``torch.distributed`` (an initialised process group, each rank holding a shard of the data) the
+    statistics are all-reduced so that every rank sets the same ones.
 
     Training flags and every module's ``momentum`` are restored afterwards; on an error the statistics
     are left as they were. BatchNorms with ``track_running_stats=False`` have no statistics and are skipped.
@@ -143,23 +177,13 @@ def recalibrate(model: nn.Module, data: Iterable, max_batches: Optional[int] = N
     saved = {name: (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
              for name, bn in norms.items()}
     stats = {name: _BatchStats(name, bn) for name, bn in norms.items()}
-    handles = [bn.register_forward_pre_hook(stats[name]) for name, bn in norms.items()]
-    batches = 0
+    engine = Calibration(model, iter_batches(data, max_batches), cache_bytes=0,
+                         progress=progress, name="recalibrate")
     ok = False
     try:
-        with eval_mode(model):  # every module's own flag back afterwards
-            for bn in norms.values():
-                bn.train()
-                bn.momentum = None  # the layer's own buffers follow a cumulative average too while we stream
-            for batch in progress_bar(iter_batches(data, max_batches), "recalibrating BatchNorm", progress):
-                call_model(model, model_inputs(batch, model))
-                batches += 1
-        if batches == 0:
-            raise ValueError("recalibrate: data yielded no batches: nothing to calibrate on")
-        never = [name for name, s in stats.items() if s.count == 0]
-        if never:
-            warnings.warn(f"recalibrate: BatchNorm layers {never} were not called on the calibration data; "
-                          "their statistics are unchanged", stacklevel=2)
+        for bn in norms.values():
+            bn.momentum = None  # the layer's own buffers follow a cumulative average too while we stream
+        batches = _collect(engine, norms, stats)
         for name, bn in norms.items():
             s = stats[name]
             if s.count == 0:
@@ -169,8 +193,6 @@ def recalibrate(model: nn.Module, data: Iterable, max_batches: Optional[int] = N
             bn.num_batches_tracked.fill_(batches)
         ok = True
     finally:
-        for h in handles:
-            h.remove()
         for name, bn in norms.items():
             mean, var, tracked, momentum = saved[name]
             bn.momentum = momentum

@@ -13,12 +13,14 @@ DEFAULT_MIN_RANK = 0.25
 
 
 def check_fraction(value, arg: str) -> float:
+    """``value`` as a float; ValueError naming ``arg`` unless it is a number in (0, 1]."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
         raise ValueError(f"{arg} must be a number in (0, 1], got {value!r}")
     return float(value)
 
 
 def check_min_rank(min_rank) -> None:
+    """TypeError/ValueError unless ``min_rank`` is an int >= 1 or a fraction in (0, 1]."""
     if isinstance(min_rank, bool) or not isinstance(min_rank, (int, float)):
         raise TypeError(f"min_rank must be an int >= 1 or a fraction of the full rank in (0, 1], got {min_rank!r}")
     if isinstance(min_rank, int) and min_rank < 1 or isinstance(min_rank, float) and not 0.0 < min_rank <= 1.0:
@@ -26,6 +28,7 @@ def check_min_rank(min_rank) -> None:
 
 
 def resolve_min_rank(min_rank: Union[int, float], full_rank: int) -> int:
+    """``min_rank`` as a rank: an int as is, a fraction of ``full_rank`` rounded up (at least 1)."""
     if isinstance(min_rank, float):
         return max(1, math.ceil(min_rank * full_rank - 1e-9))
     return min_rank

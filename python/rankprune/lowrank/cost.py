@@ -159,6 +159,7 @@ class Candidate:
         return best
 
     def saves(self, rank: int, min_flop_saving: float) -> bool:
+        """Whether ``rank`` keeps fewer FLOPs than dense, and at most ``1 - min_flop_saving`` of them."""
         ratio = self.flop_ratio(rank)
         return ratio < 1.0 and ratio <= 1.0 - min_flop_saving
 

@@ -24,7 +24,7 @@ from .selection import select
 from .surgery import dense_reason, plan_entry, replace, report_entry, set_submodule
 
 
-def decompose(
+def decompose(  # long: a 100-line docstring documents every argument; the body is the pipeline, ~65 lines
     model: nn.Module,
     *,
     ranks: Optional[Dict[str, int]] = None,
@@ -47,7 +47,7 @@ def decompose(
     cache_bytes: Optional[int] = None,
     inplace: bool = False,
     progress: bool = True,
-) -> Tuple[nn.Module, dict, dict]:  # long: the docstring documents every argument; the body is the pipeline
+) -> Tuple[nn.Module, dict, dict]:
     """Replace Conv2d/Linear layers of ``model`` by ``LowRankConv2d``/``LowRankLinear``.
 
     Exactly one way of choosing ranks:

@@ -31,6 +31,7 @@ def run_example(model: nn.Module, example_inputs, layers: Dict[str, Candidate], 
 
 
 def rel_error(got, want) -> Optional[float]:
+    """``||got - want|| / ||want||`` in float64 (``||got||`` where ``want`` is zero), None unless both are tensors."""
     if not isinstance(got, Tensor) or not isinstance(want, Tensor):
         return None
     want64 = want.double()

@@ -134,6 +134,7 @@ def _keep_dense_rows(engine: Calibration, layer: Candidate, batch: int, call: in
 
 
 def drop_dense_rows(engine: Calibration, layer: Candidate) -> None:
+    """Free the dense columns kept for ``layer`` (once it is replaced) and give their bytes back to the budget."""
     if layer.dense_rows:
         engine.release(sum(t.numel() * t.element_size() for t in layer.dense_rows.values()))
     layer.dense_rows = {}
@@ -209,6 +210,7 @@ def measure_sensitivities(engine: Calibration, model: nn.Module, layers: List[Ca
 
 
 def engine_progress(engine: Calibration, items, desc: str):
+    """``items`` in a progress bar of the engine's verb, when the engine shows progress."""
     from .._inputs import progress
 
     return progress(items, f"{engine.name}: {desc}", engine.show_progress, unit="layer")

@@ -16,10 +16,12 @@ from .cost import Candidate, layer_kind
 
 
 def matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
+    """Whether ``name`` matches one of the fnmatch ``patterns``."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def patterns(value, arg: str) -> Optional[List[str]]:
+    """``value`` (a pattern or a list of them, or None) as a list; TypeError naming ``arg`` otherwise."""
     if value is None:
         return None
     if isinstance(value, str):

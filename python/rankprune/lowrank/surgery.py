@@ -10,6 +10,7 @@ from .measure import layer_rel_error
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model``."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -37,6 +38,7 @@ def replace(model: nn.Module, layer: Candidate, rank: int, training: bool) -> nn
 
 
 def plan_entry(layer: Candidate, rank: int) -> dict:
+    """The plan's record of one decomposed layer: what ``apply_decompose_plan`` needs to rebuild it."""
     return {"kind": layer.kind, "scheme": layer.scheme, "rank": rank, "data_aware": layer.data_aware}
 
 
