@@ -116,12 +116,14 @@ def energy_scores(model, calibration, centred=False, residual_at_bn=False):
 @contextlib.contextmanager
 def unnormalized_groups():
     """ScoreImportance without the per-conv division by the mean score (raw scores averaged in a group)."""
-    saved = pruning._normalized
-    pruning._normalized = lambda s: s
+    from rankprune.pruning import _importance
+
+    saved = _importance._normalized
+    _importance._normalized = lambda s: s
     try:
         yield
     finally:
-        pruning._normalized = saved
+        _importance._normalized = saved
 
 
 # variant -> (criterion name or scoring function, criterion kwargs, calibration images, prune kwargs, context)

@@ -216,7 +216,7 @@ def pytest_command() -> List[str]:
     cmd = [python(), "-m", "pytest", "-m", "cuda", "-q", "-rfE", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
     try:
         import xdist  # noqa: F401
-        cmd[4:4] = ["-n", str(PYTEST_WORKERS)]
+        cmd[5:5] = ["-n", str(PYTEST_WORKERS)]  # after "-m cuda": between them it would eat the marker
     except ImportError:
         pass
     return cmd
