@@ -139,7 +139,7 @@ def test_budget_too_small_for_the_dense_inputs_recomputes_them(seed):
     small, _, report = rankprune.decompose(_net(), ranks=RANKS, data=data, damping=DAMPING, cache_bytes=1,
                                            progress=False)
     notes = report["calibration"]["notes"]
-    assert notes and all("recomputed" in n for n in notes)
+    assert notes and all("recomputed" in n for n in notes) and any("holds only part" in n for n in notes)
     with torch.no_grad():
         torch.testing.assert_close(small(x), full(x), rtol=1e-10, atol=1e-12)
 

@@ -268,6 +268,7 @@ class Calibration:
         self._current_batch = 0
         self._served_calls: Dict[nn.Module, int] = {}
         self._uncached = False  # inside forward_uncached: no cache is served or recorded
+        self._budget_noted = False
 
     # ------------------------------------------------------------------------------------------ accounting
     def phase(self, name: str):
@@ -484,6 +485,10 @@ class Calibration:
             if 0 < size <= budget:
                 keep.append(module)
                 budget -= size
+            elif size > budget and not self._budget_noted:
+                self._budget_noted = True
+                self.notes.append(f"cache_bytes={self.cache_bytes} holds only part of the stage outputs: the rest "
+                                  "is recomputed on every stage pass")
         complete = {m for m in keep if m in self.cached and self.cached[m].complete}
         for name, module in self.model.named_modules():
             if module in self.cached and module not in keep:
