@@ -1,7 +1,6 @@
 """The calibration engine (rankprune.calibration) and the data-aware decomposition that runs on it: staged
 passes, the frontier cache, the dense-input cache and its recomputation, data checks, torch.distributed."""
 import os
-import warnings
 
 import pytest
 import torch

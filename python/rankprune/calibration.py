@@ -40,8 +40,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from .nn import _explicit_padding
 from ._inputs import batch_size, call_model, eval_mode, model_device_dtype, model_inputs, progress, reusable
+from .nn import _explicit_padding
 
 # Calibration columns (im2col patches / tokens) kept per batch and layer call: a covariance costs d^2 per
 # column, so large feature maps are subsampled (uniformly, seeded).

@@ -9,15 +9,14 @@ the statistics of the original network, and re-estimating them on a few hundred 
 restores much of the lost accuracy with forward passes only (EagleEye's "adaptive BN", Li et al. 2020).
 """
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._inputs import iter_batches, model_device_dtype
 from .calibration import Calibration
-from ._inputs import call_model, eval_mode, iter_batches, model_device_dtype, model_inputs
-from ._inputs import progress as progress_bar
 
 
 def _device_of(model: nn.Module, device) -> torch.device:

@@ -22,4 +22,7 @@ from .factoring import DEFAULT_DAMPING, LOWRANK_SVD_MAX_FRACTION, LOWRANK_SVD_MI
 from .passes import MAX_COVARIANCE_DIM
 from .plan import apply_decompose_plan
 
-__all__ = ["decompose", "apply_decompose_plan"]
+# The tunables stay reachable as rankprune.lowrank.<NAME>, where the CLI's help and the benchmarks read them.
+__all__ = ["decompose", "apply_decompose_plan", "DEFAULT_MIN_RANK", "DEFAULT_DAMPING", "MAX_SAMPLES_PER_BATCH",
+           "LOWRANK_SVD_MAX_FRACTION", "LOWRANK_SVD_MIN_DIM", "MAX_REFIT_GROWTH", "REFIT_DAMPING_STEPS",
+           "MAX_COVARIANCE_DIM"]

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from ..nn import _explicit_padding as explicit_padding

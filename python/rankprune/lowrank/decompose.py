@@ -1,7 +1,6 @@
 """``decompose``: the pipeline of a decomposition, each step in a module of this package (selection, the
 calibration passes, factoring, allocation, surgery), and its argument checks."""
 import copy
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._inputs import batch_size, call_model, eval_mode
+from .._inputs import batch_size, progress
 from ..calibration import Calibration, input_columns
 from .cost import Candidate
 from .factoring import lowrank_module
@@ -211,8 +211,6 @@ def measure_sensitivities(engine: Calibration, model: nn.Module, layers: List[Ca
 
 def engine_progress(engine: Calibration, items, desc: str):
     """``items`` in a progress bar of the engine's verb, when the engine shows progress."""
-    from .._inputs import progress
-
     return progress(items, f"{engine.name}: {desc}", engine.show_progress, unit="layer")
 
 

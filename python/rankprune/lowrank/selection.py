@@ -5,7 +5,6 @@ import fnmatch
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode

@@ -1,6 +1,6 @@
 """Module surgery: putting a low-rank module in a layer's place, and recording what was done in the plan and
 the report."""
-from typing import Dict, Optional
+from typing import Optional
 
 from torch import nn
 
