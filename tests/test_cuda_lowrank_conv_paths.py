@@ -150,7 +150,7 @@ def _auto_path(x, w1, w2, b, monkeypatch):
 
 def test_auto_static_estimate(monkeypatch, seed):
     # Without cudnn.benchmark auto fuses only with >= 2 waves of pixel tiles and C*kh*kw <= 1152
-    # (lowrank_conv_cuda.cu: fused_expected_faster): a shallow wide layer fuses, a deep one at batch 1 does not.
+    # (csrc/cuda/lowrank_conv_cuda.cpp: fused_expected_faster): a shallow wide layer fuses, a deep one at batch 1 does not.
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     with backend_flags(benchmark=False, deterministic=True):
         shallow_batch = -(-2 * sms * 64 // (28 * 28))

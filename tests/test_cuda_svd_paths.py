@@ -2,7 +2,7 @@
 section 3 items 3, 4 and 7): svd_lowrank at its real shape (TRP's 16 x 512 x 4608 groups) and with NaN,
 orthonormalize with NaN on the shared and global QR paths, the svd shared/global workspace boundary, the
 grid-stride loops of the global svd and QR paths, and float16/bfloat16 through svd's QR path and
-orthonormalize. Paths (csrc/cuda/svd_cuda.cu): a matrix's workspace in shared memory while it fits the opt-in
+orthonormalize. Paths (csrc/cuda/svd_cuda.cpp, kernels in svd_kernels.cu): a matrix's workspace in shared memory while it fits the opt-in
 limit (227 KB on H100/H200), else in global memory with the grid capped at 4 blocks per SM."""
 import pytest
 import torch

@@ -2,7 +2,7 @@
 (issue 13, cuda-review.md section 3 items 1-5): the global-memory workspace path, the grid-stride loops of the
 warp, block and global paths, the exact row thresholds between the paths, the rank epilogue and channels_last
 maps on the block path, float16/bfloat16 on the block and global paths, a batch of more than 2^31 elements and
-CUDA-graph capture. Which path a matrix takes (csrc/cuda/svdvals_cuda.cu) depends on its oriented rows (after
+CUDA-graph capture. Which path a matrix takes (csrc/cuda/svdvals_cuda.cpp, kernels in svdvals_kernels.cu) depends on its oriented rows (after
 transposing wide matrices) and on its workspace, about rows * cols values of the compute type:
   warp path   rows <= 32, grid capped at 64 blocks of 4 matrices per SM;
   block path  64 / 128 / 256 threads for rows <= 64 / <= 128 / above, grid capped at 32 blocks per SM;
