@@ -55,6 +55,18 @@ def to_device(inputs: Any, device, dtype=None) -> Any:
     return inputs
 
 
+def first_samples(inputs: Any, count: int) -> Any:
+    """The first ``count`` samples of model inputs: every tensor, also inside nested tuples, lists and dicts,
+    sliced along its first dimension."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:count]
+    if isinstance(inputs, dict):
+        return {k: first_samples(v, count) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(first_samples(v, count) for v in inputs)
+    return inputs
+
+
 def model_device_dtype(model: nn.Module) -> Tuple[torch.device, Optional[torch.dtype]]:
     """Device and dtype of the model's first parameter (CPU and None for a model without parameters)."""
     for p in model.parameters():

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from ._inputs import batch_size, call_model, eval_mode, iter_batches, model_device_dtype, model_inputs, to_device
+from ._inputs import (batch_size, call_model, eval_mode, first_samples, iter_batches, model_device_dtype, model_inputs,
+                      to_device)
 from ._inputs import progress as progress_bar
 
 Scores = Dict[str, Tensor]
@@ -298,7 +299,7 @@ class FeatureMapCriterion(Criterion):
                 for batch in _calibration_batches(data, self.max_batches, self.name, self.progress):
                     inputs = model_inputs(batch, model)
                     if not handles:  # first batch: find the taps on its first sample, then hook them
-                        taps = find_taps(model, _first_sample(inputs), convs, self.tap, self.residual_output)
+                        taps = find_taps(model, first_samples(inputs, 1), convs, self.tap, self.residual_output)
                         handles = [tap.host.register_forward_hook(self._hook(sums[name], tap))
                                    for name, tap in taps.items()]
                     call_model(model, inputs)
@@ -312,16 +313,6 @@ class FeatureMapCriterion(Criterion):
         def hook(module, inputs, output):
             acc.add_(self.statistic(tap.read(output)).to(acc.dtype))
         return hook
-
-
-def _first_sample(inputs: Any) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs[:1]
-    if isinstance(inputs, dict):
-        return {k: v[:1] if isinstance(v, Tensor) else v for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(v[:1] if isinstance(v, Tensor) else v for v in inputs)
-    return inputs
 
 
 class Energy(FeatureMapCriterion):

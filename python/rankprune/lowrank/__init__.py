@@ -18,7 +18,8 @@ inputs (see docs/lowrank.md).
 from ..calibration import MAX_SAMPLES_PER_BATCH
 from .allocation import DEFAULT_MIN_RANK
 from .decompose import decompose
-from .factoring import DEFAULT_DAMPING, LOWRANK_SVD_MAX_FRACTION, LOWRANK_SVD_MIN_DIM, MAX_REFIT_GROWTH, REFIT_DAMPING_STEPS
+from .factoring import (DEFAULT_DAMPING, LOWRANK_SVD_MAX_FRACTION, LOWRANK_SVD_MIN_DIM, MAX_REFIT_GROWTH,
+                        REFIT_DAMPING_STEPS)
 from .passes import MAX_COVARIANCE_DIM
 from .plan import apply_decompose_plan
 

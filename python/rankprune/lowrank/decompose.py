@@ -8,7 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import training
-from .._inputs import batch_inputs, check_finite_weights, model_device_dtype, reusable, to_device
+from .._inputs import batch_inputs, check_finite_weights, first_samples, model_device_dtype, reusable, to_device
 from ..calibration import Calibration, PhaseClock
 from ..nn import SCHEMES
 from ..plan_format import PLAN_VERSION
@@ -17,8 +17,7 @@ from .allocation import DEFAULT_MIN_RANK, allocate, check_fraction, check_min_ra
 from .cost import Candidate
 from .factoring import DEFAULT_DAMPING, factor, refit_factors, whitened_factors
 from .measure import rel_error, run_example
-from .passes import (MAX_COVARIANCE_DIM, collect_statistics, drop_dense_rows, first_samples, measure_sensitivities,
-                     refit_stage)
+from .passes import MAX_COVARIANCE_DIM, collect_statistics, drop_dense_rows, measure_sensitivities, refit_stage
 from .selection import select
 from .surgery import dense_reason, plan_entry, replace, report_entry, set_submodule
 
@@ -83,7 +82,8 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
     (``min ||W X - W_r H||_F``, Zhang et al.'s asymmetric reconstruction), in stages of layers that read the
     same input; each stage pass starts from cached outputs and stops at the stage's last input (see
     :mod:`rankprune.calibration`). ``cache_bytes`` bounds the memory the calibration engine keeps (default: a
-    quarter of the memory available on the model's device, at most 8 GiB); what does not fit is recomputed. With ``data`` and ``recalibrate=True`` the BatchNorm statistics of
+    quarter of the memory available on the model's device, at most 8 GiB); what does not fit is recomputed.
+    With ``data`` and ``recalibrate=True`` the BatchNorm statistics of
     the decomposed model are then re-estimated on ``data`` (``rankprune.training.recalibrate``; a model without
     BatchNorm is left as is and ``report["recalibrated"]`` is False). ``recalibrate=None`` (default)
     recalibrates unless data-aware factors were refitted (``asymmetric=True``): the refit makes each

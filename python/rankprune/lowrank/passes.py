@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._inputs import batch_size, progress
+from .._inputs import batch_size, first_samples, progress
 from ..calibration import Calibration, input_columns
 from .cost import Candidate
 from .factoring import lowrank_module
@@ -119,9 +119,9 @@ def _keep_dense_rows(engine: Calibration, layer: Candidate, batch: int, call: in
     inputs), if the engine's budget has room; a layer that misses one loses all and is recomputed."""
     if layer.dense_rows is None:
         return
-    out_dim = layer.matrix().shape[0]
-    layer.dense_rows_are_outputs = out_dim < rows.shape[1]
-    kept = rows @ layer.matrix().T.to(rows.dtype) if layer.dense_rows_are_outputs else rows
+    weight = layer.matrix()
+    layer.dense_rows_are_outputs = weight.shape[0] < rows.shape[1]
+    kept = rows @ weight.T.to(rows.dtype) if layer.dense_rows_are_outputs else rows
     kept = kept.contiguous()
     nbytes = kept.numel() * kept.element_size()
     if engine.reserve(nbytes):
@@ -145,17 +145,6 @@ def probe_samples(engine: Calibration) -> int:
     """Samples of the first batch that the sensitivity probe uses: an eighth of the calibration samples, at
     least 4 (the probe's cost is about half a forward pass of it per layer)."""
     return max(4, math.ceil(engine.samples / 8))
-
-
-def first_samples(inputs, count: int):
-    """The first ``count`` samples of model inputs (every tensor sliced along its first dimension)."""
-    if isinstance(inputs, Tensor):
-        return inputs[:count]
-    if isinstance(inputs, dict):
-        return {k: first_samples(v, count) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(first_samples(v, count) for v in inputs)
-    return inputs
 
 
 def output_tensor(output) -> Optional[Tensor]:
@@ -219,7 +208,8 @@ class _RefitStatistics:
     """``H H^T`` and ``H Y^T`` of one layer over the calibration batches (float64, streaming)."""
 
     def __init__(self, layer: Candidate, device):
-        d, n = layer.in_dim, layer.matrix().shape[0]
+        self.weight = layer.matrix().to(torch.float64)  # converted once, not per batch and call
+        d, n = layer.in_dim, self.weight.shape[0]
         self.inputs = torch.zeros(d, d, dtype=torch.float64, device=device)
         self.outputs_cross = torch.zeros(d, n, dtype=torch.float64, device=device)
         self.dense: Dict[Tuple[int, int], Tensor] = {}  # recomputed dense columns of the current batch
@@ -228,7 +218,7 @@ class _RefitStatistics:
         h = _columns(layer, batch, call, x)
         y = layer.dense_rows[(batch, call)] if layer.dense_rows is not None else self.dense.pop((batch, call))
         if not layer.dense_rows_are_outputs:
-            y = y.to(torch.float64) @ layer.matrix().to(torch.float64).T
+            y = y.to(torch.float64) @ self.weight.T
         _accumulate(self.inputs, h, h)
         _accumulate(self.outputs_cross, h, y)
 
