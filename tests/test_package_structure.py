@@ -27,8 +27,9 @@ def module_files() -> Dict[str, Path]:
 
 MODULES = module_files()
 # Compiled extensions (``from .. import _C``) are modules too: leaves of the graph.
-EXTENSIONS = {".".join(p.relative_to(PACKAGE.parent).parts[:-1] + (p.name.split(".")[0],))
-              for p in PACKAGE.rglob("*") if p.suffix in (".so", ".pyd")}
+# rankprune._C is one wherever the build put it: an editable pip install (CI) keeps it in build/, not here.
+EXTENSIONS = {"rankprune._C"} | {".".join(p.relative_to(PACKAGE.parent).parts[:-1] + (p.name.split(".")[0],))
+                                 for p in PACKAGE.rglob("*") if p.suffix in (".so", ".pyd")}
 
 
 def imported_modules(name: str, path: Path) -> Set[str]:
