@@ -29,6 +29,7 @@ iterator is read into a list once), and a module's output depends only on its in
 randomness). Outputs served from the cache are copies, so in-place operations downstream (``ReLU(inplace=
 True)``, ``out += identity``) never corrupt it.
 """
+import collections
 import contextlib
 import math
 import os
@@ -50,6 +51,9 @@ MAX_SAMPLES_PER_BATCH = 4096
 # outputs and dense layer inputs), and its ceiling.
 DEFAULT_CACHE_FRACTION = 0.25
 DEFAULT_CACHE_CEILING = 8 << 30
+
+# How many recent layer inputs are compared with each new one to find layers reading the same tensor.
+SAME_INPUT_WINDOW = 16
 
 Capture = Callable[[int, int, Tensor], None]  # (batch index, call index within the batch, layer input)
 
@@ -181,6 +185,27 @@ def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
         offset += t.numel()
+
+
+class SameInputStages:
+    """Groups layers into stages as they are called on the first batch: a layer whose input is the very tensor
+    (same storage and version, still alive) that a recent layer got joins that layer's stage (``layer.stage``,
+    numbered in execution order)."""
+
+    def __init__(self):
+        self.recent = collections.deque(maxlen=SAME_INPUT_WINDOW)  # (tensor, version, stage)
+        self.count = 0
+
+    def assign(self, layer, x: Tensor) -> None:
+        for seen, version, stage in self.recent:
+            if seen.data_ptr() == x.data_ptr() and seen.shape == x.shape and seen._version == version \
+                    and seen.stride() == x.stride():
+                layer.stage = stage
+                break
+        else:
+            layer.stage = self.count
+            self.count += 1
+        self.recent.append((x, x._version, layer.stage))
 
 
 class PhaseClock:

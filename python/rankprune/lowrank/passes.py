@@ -10,7 +10,6 @@
    inputs ``H`` the layer gets once the layers before it are decomposed and the dense outputs ``Y = W X`` at
    the same sampled columns; the layers of a stage are refitted and replaced at its end.
 """
-import collections
 import math
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .._inputs import batch_size, first_samples, progress
-from ..calibration import Calibration, input_columns
+from ..calibration import Calibration, SameInputStages, input_columns
 from .cost import Candidate
 from .factoring import lowrank_module
 
@@ -31,8 +30,6 @@ MAX_COVARIANCE_DIM = 8192
 # rounding (about 1e-7 * sqrt(rows) of an entry) stays far below the default damping (1e-4 of the mean
 # diagonal); smaller layers, which cost little, keep float64 products (exact enough for damping=0 fits).
 FLOAT64_PRODUCT_MAX_DIM = 1024
-# How many recent layer inputs are compared with each new one to find layers reading the same tensor.
-SAME_INPUT_WINDOW = 16
 
 
 def _generator(layer: Candidate, batch: int, call: int, device) -> torch.Generator:
@@ -50,30 +47,10 @@ def _columns(layer: Candidate, batch: int, call: int, x: Tensor) -> Tensor:
     return input_columns(layer.module, x, _generator(layer, batch, call, x.device))
 
 
-class _Stages:
-    """Groups layers into refit stages as they are called on the first batch: a layer whose input is the very
-    tensor (same storage and version, still alive) that a recent layer got joins that layer's stage."""
-
-    def __init__(self):
-        self.recent = collections.deque(maxlen=SAME_INPUT_WINDOW)  # (tensor, version, stage)
-        self.count = 0
-
-    def assign(self, layer: Candidate, x: Tensor) -> None:
-        for seen, version, stage in self.recent:
-            if seen.data_ptr() == x.data_ptr() and seen.shape == x.shape and seen._version == version \
-                    and seen.stride() == x.stride():
-                layer.stage = stage
-                break
-        else:
-            layer.stage = self.count
-            self.count += 1
-        self.recent.append((x, x._version, layer.stage))
-
-
 def collect_statistics(engine: Calibration, layers: List[Candidate], keep_dense_rows: bool) -> None:
     """The statistics pass (see the module docstring). Layers the data never reaches keep ``samples == 0``."""
     device = engine.device
-    stages = _Stages()
+    stages = SameInputStages()
     for layer in layers:
         d = layer.in_dim
         layer.covariance = torch.zeros(d, d, dtype=torch.float64, device=device)

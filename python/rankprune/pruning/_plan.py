@@ -42,6 +42,10 @@ def apply_prune_plan(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
                 pruner.prune_out_channels(module, removed)
             else:
                 pruner.prune_in_channels(module, removed)
+        if entry.get("bias_added") and getattr(module, "bias", None) is None:
+            # the reconstruction's bias compensation gave this layer a bias it did not have
+            module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype,
+                                                   device=module.weight.device))
     return model
 
 

@@ -16,6 +16,7 @@ from ._by_ratio import prune_by_ratio
 from ._errors import PruningError
 from ._importance import Scores
 from ._plan import apply_prune_plan
+from ._reconstruct import DEFAULT_DAMPING, reconstruct as reconstruct_consumers
 
 
 def prune(
@@ -31,7 +32,10 @@ def prune(
     ignore_output_layer: bool = True,
     round_to: Optional[int] = None,
     max_layer_ratio: float = 0.9,
+    reconstruct: Optional[bool] = None,
+    damping: float = DEFAULT_DAMPING,
     recalibrate: bool = True,
+    cache_bytes: Optional[int] = None,
     inplace: bool = False,
     progress: bool = True,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -55,10 +59,17 @@ def prune(
         ignore_output_layer: also ignore the layer(s) producing the model output (the classifier).
         round_to: keep a multiple of this many channels in each pruned group.
         max_layer_ratio: no group loses more than this fraction of its channels (and at least one stays).
+        reconstruct: refit, by least squares on ``data``, every layer whose input channels were removed so that
+            its output matches the dense model's (``pruning._reconstruct``; docs/pruning.md says which layers
+            are refitted and which are not). Default: True when ``data`` is given; True without ``data`` is
+            an error.
+        damping: ridge damping of the reconstruction, relative to the mean diagonal of each layer's input Gram
+            (0: exact least squares).
         recalibrate: when ``data`` is given, re-estimate every BatchNorm's running statistics of the pruned
             model on it (:func:`rankprune.recalibrate`), once, after the FLOP-target search. Removing
             channels shifts the statistics of the layers after them; without recalibration the pruned
             model keeps the original network's statistics and loses far more accuracy.
+        cache_bytes: memory the reconstruction's calibration engine may keep (``rankprune.calibration``).
         inplace: prune ``model`` itself (else ``model`` is left as it was: weights, buffers, flags). A copy is
             pruned first either way, so a refusal (``PruningError``) leaves ``model`` as it was.
         progress: progress bars (scoring, FLOP-target search).
@@ -67,7 +78,10 @@ def prune(
         ``(pruned_model, plan)``; the plan is plain data (module doc) for :func:`apply_prune_plan`.
     """
     ratio, target_flops, max_layer_ratio = _check_arguments(model, ratio, target_flops, max_layer_ratio, round_to)
+    reconstruct = _check_reconstruct(reconstruct, damping, data)
     recalibrate = bool(recalibrate) and data is not None
+    if data is not None and (recalibrate or reconstruct):  # read more than once: a generator becomes a list
+        data = reusable(data)
     criterion_name, scores, data = _scores(model, criterion_or_scores, data, recalibrate, progress)
     flags = {name: m.training for name, m in model.named_modules()}
     unpruned: Dict[str, str] = {}
@@ -78,9 +92,17 @@ def prune(
         pruned, kept, flops, ratio = _prune_copy(
             model, example_inputs, scores, ratio, target_flops, global_ranking, ignored_names, round_to,
             max_layer_ratio, base_flops, unpruned, progress)
-        if inplace:  # the caller's model is cut only once a copy was pruned without error
-            apply_prune_plan(model, {"method": "prune", "version": PLAN_VERSION, "layers": kept})
-            pruned = model
+    reconstruction = None
+    if reconstruct:  # on the copy, against the caller's (still dense) model
+        reconstruction = reconstruct_consumers(model, pruned, kept, data, damping=damping, cache_bytes=cache_bytes,
+                                               progress=progress)
+        for name, entry in reconstruction["layers"].items():
+            if entry.get("bias") == "added":
+                kept[name]["bias_added"] = True
+    if inplace:  # the caller's model is cut only once a copy was pruned without error
+        apply_prune_plan(model, {"method": "prune", "version": PLAN_VERSION, "layers": kept})
+        model.load_state_dict(pruned.state_dict())
+        pruned = model
     for name, m in pruned.named_modules():  # the copies were made in eval mode: every module's own flag back
         m.training = flags.get(name, m.training)
     _warn_unpruned(unpruned)
@@ -89,9 +111,23 @@ def prune(
         recalibrate_batchnorm(pruned, data, progress=progress)
     plan = {"method": "prune", "version": PLAN_VERSION, "layers": kept, "criterion": criterion_name,
             "ratio": ratio, "target_flops": target_flops, "global_ranking": bool(global_ranking),
-            "round_to": round_to, "ignored_layers": ignored_names, "recalibrated": recalibrate,
-            "flops": [base_flops, flops], "params": [base_params, sum(p.numel() for p in pruned.parameters())]}
+            "round_to": round_to, "ignored_layers": ignored_names, "reconstruction": reconstruction,
+            "recalibrated": recalibrate, "flops": [base_flops, flops],
+            "params": [base_params, sum(p.numel() for p in pruned.parameters())]}
     return pruned, plan
+
+
+def _check_reconstruct(reconstruct: Optional[bool], damping: float, data: Optional[Iterable]) -> bool:
+    """Whether to reconstruct (default: when there are data); refuses reconstruct=True without data and a bad
+    damping before any work."""
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (math.isfinite(damping)
+                                                                                 and damping >= 0):
+        raise ValueError(f"damping must be a number >= 0, got {damping!r}")
+    if reconstruct is None:
+        return data is not None
+    if reconstruct and data is None:
+        raise ValueError("reconstruct=True needs data: the calibration batches the pruned layers are refitted on")
+    return bool(reconstruct)
 
 
 def _check_arguments(model: nn.Module, ratio: Optional[float], target_flops: Optional[float],
