@@ -16,19 +16,21 @@ Candidate = Tuple[nn.Module, Any, Tensor, int]
 
 def prune_by_ratio(model: nn.Module, example_inputs: Any, scores: Scores, ratio: float, global_ranking: bool,
                    ignored: List[nn.Module], round_to: Optional[int], max_layer_ratio: float,
-                   dither: bool = False, unpruned: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
+                   dither: bool = False, unpruned: Optional[Dict[str, str]] = None, normalize: bool = True
+                   ) -> Dict[str, Dict[str, Any]]:
     """Prune ``model`` in place; returns the per-module kept indices ``{name: {"out"|"in": [..]}}``.
     Groups left unpruned because of their structure are added to ``unpruned`` as ``{layer: reason}``.
 
     With ``dither`` (local ranking only), group ``g`` of ``G`` removes ``floor(n * ratio + g / G)``
     channels instead of ``floor(n * ratio)``: the groups round at different ratios, so FLOPs fall in many
     small steps as the ratio grows instead of a few large ones (used by the FLOP-target search).
+    ``normalize``: see :class:`ScoreImportance` (False for scores that compare across layers).
     """
     with torch_pruning_errors(model, "tracing the dependency graph"):
         graph = tpa.build_graph(model, example_inputs)
         groups = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
     names = {m: n for n, m in model.named_modules()}
-    candidates = _candidates(model, graph, groups, scores, names, unpruned)
+    candidates = _candidates(model, graph, groups, scores, names, unpruned, normalize)
     removals = _removals(candidates, ratio, global_ranking, round_to, max_layer_ratio, dither)
     alive, param_dims = _remove(model, graph, removals, names)
     kept: Dict[str, Dict[str, Any]] = {}
@@ -41,10 +43,10 @@ def prune_by_ratio(model: nn.Module, example_inputs: Any, scores: Scores, ratio:
 
 
 def _candidates(model: nn.Module, graph, groups: list, scores: Scores, names: Dict[nn.Module, str],
-                unpruned: Optional[Dict[str, str]]) -> List[Candidate]:
+                unpruned: Optional[Dict[str, str]], normalize: bool) -> List[Candidate]:
     """The groups that can be pruned, with their channels' importance; the others are skipped (those left
     unpruned because of their structure are named in ``unpruned``)."""
-    importance = ScoreImportance(scores).bind(model)
+    importance = ScoreImportance(scores, normalize=normalize).bind(model)
     candidates = []
     for group in groups:
         with torch_pruning_errors(model, "scoring a channel group"):

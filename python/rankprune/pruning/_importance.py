@@ -15,7 +15,7 @@ def _normalized(s: Tensor) -> Tensor:
     return s / mean if mean > 0 else s
 
 
-def _root_positions(item) -> Optional[List[int]]:
+def root_positions(item) -> Optional[List[int]]:
     """Where the channels of one group item sit among the group root's channels.
 
     A group from ``DependencyGraph.get_pruning_group`` holds *plain* indices (the item's own channel
@@ -44,7 +44,9 @@ class ScoreImportance(tpa.Importance):
     ``data``) at the first call. A group's importance is the mean over its scored convs of each conv's
     scores divided by their mean (see the module doc); groups without a scored conv give ``None``, which
     Torch-Pruning pruners skip. Scores refer to channel positions of the unpruned model, so use it for
-    one-shot pruning (``iterative_steps=1``) or re-create it after each step.
+    one-shot pruning (``iterative_steps=1``) or re-create it after each step. ``normalize=False`` keeps the
+    scores as they are, for scores that compare across layers (``output_error``), so that a global ranking
+    compares them directly.
 
     Example::
 
@@ -55,7 +57,7 @@ class ScoreImportance(tpa.Importance):
     """
 
     def __init__(self, scores_or_criterion: Union[Scores, str, scoring.Criterion] = "energy",
-                 data: Optional[Iterable] = None):
+                 data: Optional[Iterable] = None, normalize: bool = True):
         if isinstance(scores_or_criterion, dict):
             self.scores: Optional[Scores] = {k: torch.as_tensor(v, dtype=torch.float64)
                                              for k, v in scores_or_criterion.items()}
@@ -64,6 +66,7 @@ class ScoreImportance(tpa.Importance):
             self.scores = None
             self.criterion = scoring.get(scores_or_criterion)
         self.data = data
+        self.normalize = normalize
         self._names: Dict[nn.Module, str] = {}
 
     def bind(self, model: nn.Module) -> "ScoreImportance":
@@ -87,7 +90,7 @@ class ScoreImportance(tpa.Importance):
             name = self._names.get(dep.target.module)
             if name not in self.scores:
                 continue
-            root_idxs = _root_positions(item)
+            root_idxs = root_positions(item)
             if root_idxs is None:
                 continue
             plain = torch.as_tensor(tpa.plain_idxs(item.idxs), dtype=torch.long)
@@ -96,7 +99,8 @@ class ScoreImportance(tpa.Importance):
                 n = len(group[0].idxs)
                 total = torch.zeros(n, dtype=torch.float64)
                 count = torch.zeros(n, dtype=torch.float64)
-            total.scatter_add_(0, root, _normalized(self.scores[name])[plain])
+            values = _normalized(self.scores[name]) if self.normalize else self.scores[name]
+            total.scatter_add_(0, root, values[plain])
             count.scatter_add_(0, root, torch.ones(len(root), dtype=torch.float64))
         if total is None:
             return None

@@ -18,16 +18,21 @@ from ._importance import Scores
 from ._plan import apply_prune_plan
 from ._reconstruct import DEFAULT_DAMPING, reconstruct as reconstruct_consumers
 
+# The criterion of prune(..., data=...) without one named, and without data (docs/pruning.md has the
+# measurements behind the choice).
+DEFAULT_CRITERION = "output_error"
+DATA_FREE_CRITERION = "l1"
+
 
 def prune(
     model: nn.Module,
     example_inputs: Any,
-    criterion_or_scores: Union[str, scoring.Criterion, Scores] = "energy",
+    criterion_or_scores: Union[str, scoring.Criterion, Scores, None] = None,
     *,
     data: Optional[Iterable] = None,
     ratio: Optional[float] = None,
     target_flops: Optional[float] = None,
-    global_ranking: bool = False,
+    global_ranking: Optional[bool] = None,
     ignored_layers: Optional[Sequence[Union[str, nn.Module]]] = None,
     ignore_output_layer: bool = True,
     round_to: Optional[int] = None,
@@ -46,7 +51,8 @@ def prune(
         example_inputs: inputs for one forward (tensor, tuple or dict) to trace the dependency graph and
             count FLOPs; a batch of 1 is enough.
         criterion_or_scores: a criterion name (see ``rankprune.scoring``), a Criterion, or precomputed
-            scores ``{conv_name: [out_channels]}`` of this model.
+            scores ``{conv_name: [out_channels]}`` of this model. Default: ``DEFAULT_CRITERION`` with
+            ``data`` (the best pipeline measured, docs/pruning.md), ``DATA_FREE_CRITERION`` without.
         data: calibration batches (a list or DataLoader; see :func:`rankprune.recalibrate` for the batch
             forms): scored by data-driven criteria (energy, hrank, taylor), then, with ``recalibrate``, used
             to re-estimate the BatchNorm statistics of the pruned model. Iterated twice in that case, so a
@@ -54,7 +60,8 @@ def prune(
         ratio: fraction of channels to remove, in [0, 1) (see the module doc).
         target_flops: fraction of the original FLOPs to keep, in (0, 1]; exclusive with ``ratio``.
         global_ranking: rank all groups together (a single threshold) instead of pruning each group by
-            ``ratio``.
+            ``ratio``. Default: True for criteria whose scores compare across layers (``output_error``: the
+            allocation then follows measured output error per FLOP saved), else False (uniform ratios).
         ignored_layers: modules or module names never pruned (nor anything tied to their output channels).
         ignore_output_layer: also ignore the layer(s) producing the model output (the classifier).
         round_to: keep a multiple of this many channels in each pruned group.
@@ -82,7 +89,11 @@ def prune(
     recalibrate = bool(recalibrate) and data is not None
     if data is not None and (recalibrate or reconstruct):  # read more than once: a generator becomes a list
         data = reusable(data)
-    criterion_name, scores, data = _scores(model, criterion_or_scores, data, recalibrate, progress)
+    if criterion_or_scores is None:
+        criterion_or_scores = DEFAULT_CRITERION if data is not None else DATA_FREE_CRITERION
+    criterion_name, scores, data, comparable = _scores(model, criterion_or_scores, data, recalibrate, progress)
+    if global_ranking is None:
+        global_ranking = comparable
     flags = {name: m.training for name, m in model.named_modules()}
     unpruned: Dict[str, str] = {}
     with eval_mode(model, no_grad=False):  # no_grad=False: Torch-Pruning traces the graph through autograd
@@ -91,7 +102,7 @@ def prune(
         ignored_names = _ignored_names(model, example_inputs, ignored_layers, ignore_output_layer)
         pruned, kept, flops, ratio = _prune_copy(
             model, example_inputs, scores, ratio, target_flops, global_ranking, ignored_names, round_to,
-            max_layer_ratio, base_flops, unpruned, progress)
+            max_layer_ratio, base_flops, unpruned, progress, normalize=not comparable)
     reconstruction = None
     if reconstruct:  # on the copy, against the caller's (still dense) model
         reconstruction = reconstruct_consumers(model, pruned, kept, data, damping=damping, cache_bytes=cache_bytes,
@@ -160,17 +171,19 @@ def _check_fraction(name: str, value, lo_open: bool, hi_open: bool, lo=0.0, hi=1
 
 
 def _scores(model: nn.Module, criterion_or_scores, data: Optional[Iterable], recalibrate: bool,
-            progress: bool) -> Tuple[str, Scores, Optional[Iterable]]:
-    """The criterion's name (``"scores"`` for precomputed scores), the checked scores of ``model``, and
-    ``data``, read into a list if it is a one-shot iterator that is both scored and recalibrated on."""
+            progress: bool) -> Tuple[str, Scores, Optional[Iterable], bool]:
+    """The criterion's name (``"scores"`` for precomputed scores), the checked scores of ``model``, ``data``
+    (read into a list if it is a one-shot iterator that is both scored and recalibrated on), and whether the
+    scores compare across layers (a criterion's ``comparable``)."""
     crit = None if isinstance(criterion_or_scores, dict) else scoring.get(criterion_or_scores)
     if crit is None:
-        return "scores", scoring.check_scores(model, criterion_or_scores), data
+        return "scores", scoring.check_scores(model, criterion_or_scores), data, False
     if recalibrate and crit.needs_data:
         data = reusable(data)
     if hasattr(crit, "progress"):
         crit.progress = crit.progress and progress
-    return crit.name, scoring.check_scores(model, crit.scores(model, data)), data
+    comparable = bool(getattr(crit, "comparable", False))
+    return crit.name, scoring.check_scores(model, crit.scores(model, data)), data, comparable
 
 
 def _ignored_names(model: nn.Module, example_inputs: Any, ignored_layers, ignore_output_layer: bool) -> List[str]:
@@ -221,13 +234,13 @@ def _output_layers(model: nn.Module, example_inputs: Any) -> List[nn.Module]:
 def _prune_copy(model: nn.Module, example_inputs: Any, scores: Scores, ratio: Optional[float],
                 target_flops: Optional[float], global_ranking: bool, ignored_names: List[str],
                 round_to: Optional[int], max_layer_ratio: float, base_flops: int, unpruned: Dict[str, str],
-                progress: bool):
+                progress: bool, normalize: bool):
     """A pruned copy of ``model`` at ``ratio``, or at the ratio that meets ``target_flops``: ``(pruned, kept
-    indices per layer, its FLOPs, the ratio)``."""
+    indices per layer, its FLOPs, the ratio)``. ``normalize``: see ``ScoreImportance``."""
     def attempt(r: float, target: nn.Module, dither: bool = False):
         ignored = [target.get_submodule(n) for n in ignored_names]
         kept = prune_by_ratio(target, example_inputs, scores, r, global_ranking, ignored, round_to,
-                              max_layer_ratio, dither, unpruned)
+                              max_layer_ratio, dither, unpruned, normalize)
         return kept, _pruned_flops(target, example_inputs)
 
     if ratio is not None:

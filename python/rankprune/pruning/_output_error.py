@@ -1,0 +1,298 @@
+"""The ``output_error`` criterion: a channel is as important as the output error its removal leaves in the
+layers that consume it, after they are refitted, weighted by how much that error moves the model's output and
+divided by the FLOPs the channel costs.
+
+For a consumer with weight ``W`` (``[out, d]``, im2col columns of a conv) and input Gram ``S = X X^T`` on the
+calibration data, removing the columns ``B`` of one input channel and refitting the rest by least squares
+leaves the output error ``tr(W_B ((S^-1)_BB)^-1 W_B^T)`` (the Schur complement identity, as in Optimal Brain
+Surgeon; ``S`` damped as the reconstruction is). Per channel of a Torch-Pruning group (all the convs tied by
+residual additions, concatenations and depthwise convs), the criterion sums over the group's consumers
+
+    sensitivity_c * error_c(channel) / ||W_c X_c||^2,
+
+where ``sensitivity_c`` is measured: the relative change of the model's output (on a probe of the first
+batch) when noise of a known relative energy is added to consumer ``c``'s output. Divided by the channel's
+FLOPs (its producers' output and its consumers' input share), the scores of different layers compare, so
+``prune`` ranks them globally by default with this criterion: the allocation across layers follows the
+measured output error per FLOP saved. Each channel is scored as if removed alone (no interaction between
+removed channels of one layer); the reconstruction then refits the layers for the set actually removed.
+
+Layers fed only by consumers that cannot be scored (grouped convs, modules other than Conv2d/Linear, more
+than ``MAX_INPUT_DIM`` inputs, the model's output layer) get no score, so their groups are not pruned.
+"""
+import math
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import scoring
+from .._inputs import batch_size, call_model, eval_mode, first_samples, model_inputs
+from ..calibration import Calibration, input_columns
+from . import _torch_pruning as tpa
+from ._errors import torch_pruning_errors
+from ._importance import root_positions
+from ._reconstruct import DEFAULT_DAMPING, MAX_INPUT_DIM
+
+# Relative energy of the noise added to a consumer's output to measure its sensitivity (small enough to stay
+# in the linear regime of the rest of the network, large enough to be far above float32 rounding).
+PROBE_NOISE = 1e-2
+# Images of the first batch that the sensitivity probe runs.
+PROBE_IMAGES = 32
+
+
+class OutputError(scoring.Criterion):
+    """Scores ``{conv: [out_channels]}`` by output error per FLOP (module doc); comparable across layers.
+
+    Args:
+        damping: ridge damping of each consumer's input Gram, relative to its mean diagonal.
+        progress: show progress bars.
+        cache_bytes: memory the calibration engine may keep (``rankprune.calibration``).
+        layers: names of the convs to score (default: all).
+    """
+
+    name = "output_error"
+    needs_data = True
+    comparable = True
+
+    def __init__(self, damping: float = DEFAULT_DAMPING, progress: bool = True, cache_bytes: Optional[int] = None,
+                 layers=None):
+        super().__init__(layers)
+        self.damping, self.progress, self.cache_bytes = damping, progress, cache_bytes
+
+    def scores(self, model: nn.Module, data: Optional[Iterable] = None) -> scoring.Scores:
+        engine = Calibration(model, data, cache_bytes=self.cache_bytes, progress=self.progress, name="output_error")
+        example = first_samples(model_inputs(next(iter(engine.data)), model), 1)
+        with eval_mode(model, no_grad=False), torch_pruning_errors(model, "tracing the dependency graph"):
+            graph = tpa.build_graph(model, example)
+            groups = list(graph.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear]))
+        names = {m: n for n, m in model.named_modules()}
+        consumers = _consumers(groups, graph, names)
+        shapes = _output_shapes(model, example)
+        grams = _statistics(engine, consumers)
+        sensitivity = _sensitivities(engine, consumers, shapes)
+        wanted = set(scoring.conv_layers(model, self.layers))
+        scores: Dict[str, Tensor] = {}
+        for group in groups:
+            flops = _group_flops(group, graph, names, shapes)
+            per_flop = _group_scores(group, graph, names, consumers, grams, sensitivity, self.damping, flops)
+            if per_flop is None:
+                continue
+            for item in group.items:
+                name = names.get(item.dep.target.module)
+                if name not in wanted or not graph.is_out_channel_pruning_fn(item.dep.handler):
+                    continue
+                root = root_positions(item)
+                if root is None:
+                    continue
+                out = scores.setdefault(name, torch.zeros(model.get_submodule(name).out_channels, dtype=torch.float64))
+                out[torch.as_tensor(tpa.plain_idxs(item.idxs))] = per_flop[torch.as_tensor(root)]
+        if not scores:
+            raise ValueError("output_error: no conv feeds a layer that can be scored (a plain nn.Conv2d or nn.Linear "
+                             f"with at most {MAX_INPUT_DIM} inputs)")
+        return scores
+
+
+def _consumers(groups: list, graph, names: Dict[nn.Module, str]) -> Dict[str, nn.Module]:
+    """``{name: module}`` of the layers whose input channels some group removes and that can be scored."""
+    found = {}
+    for group in groups:
+        for item in group.items:
+            module = item.dep.target.module
+            if graph.is_out_channel_pruning_fn(item.dep.handler) or module not in names:
+                continue
+            plain_conv = isinstance(module, nn.Conv2d) and module.groups == 1
+            if (plain_conv or isinstance(module, nn.Linear)) and module.weight[0].numel() <= MAX_INPUT_DIM:
+                found[names[module]] = module
+    return found
+
+
+def _output_shapes(model: nn.Module, example) -> Dict[str, Tuple[int, ...]]:
+    """``{name: output shape per example}`` of every Conv2d and Linear, by one forward of ``example``."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(module, args, output) -> None:
+            shapes.setdefault(name, tuple(output.shape[1:]))
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with eval_mode(model):
+            call_model(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _statistics(engine: Calibration, consumers: Dict[str, nn.Module]) -> Dict[str, Tensor]:
+    """One pass: each consumer's float64 input Gram ``X X^T`` over its sampled columns."""
+    grams = {name: torch.zeros(m.weight[0].numel(), m.weight[0].numel(), dtype=torch.float64, device=engine.device)
+             for name, m in consumers.items()}
+
+    def capture(name: str, module: nn.Module):
+        def hook(batch: int, call: int, x: Tensor) -> None:
+            generator = torch.Generator(device=x.device).manual_seed(batch * 64 + call)
+            rows = input_columns(module, x, generator).to(torch.float64)
+            grams[name].addmm_(rows.T, rows)
+        return hook
+
+    with engine.phase("statistics"):
+        engine.trace({m: capture(n, m) for n, m in consumers.items()}, "statistics")
+        engine.all_reduce(list(grams.values()))
+    for name, gram in grams.items():
+        if not bool(torch.isfinite(gram).all()):
+            raise ValueError(f"output_error: the inputs of layer {name!r} hold NaN or Inf on the calibration data")
+    return grams
+
+
+def _sensitivities(engine: Calibration, consumers: Dict[str, nn.Module], shapes) -> Dict[str, float]:
+    """``{consumer: relative squared change of the model output / relative energy of the noise added to the
+    consumer's output}`` on a probe of the first batch (see ``PROBE_NOISE``), each consumer's forward starting
+    from the cached outputs of the modules before it."""
+    from ..lowrank.passes import output_tensor
+
+    first = next(iter(engine.batches()))[1]
+    probe = first_samples(first, min(PROBE_IMAGES, batch_size(first)))
+    runner = Calibration(engine.model, [probe], cache_bytes=engine.cache_bytes, progress=False, distributed=False,
+                         name=engine.name)
+    measured: Dict[str, float] = {}
+    with engine.phase("sensitivity"):
+        dense: List = []
+        runner.trace({}, "sensitivity", outputs=dense)
+        reference = output_tensor(dense[0]) if dense else None
+        if reference is None:
+            return {name: 1.0 for name in consumers}
+        reference = reference.double()
+        scale = max(float(reference.square().sum()), 1e-300)
+        for index, (name, module) in enumerate(consumers.items()):
+            generator = torch.Generator(device=engine.device).manual_seed(index)
+
+            def add_noise(mod, args, output):
+                noise = torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
+                ratio = math.sqrt(PROBE_NOISE * float(output.double().square().sum())
+                                  / max(float(noise.double().square().sum()), 1e-300))
+                return output + ratio * noise
+
+            handle = module.register_forward_hook(add_noise)
+            try:
+                changed = output_tensor(runner.outputs_from(module, "sensitivity")[0]).double()
+            finally:
+                handle.remove()
+            measured[name] = float((changed - reference).square().sum()) / scale / PROBE_NOISE
+    values = torch.tensor([measured[n] for n in consumers], dtype=torch.float64)
+    engine.all_reduce([values])
+    if engine.distributed:
+        values /= torch.distributed.get_world_size()
+    return {name: float(v) for name, v in zip(consumers, values)}
+
+
+class _Fit:
+    """One consumer's least-squares state during the greedy removal: its weight ``W`` (refitted as channels
+    go), the inverse ``P`` of its damped input Gram (downdated as they go), its output energy, its
+    sensitivity weight and the columns of each root channel it reads."""
+
+    def __init__(self, module: nn.Module, gram: Tensor, columns: Dict[int, List[int]], damping: float,
+                 sensitivity: float):
+        self.weight = module.weight.detach().reshape(module.weight.shape[0], -1).to(gram)
+        unit = float(gram.diagonal().mean())
+        self.dead = not unit > 0  # the layer only saw zeros: removing anything costs nothing
+        damped = gram + damping * (unit if unit > 0 else 1.0) * torch.eye(gram.shape[0], dtype=gram.dtype,
+                                                                            device=gram.device)
+        self.precision = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+        self.scale = sensitivity / max(float(((self.weight @ gram) * self.weight).sum()), 1e-300)
+        self.columns = {r: torch.tensor(c, device=gram.device) for r, c in columns.items()}
+
+    def costs(self, roots: List[int]) -> Tensor:
+        """The added output error (scaled) of removing each of ``roots`` next, the rest refitted."""
+        out = torch.zeros(len(roots), dtype=torch.float64)
+        if self.dead:
+            return out
+        by_size: Dict[int, List[int]] = {}
+        for i, r in enumerate(roots):
+            if r in self.columns:
+                by_size.setdefault(len(self.columns[r]), []).append(i)
+        for positions in by_size.values():
+            index = torch.stack([self.columns[roots[i]] for i in positions])  # [R, size]
+            blocks = self.precision[index[:, :, None], index[:, None, :]]
+            w = self.weight[:, index].permute(1, 2, 0)  # [R, size, out]
+            values = (w * torch.linalg.solve(blocks, w)).sum((1, 2)) * self.scale
+            out[torch.tensor(positions)] = values.cpu()
+        return out
+
+    def remove(self, root: int) -> None:
+        """Remove ``root``'s columns: refit the weight on the rest (OBS update) and downdate the inverse."""
+        if root not in self.columns or self.dead:
+            return
+        b = self.columns.pop(root)
+        inverse = torch.linalg.inv(self.precision[b][:, b])
+        rows = self.precision[b]  # [size, d]
+        self.weight -= (self.weight[:, b] @ inverse) @ rows
+        self.precision -= rows.T @ inverse @ rows
+
+
+def _group_scores(group, graph, names, consumers: Dict[str, nn.Module], grams: Dict[str, Tensor],
+                  sensitivity: Dict[str, float], damping: float, flops: Tensor) -> Optional[Tensor]:
+    """Per root channel of ``group``: its score, from a greedy removal (module doc) that each time takes the
+    channel whose removal adds the least sensitivity-weighted output error to the group's consumers, refitted:
+    the running maximum of the added error per FLOP along the removal order (so that a single threshold
+    across groups removes each group's channels in its greedy order). None when no consumer is scored."""
+    fits = []
+    for item in group.items:
+        name = names.get(item.dep.target.module)
+        if name not in consumers or graph.is_out_channel_pruning_fn(item.dep.handler):
+            continue
+        root = root_positions(item)
+        if root is None:
+            continue
+        module = consumers[name]
+        per_channel = module.weight[0].numel() // (module.in_channels if isinstance(module, nn.Conv2d)
+                                                    else module.in_features)
+        columns: Dict[int, List[int]] = {}
+        for plain, r in zip(tpa.plain_idxs(item.idxs), root):
+            columns.setdefault(r, []).extend(range(plain * per_channel, (plain + 1) * per_channel))
+        fits.append(_Fit(module, grams[name], columns, damping, sensitivity.get(name, 1.0)))
+    if not fits:
+        return None
+    remaining = sorted({r for fit in fits for r in fit.columns})
+    scores = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+    level = 0.0
+    while remaining:
+        costs = sum(fit.costs(remaining) for fit in fits) / flops[torch.tensor(remaining)].clamp_min(1.0)
+        best = int(costs.argmin())
+        root = remaining.pop(best)
+        level = max(level, float(costs[best]))
+        scores[root] = level
+        for fit in fits:
+            fit.remove(root)
+    return scores
+
+
+def _group_flops(group, graph, names, shapes: Dict[str, Tuple[int, ...]]) -> Tensor:
+    """Per root channel of ``group``: the multiply-adds per example it costs in the convs and Linear layers of
+    the group (a producer's output channel, a consumer's input channel; a depthwise conv once)."""
+    flops = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+    for item in group.items:
+        module = item.dep.target.module
+        name = names.get(module)
+        root = root_positions(item)
+        if root is None or name is None or not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        out_shape = shapes.get(name)
+        if out_shape is None:
+            continue
+        positions = math.prod(out_shape[1:]) if isinstance(module, nn.Conv2d) else math.prod(out_shape[:-1])
+        is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        if isinstance(module, nn.Conv2d):
+            taps = module.kernel_size[0] * module.kernel_size[1]
+            depthwise = module.groups == module.in_channels and module.groups > 1
+            if depthwise and not is_out:
+                continue  # counted on its output side
+            cost = taps * positions * (1 if depthwise else module.in_channels // module.groups if is_out
+                                       else module.out_channels // module.groups)
+        else:
+            cost = positions * (module.in_features if is_out else module.out_features)
+        flops.index_add_(0, torch.as_tensor(root), torch.full((len(root),), float(cost), dtype=torch.float64))
+    return flops
