@@ -259,3 +259,46 @@ def test_inplace_reconstruction_and_a_one_shot_iterator():
                               progress=False)
     assert same is model
     assert_same_outputs(copy_pruned, model, batches(seed=6), tol=0)
+
+
+class Redundant(nn.Module):
+    """conv_a's channel 1 is 3x channel 0 (large, redundant), channel 2 small but unique: ``l1`` removes channel
+    2; ``output_error`` removes channel 0 or 1 (either one's removal the refit of conv_b undoes exactly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(4, 5, 3, padding=1)
+        with torch.no_grad():
+            self.conv_a.weight[1] = 3 * self.conv_a.weight[0]
+            self.conv_a.bias[1] = 3 * self.conv_a.bias[0]
+            self.conv_a.weight[2] *= 0.1
+            self.conv_a.bias[2] *= 0.1
+            self.conv_b.weight[:, 2] *= 10  # channel 2 matters to the output
+
+    def forward(self, x):
+        return self.conv_b(torch.relu(self.conv_a(x))).mean((2, 3))
+
+
+def test_output_error_removes_the_channel_the_refit_can_replace_where_l1_removes_the_small_one():
+    torch.manual_seed(6)
+    model, data = Redundant().eval(), batches()
+    _, by_l1 = rankprune.prune(model, data[0][:1], "l1", data=data, ratio=0.25, progress=False)
+    assert by_l1["layers"]["conv_a"]["out_channels_kept"] == [0, 1, 3]
+    pruned, plan = rankprune.prune(model, data[0][:1], "output_error", data=data, ratio=0.25, damping=0.0,
+                                   progress=False)
+    assert plan["criterion"] == "output_error" and plan["global_ranking"] is True  # comparable scores
+    assert plan["layers"]["conv_a"]["out_channels_kept"] in ([0, 2, 3], [1, 2, 3])
+    assert_same_outputs(model, pruned, batches(seed=7))
+    scores = rankprune.scoring.score(model, data, "output_error", damping=0.0, progress=False)["conv_a"]
+    assert float(scores[:2].min()) < 1e-9 * float(scores.max())  # removing one of the pair costs nothing
+
+
+def test_without_a_criterion_prune_takes_output_error_with_data_and_l1_without():
+    model, data = Redundant().eval(), batches()
+    _, with_data = rankprune.prune(model, data[0][:1], data=data, ratio=0.25, progress=False)
+    _, without = rankprune.prune(model, data[0][:1], ratio=0.25, progress=False)
+    assert (with_data["criterion"], with_data["global_ranking"]) == ("output_error", True)
+    assert (without["criterion"], without["global_ranking"], without["reconstruction"]) == ("l1", False, None)
+    with pytest.raises(ValueError, match="output_error"):
+        rankprune.scoring.get("no_such_criterion")

@@ -32,7 +32,7 @@ from ..calibration import Calibration, input_columns
 from . import _torch_pruning as tpa
 from ._errors import torch_pruning_errors
 from ._importance import root_positions
-from ._reconstruct import DEFAULT_DAMPING, MAX_INPUT_DIM
+from ._reconstruct import DEFAULT_DAMPING, MAX_INPUT_DIM, damped_cholesky
 
 # Relative energy of the noise added to a consumer's output to measure its sensitivity (small enough to stay
 # in the linear regime of the rest of the network, large enough to be far above float32 rounding).
@@ -194,14 +194,11 @@ class _Fit:
     go), the inverse ``P`` of its damped input Gram (downdated as they go), its output energy, its
     sensitivity weight and the columns of each root channel it reads."""
 
-    def __init__(self, module: nn.Module, gram: Tensor, columns: Dict[int, List[int]], damping: float,
+    def __init__(self, name: str, module: nn.Module, gram: Tensor, columns: Dict[int, List[int]], damping: float,
                  sensitivity: float):
         self.weight = module.weight.detach().reshape(module.weight.shape[0], -1).to(gram)
-        unit = float(gram.diagonal().mean())
-        self.dead = not unit > 0  # the layer only saw zeros: removing anything costs nothing
-        damped = gram + damping * (unit if unit > 0 else 1.0) * torch.eye(gram.shape[0], dtype=gram.dtype,
-                                                                            device=gram.device)
-        self.precision = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+        self.dead = not float(gram.diagonal().mean()) > 0  # the layer only saw zeros: removing costs nothing
+        self.precision = torch.cholesky_inverse(damped_cholesky(gram, damping, name))
         self.scale = sensitivity / max(float(((self.weight @ gram) * self.weight).sum()), 1e-300)
         self.columns = {r: torch.tensor(c, device=gram.device) for r, c in columns.items()}
 
@@ -253,7 +250,7 @@ def _group_scores(group, graph, names, consumers: Dict[str, nn.Module], grams: D
         columns: Dict[int, List[int]] = {}
         for plain, r in zip(tpa.plain_idxs(item.idxs), root):
             columns.setdefault(r, []).extend(range(plain * per_channel, (plain + 1) * per_channel))
-        fits.append(_Fit(module, grams[name], columns, damping, sensitivity.get(name, 1.0)))
+        fits.append(_Fit(name, module, grams[name], columns, damping, sensitivity.get(name, 1.0)))
     if not fits:
         return None
     remaining = sorted({r for fit in fits for r in fit.columns})

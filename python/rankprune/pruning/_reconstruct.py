@@ -248,22 +248,28 @@ def _stage_statistics(engine: Calibration, dense_engine: Calibration, stage: Lis
     engine.all_reduce([t for c in stage for s in (c.fit, c.holdout) for t in (s.gram, s.cross)])
 
 
-def _solve(stats: _Statistics, damping: float, name: str) -> Tensor:
-    """The ridge solution ``[W', b']`` (module doc) from augmented statistics, float64."""
-    gram = stats.gram
-    d = gram.shape[0] - 1
+def damped_cholesky(gram: Tensor, damping: float, name: str, damped: Optional[int] = None) -> Tensor:
+    """Lower ``L`` with ``L L^T = gram + r * mean(diag) * I`` on the first ``damped`` diagonal entries (all by
+    default): ``r = damping``, raised tenfold until the factorization succeeds (dead or duplicate inputs make
+    the Gram singular; with ``damping=0`` the escalation starts at 1e-12)."""
+    d = gram.shape[0] if damped is None else damped
     mean_diagonal = float(gram.diagonal()[:d].mean()) if d else 0.0
     unit = mean_diagonal if mean_diagonal > 0 else 1.0
-    ridge = torch.zeros(d + 1, dtype=gram.dtype, device=gram.device)  # the intercept is never damped
+    ridge = torch.zeros(gram.shape[0], dtype=gram.dtype, device=gram.device)
     for attempt in range(10):
-        # damping=0 (exact fits) still escalates from 1e-12 when dead inputs make the Gram singular
-        relative = damping * 10 ** attempt if damping > 0 else (1e-12 * 10 ** attempt if attempt else 0.0)
-        ridge[:d] = relative * unit
+        ridge[:d] = (damping * 10 ** attempt if damping > 0 else (1e-12 * 10 ** attempt if attempt else 0.0)) * unit
         L, info = torch.linalg.cholesky_ex(gram + torch.diag(ridge))
         if int(info) == 0:
-            return torch.cholesky_solve(stats.cross, L).T
-    raise ValueError(f"prune: the input statistics of layer {name!r} cannot be solved for its reconstruction "
-                     "(not positive definite even with damping raised 1e9-fold)")
+            return L
+    raise ValueError(f"prune: the input statistics of layer {name!r} cannot be factored (not positive definite "
+                     "even with the damping raised 1e9-fold)")
+
+
+def _solve(stats: _Statistics, damping: float, name: str) -> Tensor:
+    """The ridge solution ``[W', b']`` (module doc) from augmented statistics, float64; the intercept is never
+    damped."""
+    L = damped_cholesky(stats.gram, damping, name, damped=stats.gram.shape[0] - 1)
+    return torch.cholesky_solve(stats.cross, L).T
 
 
 def _plain_weight(c: _Consumer, stats: _Statistics) -> Tensor:
