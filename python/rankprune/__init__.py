@@ -8,6 +8,7 @@ import importlib
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from . import data, export, lowrank, models, nn, ops, report, scoring, training, trp
+from .compress import compress
 from .export import export_onnx, onnx_translation_table, to_plain
 from .lowrank import decompose
 from .plans import apply_plan
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ops", "nn", "data", "models", "report", "scoring", "training", "trp", "lowrank", "decompose", "prune",
-    "recalibrate", "apply_plan", "apply_prune_plan", "TrainedRankPruner", "export", "to_plain", "export_onnx",
+    "compress", "recalibrate", "apply_plan", "apply_prune_plan", "TrainedRankPruner", "export", "to_plain", "export_onnx",
     "onnx_translation_table", "__version__",
 ]
 

@@ -7,8 +7,8 @@ compression loads with ``torch.load(path, weights_only=True)``::
     model = rankprune.apply_plan(model, json.load(open("plan.json")))
     model.load_state_dict(torch.load("model.pt", weights_only=True))
 
-Every plan is a dict with ``"method"`` ("prune" or "decompose") and ``"version"``; a list of plans is applied
-in order (e.g. pruning, then decomposition).
+Every plan is a dict with ``"method"`` ("prune", "decompose" or "compress": ``"steps"``, a list of prune and
+decompose plans) and ``"version"``; a list of plans is applied in order (e.g. pruning, then decomposition).
 """
 from typing import Mapping, Sequence, Union
 
@@ -34,4 +34,17 @@ def apply_plan(model: nn.Module, plan: Union[Plan, Sequence[Plan]]) -> nn.Module
         return apply_prune_plan(model, plan)
     if method == "decompose":
         return apply_decompose_plan(model, plan)
-    raise ValueError(f"apply_plan: unknown plan method {method!r} (expected 'prune' or 'decompose')")
+    if method == "compress":  # rankprune.compress: its steps, in order
+        return apply_plan(model, list(plan_steps(plan)))
+    raise ValueError(f"apply_plan: unknown plan method {method!r} (expected 'prune', 'decompose' or 'compress')")
+
+
+def plan_steps(plan: Plan) -> Sequence[Plan]:
+    """The steps of a ``compress`` plan, checked."""
+    if plan.get("version") != PLAN_VERSION:
+        raise ValueError(f"plan: version {plan.get('version')!r} is not supported (expected {PLAN_VERSION})")
+    steps = plan.get("steps")
+    if not isinstance(steps, Sequence) or not steps or any(not isinstance(s, Mapping) or s.get("method") not in
+                                                           ("prune", "decompose") for s in steps):
+        raise ValueError("plan: a compress plan's 'steps' must be a non-empty list of prune / decompose plans")
+    return steps

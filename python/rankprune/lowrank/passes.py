@@ -11,13 +11,14 @@
    the same sampled columns; the layers of a stage are refitted and replaced at its end.
 """
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .._inputs import batch_size, first_samples, progress
 from ..calibration import Calibration, SameInputStages, input_columns
+from ..fidelity import output_tensor
 from .cost import Candidate
 from .factoring import lowrank_module
 
@@ -122,18 +123,6 @@ def probe_samples(engine: Calibration) -> int:
     """Samples of the first batch that the sensitivity probe uses: an eighth of the calibration samples, at
     least 4 (the probe's cost is about half a forward pass of it per layer)."""
     return max(4, math.ceil(engine.samples / 8))
-
-
-def output_tensor(output) -> Optional[Tensor]:
-    """The tensor a model's output is judged by: the output itself, ``.logits`` (Hugging Face), or the first
-    tensor of a tuple/list/dict."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
-    return next((v for v in values if isinstance(v, Tensor)), None)
 
 
 def measure_sensitivities(engine: Calibration, model: nn.Module, layers: List[Candidate], probes: Dict[str, int],

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .. import scoring
 from .._inputs import batch_size, call_model, eval_mode, first_samples, model_inputs
 from ..calibration import Calibration, input_columns
+from ..fidelity import output_tensor
 from . import _torch_pruning as tpa
 from ._errors import torch_pruning_errors
 from ._importance import root_positions
@@ -152,8 +153,6 @@ def _sensitivities(engine: Calibration, consumers: Dict[str, nn.Module], shapes)
     """``{consumer: relative squared change of the model output / relative energy of the noise added to the
     consumer's output}`` on a probe of the first batch (see ``PROBE_NOISE``), each consumer's forward starting
     from the cached outputs of the modules before it."""
-    from ..lowrank.passes import output_tensor
-
     first = next(iter(engine.batches()))[1]
     probe = first_samples(first, min(PROBE_IMAGES, batch_size(first)))
     runner = Calibration(engine.model, [probe], cache_bytes=engine.cache_bytes, progress=False, distributed=False,

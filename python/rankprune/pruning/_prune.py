@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from .. import scoring
 from .._inputs import call_model, eval_mode, reusable
+from .._inputs import progress as progress_bar
+from ..fidelity import divergence, split_holdout
 from ..plan_format import PLAN_VERSION
 from ..report import count_flops
 from ..training import recalibrate as recalibrate_batchnorm
@@ -22,6 +24,9 @@ from ._reconstruct import DEFAULT_DAMPING, reconstruct as reconstruct_consumers
 # measurements behind the choice).
 DEFAULT_CRITERION = "output_error"
 DATA_FREE_CRITERION = "l1"
+# criterion="auto": the pipelines it compares, (criterion, global_ranking), each with the reconstruction.
+AUTO = "auto"
+AUTO_CANDIDATES = (("output_error", True), ("output_error", False), ("l1", False), ("bn_scale", False))
 
 
 def prune(
@@ -53,6 +58,10 @@ def prune(
         criterion_or_scores: a criterion name (see ``rankprune.scoring``), a Criterion, or precomputed
             scores ``{conv_name: [out_channels]}`` of this model. Default: ``DEFAULT_CRITERION`` with
             ``data`` (the best pipeline measured, docs/pruning.md), ``DATA_FREE_CRITERION`` without.
+            ``"auto"`` prunes with each pipeline of ``AUTO_CANDIDATES`` on the first three quarters of the
+            calibration batches, compares them on the last quarter by the divergence of the outputs from the
+            dense model's (``rankprune.fidelity``: KL of the logits, label-free), and returns the best one run
+            again on all the data; ``plan["auto"]`` holds the comparison.
         data: calibration batches (a list or DataLoader; see :func:`rankprune.recalibrate` for the batch
             forms): scored by data-driven criteria (energy, hrank, taylor), then, with ``recalibrate``, used
             to re-estimate the BatchNorm statistics of the pruned model. Iterated twice in that case, so a
@@ -85,6 +94,11 @@ def prune(
         ``(pruned_model, plan)``; the plan is plain data (module doc) for :func:`apply_prune_plan`.
     """
     ratio, target_flops, max_layer_ratio = _check_arguments(model, ratio, target_flops, max_layer_ratio, round_to)
+    if isinstance(criterion_or_scores, str) and criterion_or_scores == AUTO:
+        options = dict(ratio=ratio, target_flops=target_flops, ignored_layers=ignored_layers,
+                       ignore_output_layer=ignore_output_layer, round_to=round_to, max_layer_ratio=max_layer_ratio,
+                       reconstruct=reconstruct, damping=damping, recalibrate=recalibrate, cache_bytes=cache_bytes)
+        return _auto(model, example_inputs, data, global_ranking, inplace, progress, options)
     reconstruct = _check_reconstruct(reconstruct, damping, data)
     recalibrate = bool(recalibrate) and data is not None
     if data is not None and (recalibrate or reconstruct):  # read more than once: a generator becomes a list
@@ -125,6 +139,29 @@ def prune(
             "round_to": round_to, "ignored_layers": ignored_names, "reconstruction": reconstruction,
             "recalibrated": recalibrate, "flops": [base_flops, flops],
             "params": [base_params, sum(p.numel() for p in pruned.parameters())]}
+    return pruned, plan
+
+
+def _auto(model: nn.Module, example_inputs: Any, data: Optional[Iterable], global_ranking: Optional[bool],
+          inplace: bool, progress: bool, options: Dict[str, Any]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """``criterion="auto"`` (see :func:`prune`)."""
+    if data is None:
+        raise ValueError('criterion="auto" needs data: it compares pipelines on held-out calibration batches')
+    if global_ranking is not None:
+        raise ValueError('criterion="auto" chooses global_ranking with the criterion: leave global_ranking unset')
+    fit, held = split_holdout(data, "prune")
+    compared = []
+    for criterion, ranking in progress_bar(AUTO_CANDIDATES, "prune: comparing pipelines", progress, unit="pipeline"):
+        pruned, _ = prune(model, example_inputs, criterion, data=fit, global_ranking=ranking, progress=False,
+                          **options)
+        compared.append({"criterion": criterion, "global_ranking": ranking,
+                         "divergence": divergence(model, pruned, held)})
+        del pruned
+    best = min(compared, key=lambda c: c["divergence"])
+    pruned, plan = prune(model, example_inputs, best["criterion"], data=fit + held, global_ranking=best["global_ranking"],
+                         inplace=inplace, progress=progress, **options)
+    plan["auto"] = {"candidates": compared, "chosen": best["criterion"], "held_out_batches": len(held),
+                    "measure": "mean KL(dense || pruned) of the output logits per held-out sample"}
     return pruned, plan
 
 

@@ -1,0 +1,97 @@
+"""``compress``: channel pruning and low-rank decomposition together, at one FLOPs budget.
+
+Pruning removes whole channels (the structure every runtime speeds up); decomposition removes the directions a
+layer's output does not use. Which pays more differs from layer to layer and model to model, so ``compress``
+measures it: it tries splits of the budget between the two, each a ``prune(data=...)`` (output-error
+selection, reconstruction, allocation across layers by output error per FLOP) to a fraction ``p`` of the
+FLOPs, then a data-aware ``decompose`` of the pruned model to the rest (ranks allocated by output error per
+FLOP; layers where a low-rank pair would not pay stay dense), from ``p = 1`` (decomposition alone) to ``p =
+target`` (pruning alone). Within each step every layer is thus pruned, factored or left dense by output error
+per FLOP saved; across the two steps the split is chosen by the divergence of each candidate's outputs from the
+dense model's on held-out calibration batches (``rankprune.fidelity``), and the chosen split is run again on
+all the data. One plan (``{"method": "compress", "steps": [prune plan, decompose plan]}``) rebuilds the
+architecture with ``rankprune.apply_plan``; ``rankprune.to_plain`` / ``export_onnx`` export it as any other.
+"""
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+from torch import nn
+
+from ._inputs import check_finite_weights, first_samples, model_inputs, reusable
+from ._inputs import progress as progress_bar
+from .fidelity import divergence, split_holdout
+from .lowrank import decompose
+from .lowrank.allocation import check_fraction
+from .plan_format import PLAN_VERSION
+from .report import count_flops
+
+# Fractions of the budget's log given to pruning: 0 is decomposition alone, 1 pruning alone (p = target^share).
+PRUNE_SHARES = (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, target_flops: float,
+             shares: Tuple[float, ...] = PRUNE_SHARES, cache_bytes: Optional[int] = None, progress: bool = True) -> Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]:
+    """Prune and decompose ``model`` to ``target_flops`` of its FLOPs, the split chosen by measured fidelity
+    (module doc).
+
+    Args:
+        model: the network, left as it was (the result is a new model: it holds other layer types).
+        example_inputs: one example for FLOP counting and graph tracing (default: the first sample of the first
+            calibration batch).
+        data: calibration batches (at least 2: the last quarter is held out to compare the splits).
+        target_flops: fraction of the FLOPs to keep, in (0, 1).
+        shares: the splits tried, as the share of ``log(target_flops)`` given to pruning (0: decomposition
+            alone, 1: pruning alone).
+        cache_bytes: memory each calibration engine may keep (``rankprune.calibration``).
+        progress: progress bars.
+
+    Returns:
+        ``(compressed model, plan, report)``: the plan for ``rankprune.apply_plan``; the report holds every
+        split's divergence, the chosen one, and each step's plan FLOPs.
+    """
+    from .pruning import prune  # at call time: rankprune.pruning needs torch-pruning
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    target_flops = check_fraction(target_flops, "target_flops")
+    if not shares or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0
+                         for s in shares):
+        raise ValueError(f"shares must be fractions in [0, 1], got {shares!r}")
+    check_finite_weights(model, "compress")
+    data = reusable(data)
+    fit, held = split_holdout(data, "compress")
+    if example_inputs is None:
+        example_inputs = first_samples(model_inputs(fit[0], model), 1)
+
+    def run(share: float, batches) -> Tuple[nn.Module, list]:
+        pruned_to = target_flops ** share
+        steps = []
+        current = model
+        if share > 0:
+            current, pruned_plan = prune(model, example_inputs, data=batches, target_flops=pruned_to,
+                                         cache_bytes=cache_bytes, progress=False)
+            steps.append(pruned_plan)
+            pruned_to = pruned_plan["flops"][1] / pruned_plan["flops"][0]
+        if share < 1:
+            rest = min(1.0, target_flops / pruned_to)
+            current, decomposed_plan, _ = decompose(current, data=batches, target_flops=rest,
+                                                    example_inputs=example_inputs, cache_bytes=cache_bytes,
+                                                    progress=False)
+            steps.append(decomposed_plan)
+        return current, steps
+
+    compared = []
+    for share in progress_bar(sorted(set(float(s) for s in shares)), "compress: comparing splits", progress,
+                              unit="split"):
+        candidate, _ = run(share, fit)
+        compared.append({"prune_share": share, "pruned_to": target_flops ** share,
+                         "divergence": divergence(model, candidate, held)})
+        del candidate
+    best = min(compared, key=lambda c: c["divergence"])
+    compressed, steps = run(best["prune_share"], fit + held)
+    plan = {"method": "compress", "version": PLAN_VERSION, "steps": steps, "target_flops": target_flops,
+            "prune_share": best["prune_share"],
+            "flops": [count_flops(model, example_inputs), count_flops(compressed, example_inputs)]}
+    report = {"candidates": compared, "chosen": best, "held_out_batches": len(held),
+              "measure": "mean KL(dense || compressed) of the output logits per held-out sample",
+              "steps": [{"method": s["method"], "flops": s.get("flops")} for s in steps]}
+    return compressed, plan, report
