@@ -62,10 +62,17 @@ from rankprune.benchmark import environment, write_results  # noqa: E402
 from rankprune.training import evaluate, recalibrate, train  # noqa: E402
 
 CRITERIA = ("energy", "hrank", "l1", "bn_scale", "taylor", "random")
+RECONSTRUCTED = " + reconstruction"
+# The data-aware pipelines of prune(data=...): the default (output_error, reconstruction, allocation across
+# layers), the same with uniform ratios, and criterion="auto".
+DEFAULT_PIPELINE = "default: output_error + reconstruction + allocation"
+PIPELINES = {DEFAULT_PIPELINE: {}, "output_error + reconstruction, uniform": {"global_ranking": False},
+             "auto": {"criterion_or_scores": "auto"}}
+HYBRID = "hybrid (rankprune.compress)"
 TP_METHOD = "torch-pruning (GroupMagnitude + MetaPruner)"
 DECOMPOSITIONS = ("weight SVD", "data-aware, weight-SVD ranks", "data-aware + allocation")
 PRUNE_FLOPS = (0.8, 0.6, 0.4)
-DECOMPOSE_FLOPS = (0.8, 0.6, 0.5)
+DECOMPOSE_FLOPS = (0.8, 0.6, 0.5, 0.4)
 STAGES = ("raw", "recalibrated", "fine-tuned")
 
 # Issue 12's targets, on ResNet-20: the data-aware decomposition (with allocation, as decompose(data=...)
@@ -73,6 +80,14 @@ STAGES = ("raw", "recalibrated", "fine-tuned")
 TARGET_MODEL = "resnet20"
 DECOMPOSE_TARGETS = ((0.8, "returned", 2.0), (0.5, "returned", 10.0), (0.5, "fine-tuned", 1.5))
 PRUNE_TARGET_FLOPS = 0.6
+# Issue 21's targets: the default pruning pipeline (as returned, no fine-tuning) within this many points of
+# the baseline, per (model, FLOPs kept); at least DEFAULT_OVER_TP points above Torch-Pruning's default at 60%
+# on every model, above random (with reconstruction) at every level; the hybrid at HYBRID_FLOPS at least as
+# accurate as the better of the default pruning and the data-aware decomposition.
+PIPELINE_MAX_DROP = {("resnet20", 0.6): 3.0, ("concatnet", 0.6): 5.0, ("mobilenetv2", 0.6): 6.0,
+                     ("resnet20", 0.4): 10.0}
+DEFAULT_OVER_TP = 5.0
+HYBRID_FLOPS = 0.4
 
 
 @dataclasses.dataclass
@@ -209,7 +224,7 @@ class Unit:
                                                            commit=commit))]
         self.log(f"baseline {self.base_stats['flops'] / 1e6:.2f} MFLOPs, "
                  f"{self.base_stats['params'] / 1e3:.1f} k params")
-        for family in families:
+        for family in [f for f in families if f != "hybrid"]:  # hybrid rows run with the prune family
             path = self.family_path(family)
             if (args.resume or args.saved_only) and os.path.isfile(path):
                 with open(path) as f:
@@ -233,6 +248,7 @@ class Unit:
         what = {"setting": dataclasses.asdict(self.s), "seed": self.seed, "family": family,
                 "levels": args.prune_flops if family == "prune" else args.decompose_flops,
                 "criteria": args.criteria if family == "prune" else None,
+                "hybrid": "hybrid" in args.families if family == "prune" else None,
                 "training": [BATCH_SIZE, LR, FINETUNE_LR, WEIGHT_DECAY], "source": _source_digest(family)}
         digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
         return os.path.join(args.cache, "units", f"{self.s.model}-s{self.seed}-{family}-{digest}.json")
@@ -247,18 +263,36 @@ class Unit:
                 crit.progress = False
             scores[name] = crit.scores(base, self.calibration if crit.needs_data else None)
             scoring_s[name] = time.perf_counter() - t0
+        ex = (self.example,)
         for target in self.args.prune_flops:
             for name in self.args.criteria:
+                for reconstructed in (False, True):
+                    t0 = time.perf_counter()
+                    # precomputed scores: a criterion ranks each group by its own ratio (uniform), as before
+                    pruned, plan = rankprune.prune(base, ex, scores[name], target_flops=target, progress=False,
+                                                   data=self.calibration if reconstructed else None)
+                    method = name + (RECONSTRUCTED if reconstructed else "")
+                    rows.append(self.measure(pruned, self.row("prune", method, target, ratio=plan["ratio"],
+                                                              scoring_s=scoring_s[name],
+                                                              prune_s=time.perf_counter() - t0)))
+            for method, options in PIPELINES.items():
                 t0 = time.perf_counter()
-                pruned, plan = rankprune.prune(base, (self.example,), scores[name], target_flops=target,
-                                               progress=False)
-                rows.append(self.measure(pruned, self.row("prune", name, target, ratio=plan["ratio"],
-                                                          scoring_s=scoring_s[name],
-                                                          prune_s=time.perf_counter() - t0)))
+                pruned, plan = rankprune.prune(base, ex, data=self.calibration, target_flops=target, progress=False,
+                                               **options)
+                extra = {"auto": plan["auto"]} if "auto" in plan else {}
+                rows.append(self.measure(pruned, self.row("prune", method, target, ratio=plan["ratio"],
+                                                          prune_s=time.perf_counter() - t0, **extra)))
             t0 = time.perf_counter()
             pruned, ratio = torch_pruning_default(base, self.example, target)
             rows.append(self.measure(pruned, self.row("prune", TP_METHOD, target, ratio=ratio,
                                                       prune_s=time.perf_counter() - t0)))
+            if "hybrid" in self.args.families:
+                t0 = time.perf_counter()
+                model, plan, rep = rankprune.compress(base, ex, data=self.calibration, target_flops=target,
+                                                      progress=False)
+                rows.append(self.measure(model, self.row("hybrid", HYBRID, target, prune_s=time.perf_counter() - t0,
+                                                         prune_share=plan["prune_share"],
+                                                         candidates=rep["candidates"])))
         return rows
 
     def decomposition(self, base: nn.Module) -> List[dict]:
@@ -290,7 +324,7 @@ class Unit:
 
 def returned_stage(family: str, method: str) -> str:
     """The stage a compressed model's fine-tuning starts from: what the library returns by default."""
-    if family == "baseline" or (family == "decompose" and method.startswith("data-aware")):
+    if family in ("baseline", "hybrid") or (family == "decompose" and method.startswith("data-aware")):
         return "raw"
     return "recalibrated"
 
@@ -338,7 +372,8 @@ def torch_pruning_default(model: nn.Module, example: torch.Tensor, target: float
 
 
 # The library modules each family's numbers depend on (besides the models, the data and this script).
-_SOURCES = {"prune": ("pruning", "scoring.py", "training.py", "_inputs.py", "ops/_svdvals.py", "ops/_library.py"),
+_SOURCES = {"prune": ("pruning", "scoring.py", "training.py", "_inputs.py", "ops/_svdvals.py", "ops/_library.py",
+                      "calibration.py", "fidelity.py", "compress.py", "lowrank", "nn.py"),
             "decompose": ("lowrank", "calibration.py", "_inputs.py", "nn.py", "training.py", "ops")}
 
 
@@ -472,6 +507,50 @@ def check_targets(summary: List[dict], runs: List[dict]) -> List[dict]:
                     "value": f"{best['method']} {best[stage]:.2f}% vs Torch-Pruning {tp_entry[stage]:.2f}% "
                              f"({best[stage] - tp_entry[stage]:+.2f} points)",
                     "met": best[stage] >= tp_entry[stage]})
+    return out + pipeline_targets(summary)
+
+
+def pipeline_targets(summary: List[dict]) -> List[dict]:
+    """Issue 21's targets (see ``PIPELINE_MAX_DROP``), as returned by the library, without fine-tuning."""
+    out = []
+    stage = returned_stage("prune", DEFAULT_PIPELINE)
+
+    def entry(text, value, met):
+        out.append({"target": text, "value": value if met is not None else "not measured", "met": met})
+
+    for (model, flops), max_drop in PIPELINE_MAX_DROP.items():
+        base, e = _find(summary, model, "baseline", "baseline", 1.0), _find(summary, model, "prune", DEFAULT_PIPELINE,
+                                                                            flops)
+        text = f"{model}, default pruning pipeline at {flops:.0%} FLOPs: within {max_drop:g} points of the baseline"
+        drop = base["raw"] - e[stage] if base and e else None
+        entry(text, drop is not None and f"{e[stage]:.2f}% vs {base['raw']:.2f}%: drop {drop:+.2f}",
+              None if drop is None else drop <= max_drop)
+    models_seen = sorted({e["model"] for e in summary if e["family"] == "prune"})
+    for model in models_seen:
+        e, tp_entry = (_find(summary, model, "prune", m, PRUNE_TARGET_FLOPS) for m in (DEFAULT_PIPELINE, TP_METHOD))
+        gap = e[stage] - tp_entry[stage] if e and tp_entry else None
+        entry(f"{model}, default pipeline at {PRUNE_TARGET_FLOPS:.0%} at least {DEFAULT_OVER_TP:g} points above "
+              "Torch-Pruning's default", gap is not None and f"{e[stage]:.2f}% vs {tp_entry[stage]:.2f}% ({gap:+.2f})",
+              None if gap is None else gap >= DEFAULT_OVER_TP)
+        levels = sorted({x["target_flops"] for x in summary if x["model"] == model and x["method"] == DEFAULT_PIPELINE})
+        worst = None
+        for flops in levels:
+            ours = _find(summary, model, "prune", DEFAULT_PIPELINE, flops)
+            for method in ("random", "random" + RECONSTRUCTED):
+                other = _find(summary, model, "prune", method, flops)
+                if other is not None and (worst is None or ours[stage] - other[stage] < worst[0]):
+                    worst = (ours[stage] - other[stage], method, flops)
+        entry(f"{model}, default pipeline above random at every level", worst is not None and
+              f"smallest margin {worst[0]:+.2f} points (against {worst[1]} at {worst[2]:.0%})",
+              None if worst is None else worst[0] > 0)
+        hybrid = _find(summary, model, "hybrid", HYBRID, HYBRID_FLOPS)
+        rivals = [x for x in (_find(summary, model, "prune", DEFAULT_PIPELINE, HYBRID_FLOPS),
+                              _find(summary, model, "decompose", DECOMPOSITIONS[2], HYBRID_FLOPS)) if x is not None]
+        best = max(rivals, key=lambda x: x[returned_stage(x["family"], x["method"])], default=None)
+        at = returned_stage(best["family"], best["method"]) if best else None
+        entry(f"{model}, hybrid at {HYBRID_FLOPS:.0%} FLOPs at least as accurate as the better of pruning and "
+              "decomposition alone", hybrid and best and f"{hybrid['raw']:.2f}% vs {best['method']} {best[at]:.2f}%",
+              None if not (hybrid and len(rivals) == 2) else hybrid["raw"] >= best[at])
     return out
 
 
@@ -514,7 +593,12 @@ def markdown(summary: List[dict], targets: List[dict], trp: Optional[dict], sett
         f"Reduced against the issue: {reduced[0]} {'; '.join(reduced[1:])}." if not quick else f"**{reduced[0]}.**",
         "",
         *([f"Left out (not finished in the time available): {', '.join(left_out)}.", ""] if left_out else []),
-        "**Targets (issue 12)**",
+        "Data-aware pruning (issue 21): `<criterion>" + RECONSTRUCTED + "` = the same scores with `data=` "
+        "(least-squares reconstruction of the layers whose inputs were cut, then recalibration); "
+        f"`{DEFAULT_PIPELINE}` = `prune(data=..., target_flops=...)` with no criterion named; `auto` = "
+        "`criterion=\"auto\"`; hybrid = `rankprune.compress(data=..., target_flops=...)`.",
+        "",
+        "**Targets (issues 12 and 21)**",
         "",
     ]
     for t in targets:
@@ -578,8 +662,9 @@ def plot(summary: List[dict], settings: Dict[str, Setting], path: str, title: st
     if not present:
         return None
     fig, axes = plt.subplots(2, len(present), figsize=(4.6 * len(present), 7.6), squeeze=False)
-    methods = list(CRITERIA) + [TP_METHOD] + list(DECOMPOSITIONS)
-    colors = dict(zip(methods, plt.get_cmap("tab10").colors))
+    methods = (["l1", "energy", "random", "l1" + RECONSTRUCTED, "energy" + RECONSTRUCTED, "random" + RECONSTRUCTED]
+               + list(PIPELINES) + [HYBRID, TP_METHOD, DECOMPOSITIONS[0], DECOMPOSITIONS[2]])
+    colors = dict(zip(methods, plt.get_cmap("tab20").colors))
     for col, model in enumerate(present):
         mine = [e for e in summary if e["model"] == model]
         base = next(e for e in mine if e["family"] == "baseline")
@@ -618,7 +703,9 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="smoke run (< 2 min): tiny models, one level each")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, among {', '.join(MODELS)}")
     p.add_argument("--seeds", help="comma-separated seeds for every model (default: per model, see MODELS)")
-    p.add_argument("--families", default="prune,decompose", help="prune, decompose or both (default both)")
+    p.add_argument("--families", default="prune,decompose,hybrid",
+                   help="prune, decompose, hybrid (rankprune.compress at the pruning levels; needs prune) "
+                        "(default all three)")
     p.add_argument("--criteria", default=",".join(CRITERIA), help="rankprune criteria (default all six)")
     p.add_argument("--prune-flops", help="fractions of FLOPs kept by pruning (default 0.8,0.6,0.4; --quick 0.6)")
     p.add_argument("--decompose-flops", help="fractions of FLOPs kept by decomposition (default 0.8,0.6,0.5; "
@@ -649,8 +736,10 @@ def parse(argv):
         seeds = tuple(int(s) for s in args.seeds.split(","))
         args.settings = {m: dataclasses.replace(s, seeds=seeds) for m, s in args.settings.items()}
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
-    if set(args.families) - {"prune", "decompose"}:
-        p.error(f"--families: expected prune and/or decompose, got {args.families}")
+    if set(args.families) - {"prune", "decompose", "hybrid"}:
+        p.error(f"--families: expected prune, decompose and/or hybrid, got {args.families}")
+    if "hybrid" in args.families and "prune" not in args.families:
+        p.error("--families: hybrid runs with the prune family (at its levels): name prune too")
     args.criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
     args.prune_flops = _floats(args.prune_flops) if args.prune_flops else ([0.6] if args.quick else list(PRUNE_FLOPS))
     args.decompose_flops = (_floats(args.decompose_flops) if args.decompose_flops

@@ -56,14 +56,19 @@ def to_device(inputs: Any, device, dtype=None) -> Any:
 
 
 def first_samples(inputs: Any, count: int) -> Any:
-    """The first ``count`` samples of model inputs: every tensor, also inside nested tuples, lists and dicts,
-    sliced along its first dimension."""
+    """The first ``count`` samples of model inputs (see :func:`sample_range`)."""
+    return sample_range(inputs, 0, count)
+
+
+def sample_range(inputs: Any, start: int, stop: Optional[int]) -> Any:
+    """Samples ``start:stop`` of model inputs or of a data batch: every tensor, also inside nested tuples, lists
+    and dicts, sliced along its first dimension."""
     if isinstance(inputs, torch.Tensor):
-        return inputs[:count]
+        return inputs[start:stop]
     if isinstance(inputs, dict):
-        return {k: first_samples(v, count) for k, v in inputs.items()}
+        return {k: sample_range(v, start, stop) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(first_samples(v, count) for v in inputs)
+        return type(inputs)(sample_range(v, start, stop) for v in inputs)
     return inputs
 
 

@@ -12,7 +12,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._inputs import call_model, eval_mode, model_inputs, reusable
+from ._inputs import batch_inputs, batch_size, call_model, eval_mode, model_inputs, reusable, sample_range
 
 # Share of the calibration batches a selection holds out to compare its candidates on.
 HOLDOUT_SHARE = 0.25
@@ -31,12 +31,19 @@ def output_tensor(output: Any) -> Optional[Tensor]:
 
 
 def split_holdout(data: Iterable, verb: str) -> Tuple[List[Any], List[Any]]:
-    """``(fit batches, held-out batches)``: the last ``HOLDOUT_SHARE`` of the batches (at least one) held out.
-    The batches are read into lists; fewer than 2 batches is an error."""
+    """``(fit batches, held-out batches)``: the last ``HOLDOUT_SHARE`` of the batches (at least one) held out,
+    or of the samples when there is a single batch. The batches are read into lists; a single batch of one
+    sample is an error."""
     batches = list(reusable(data))
-    if len(batches) < 2:
-        raise ValueError(f"{verb}: choosing among candidates needs at least 2 calibration batches (one is held out "
-                         f"to compare them), got {len(batches)}")
+    if len(batches) == 1:
+        size = batch_size(batch_inputs(batches[0]))
+        held = int(math.ceil(HOLDOUT_SHARE * size))
+        if size < 2:
+            raise ValueError(f"{verb}: choosing among candidates needs at least 2 calibration samples (some are held "
+                             "out to compare them), got 1")
+        return [sample_range(batches[0], 0, size - held)], [sample_range(batches[0], size - held, None)]
+    if not batches:
+        raise ValueError(f"{verb}: data holds no batches (empty calibration data)")
     held = max(1, int(math.ceil(HOLDOUT_SHARE * len(batches))))
     return batches[:-held], batches[-held:]
 
