@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 # Subcommand modules, in the order `rankprune --help` lists them.
-SUBCOMMANDS = ["info", "demo", "score", "prune", "decompose", "export", "trp", "bench"]
+SUBCOMMANDS = ["info", "demo", "score", "prune", "decompose", "compress", "export", "trp", "bench"]
 
 
 class UsageError(Exception):

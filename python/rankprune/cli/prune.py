@@ -13,21 +13,29 @@ def register(sub) -> None:
     p = sub.add_parser(
         "prune", help="remove conv channels by a criterion (or saved scores); write plan, weights and report",
         description="Score a model's channels (or read --scores from `rankprune score`), remove the least "
-                    "important channels with everything coupled to them, re-estimate the BatchNorm statistics on the "
-                    "calibration images (unless --no-recalibrate), and write OUT/plan.json, "
+                    "important channels with everything coupled to them, refit the layers that read them by least "
+                    "squares (unless --no-reconstruct), re-estimate the BatchNorm statistics on the calibration "
+                    "images (unless --no-recalibrate), and write OUT/plan.json, "
                     "OUT/pruned.pt (state_dict: rebuild with rankprune.apply_prune_plan(fresh_model, plan) then "
                     "load_state_dict), OUT/report.json and OUT/report.md (params, FLOPs, per-layer channels, "
                     "accuracy with --eval).")
     add_model_options(p)
     add_data_options(p)
-    add_criterion_options(p)
+    add_criterion_options(p, default=None, extra=" or auto (compare pipelines on held-out calibration images)")
     p.add_argument("--scores", help="scores file from `rankprune score` (instead of scoring here)")
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--ratio", type=float, help="fraction of channels to remove, in [0, 1)")
     goal.add_argument("--target-flops", type=float, help="fraction of the FLOPs to keep, in (0, 1]")
-    p.add_argument("--global", dest="global_ranking", action="store_true",
-                   help="rank channels of all layers together (default: the same ratio in every layer)")
+    ranking = p.add_mutually_exclusive_group()
+    ranking.add_argument("--global", dest="global_ranking", action="store_const", const=True,
+                         help="rank channels of all layers together (default for output_error: allocation by "
+                              "output error per FLOP)")
+    ranking.add_argument("--uniform", dest="global_ranking", action="store_const", const=False,
+                         help="the same ratio in every layer (default for the other criteria)")
     p.add_argument("--round-to", type=int, help="keep a multiple of this many channels per layer")
+    p.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
+                   help="do not refit the layers whose input channels were removed (default: least-squares "
+                        "reconstruction on the calibration images)")
     p.add_argument("--no-recalibrate", dest="recalibrate", action="store_false",
                    help="keep the original BatchNorm statistics (default: re-estimate them on the calibration "
                         "images after pruning)")
@@ -68,12 +76,14 @@ def run(args) -> int:
         if not isinstance(criterion, dict):
             raise UsageError(f"--scores {args.scores}: expected a dict {{conv_name: tensor}}")
         criterion = scoring.check_scores(model, criterion)
+    elif args.criterion in (None, "auto"):
+        criterion = args.criterion
     else:
         criterion = make_criterion(args)
     pruned, plan = rankprune.prune(
         model, example, criterion, data=loader, ratio=args.ratio, target_flops=args.target_flops,
-        global_ranking=args.global_ranking, round_to=args.round_to, recalibrate=args.recalibrate,
-        progress=not args.no_progress,
+        global_ranking=args.global_ranking, round_to=args.round_to, reconstruct=args.reconstruct,
+        recalibrate=args.recalibrate, progress=not args.no_progress,
     )
     eval_fn = _accuracy_fn(args, device, dtype, image_shape[-1]) if args.eval else None
     result = report.compare(model, pruned, example, eval_fn)

@@ -1,6 +1,7 @@
 """`rankprune score`: per-channel importance scores of every conv of a model (``rankprune.scoring``)."""
 import json
 import os
+from typing import Optional
 
 from .._inputs import resolve_dtype
 from .common import (add_common_options, add_data_options, add_model_options, check_output_dir, default_input_size,
@@ -9,10 +10,12 @@ from .common import (add_common_options, add_data_options, add_model_options, ch
 OUT_DEFAULT = "rankprune-scores"
 
 
-def add_criterion_options(p) -> None:
-    """``--criterion``, ``--tap`` and ``--no-progress``, shared by ``score`` and ``prune``."""
-    p.add_argument("--criterion", default="energy",
-                   help="energy, hrank, weight_energy, l1, l2, bn_scale, taylor or random (default energy)")
+def add_criterion_options(p, default: Optional[str] = "energy", extra: str = "") -> None:
+    """``--criterion``, ``--tap`` and ``--no-progress``, shared by ``score`` and ``prune`` (``default`` None:
+    the library's; ``extra``: more names the command takes, for the help)."""
+    p.add_argument("--criterion", default=default,
+                   help=f"energy, hrank, weight_energy, l1, l2, bn_scale, taylor, random, output_error{extra} "
+                        f"(default {default or 'the library default: output_error with reconstruction and allocation'})")
     p.add_argument("--tap", default="auto", choices=["auto", "relu", "bn", "conv"],
                    help="where feature-map criteria read the map (default auto: after the conv's BN and ReLU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -35,8 +38,11 @@ def make_criterion(args):
 
     from . import UsageError
 
+    if args.criterion == scoring.OUTPUT_ERROR:
+        return scoring.get(args.criterion, progress=not args.no_progress)
     if args.criterion not in scoring.CRITERIA:
-        raise UsageError(f"--criterion: unknown '{args.criterion}'; one of {', '.join(sorted(scoring.CRITERIA))}")
+        names = sorted([*scoring.CRITERIA, scoring.OUTPUT_ERROR])
+        raise UsageError(f"--criterion: unknown '{args.criterion}'; one of {', '.join(names)}")
     cls = scoring.CRITERIA[args.criterion]
     kwargs = {}
     if issubclass(cls, scoring.FeatureMapCriterion):

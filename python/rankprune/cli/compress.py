@@ -1,0 +1,74 @@
+"""`rankprune compress`: channel pruning and low-rank decomposition together at one FLOPs budget
+(``rankprune.compress``); writes the plan, the weights and a report."""
+import json
+import os
+
+from .common import (add_common_options, add_data_options, add_model_options, add_onnx_option, check_onnx_path,
+                     check_output_dir, check_ratio, write_onnx)
+from .prune import _accuracy_fn
+from .score import load_model_and_data
+
+OUT_DEFAULT = "rankprune-compressed"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "compress", help="prune channels and factor layers at one FLOPs budget; write plan, weights and report",
+        description="Prune channels (output-error selection, least-squares reconstruction, allocation by output "
+                    "error per FLOP) and decompose the pruned model into low-rank layers (data-aware), trying "
+                    "splits of the FLOPs budget between the two and keeping the one whose outputs stay closest "
+                    "to the dense model's on held-out calibration images (rankprune.compress). Writes "
+                    "OUT/plan.json, OUT/compressed.pt (state_dict: rebuild with rankprune.apply_plan(fresh_model, "
+                    "plan), then load_state_dict), OUT/report.json and OUT/report.md (the splits compared, "
+                    "params, FLOPs, accuracy with --eval).")
+    add_model_options(p)
+    add_data_options(p)
+    p.add_argument("--target-flops", type=float, required=True, help="fraction of the FLOPs to keep, in (0, 1]")
+    p.add_argument("--eval", action="store_true",
+                   help="report accuracy before/after on the test split of --data (built-in) or on --data itself")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_onnx_option(p)
+    add_common_options(p, OUT_DEFAULT, f"output folder (default ./{OUT_DEFAULT})")
+    p.set_defaults(run=run)
+
+
+def render_splits(rep) -> str:
+    """Markdown: the splits compared (share of the budget given to pruning, divergence), the chosen one marked."""
+    from rankprune import report
+
+    rows = [[f"{c['prune_share']:.2f}", f"{c['pruned_to']:.1%}", f"{c['divergence']:.4g}",
+             "chosen" if c == rep["chosen"] else ""] for c in rep["candidates"]]
+    return report.markdown_table(rows, ["pruning share of log(target)", "pruned to (FLOPs)",
+                                        "divergence on held-out images", ""])
+
+
+def run(args) -> int:
+    import torch
+
+    import rankprune
+    from rankprune import report
+
+    check_onnx_path(args.onnx)
+    target = check_ratio("--target-flops", args.target_flops, inclusive_high=True)
+    model, loader, image_shape, device, dtype = load_model_and_data(args)
+    example = torch.zeros(1, *image_shape, device=device, dtype=dtype)
+    small, plan, rep = rankprune.compress(model, example, data=loader, target_flops=target,
+                                          progress=not args.no_progress)
+    eval_fn = _accuracy_fn(args, device, dtype, image_shape[-1]) if args.eval else None
+    result = report.compare(model, small, example, eval_fn)
+    result["splits"] = rep
+    out = check_output_dir(args.out)
+    with open(os.path.join(out, "plan.json"), "w") as f:
+        json.dump(plan, f)
+    torch.save(small.state_dict(), os.path.join(out, "compressed.pt"))
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    splits = render_splits(rep)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(f"# rankprune compress: {args.model}\n\n{splits}\n\n{report.render(result)}\n")
+    print(splits)
+    print(report.render(result, per_layer=False))
+    print(f"wrote {out}/plan.json, {out}/compressed.pt, {out}/report.json, {out}/report.md")
+    if args.onnx:
+        print(write_onnx(small, example, args.onnx))
+    return 0
