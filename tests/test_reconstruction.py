@@ -238,7 +238,8 @@ def test_grouped_consumers_fall_back_with_a_reason_and_bad_arguments_fail_first(
             return self.b(self.a(x)).mean((2, 3))
 
     model, data = Grouped().eval(), batches()
-    _, plan = rankprune.prune(model, data[0][:1], "l1", data=data, ratio=0.25, progress=False)
+    with pytest.warns(UserWarning, match="not reconstructed"):
+        _, plan = rankprune.prune(model, data[0][:1], "l1", data=data, ratio=0.25, progress=False)
     assert "grouped convolution" in plan["reconstruction"]["fallback"]["b"]
     with pytest.raises(ValueError, match="reconstruct=True needs data"):
         rankprune.prune(model, data[0][:1], "l1", ratio=0.25, reconstruct=True)
@@ -248,6 +249,8 @@ def test_grouped_consumers_fall_back_with_a_reason_and_bad_arguments_fail_first(
     bad[1][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf on calibration batch 1"):
         rankprune.prune(Duplicate().eval(), data[0][:1], "l1", data=bad, ratio=0.25, progress=False)
+    with pytest.raises(ValueError, match="label"):  # taylor needs labelled batches
+        rankprune.prune(Duplicate().eval(), data[0][:1], "taylor", data=data, ratio=0.25, progress=False)
 
 
 def test_inplace_reconstruction_and_a_one_shot_iterator():

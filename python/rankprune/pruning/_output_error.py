@@ -190,8 +190,8 @@ def _sensitivities(engine: Calibration, consumers: Dict[str, nn.Module], shapes)
 
 class _Fit:
     """One consumer's least-squares state during the greedy removal: its weight ``W`` (refitted as channels
-    go), the inverse ``P`` of its damped input Gram (downdated as they go), its output energy, its
-    sensitivity weight and the columns of each root channel it reads."""
+    go), the inverse ``P`` of its damped input Gram (downdated as they go), its scale (sensitivity over output
+    energy) and the columns of each root channel it reads, batched by block size."""
 
     def __init__(self, name: str, module: nn.Module, gram: Tensor, columns: Dict[int, List[int]], damping: float,
                  sensitivity: float):
@@ -200,29 +200,39 @@ class _Fit:
         self.precision = torch.cholesky_inverse(damped_cholesky(gram, damping, name))
         self.scale = sensitivity / max(float(((self.weight @ gram) * self.weight).sum()), 1e-300)
         self.columns = {r: torch.tensor(c, device=gram.device) for r, c in columns.items()}
-
-    def costs(self, roots: List[int]) -> Tensor:
-        """The added output error (scaled) of removing each of ``roots`` next, the rest refitted."""
-        out = torch.zeros(len(roots), dtype=torch.float64)
-        if self.dead:
-            return out
         by_size: Dict[int, List[int]] = {}
-        for i, r in enumerate(roots):
-            if r in self.columns:
-                by_size.setdefault(len(self.columns[r]), []).append(i)
-        for positions in by_size.values():
-            index = torch.stack([self.columns[roots[i]] for i in positions])  # [R, size]
-            blocks = self.precision[index[:, :, None], index[:, None, :]]
+        for r, c in columns.items():
+            by_size.setdefault(len(c), []).append(r)
+        # (root channels [R], their columns [R, size], which of them are still there [R])
+        self.blocks = [(torch.tensor(roots), torch.stack([self.columns[r] for r in roots]),
+                        torch.ones(len(roots), dtype=torch.bool)) for roots in by_size.values()]
+
+    def add_costs(self, total: Tensor) -> None:
+        """Add to ``total[root]`` the (scaled) output error of removing each remaining root next, the rest
+        refitted: ``tr(W_B (P_BB)^-1 W_B^T)``."""
+        if self.dead:
+            return
+        for roots, index, alive in self.blocks:
+            if not bool(alive.any()):
+                continue
+            index = index[alive.to(index.device)]
             w = self.weight[:, index].permute(1, 2, 0)  # [R, size, out]
-            values = (w * torch.linalg.solve(blocks, w)).sum((1, 2)) * self.scale
-            out[torch.tensor(positions)] = values.cpu()
-        return out
+            if index.shape[1] == 1:  # 1x1 convs and Linear layers: scalar blocks
+                values = w.square().sum((1, 2)) / self.precision[index[:, 0], index[:, 0]]
+            else:
+                blocks = self.precision[index[:, :, None], index[:, None, :]]
+                values = (w * torch.linalg.solve(blocks, w)).sum((1, 2))
+            total.index_add_(0, roots[alive], (values * self.scale).cpu())
 
     def remove(self, root: int) -> None:
         """Remove ``root``'s columns: refit the weight on the rest (OBS update) and downdate the inverse."""
-        if root not in self.columns or self.dead:
+        if root not in self.columns:
             return
         b = self.columns.pop(root)
+        for roots, _, alive in self.blocks:
+            alive &= roots != root
+        if self.dead:
+            return
         inverse = torch.linalg.inv(self.precision[b][:, b])
         rows = self.precision[b]  # [size, d]
         self.weight -= (self.weight[:, b] @ inverse) @ rows
@@ -252,15 +262,21 @@ def _group_scores(group, graph, names, consumers: Dict[str, nn.Module], grams: D
         fits.append(_Fit(name, module, grams[name], columns, damping, sensitivity.get(name, 1.0)))
     if not fits:
         return None
-    remaining = sorted({r for fit in fits for r in fit.columns})
-    scores = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+    count = len(group[0].idxs)
+    remaining = torch.zeros(count, dtype=torch.bool)
+    for fit in fits:
+        remaining[list(fit.columns)] = True
+    scores = torch.zeros(count, dtype=torch.float64)
     level = 0.0
-    while remaining:
-        costs = sum(fit.costs(remaining) for fit in fits) / flops[torch.tensor(remaining)].clamp_min(1.0)
-        best = int(costs.argmin())
-        root = remaining.pop(best)
-        level = max(level, float(costs[best]))
+    for _ in range(int(remaining.sum())):
+        costs = torch.zeros(count, dtype=torch.float64)
+        for fit in fits:
+            fit.add_costs(costs)
+        costs = torch.where(remaining, costs / flops.clamp_min(1.0), torch.full_like(costs, math.inf))
+        root = int(costs.argmin())
+        level = max(level, float(costs[root]))
         scores[root] = level
+        remaining[root] = False
         for fit in fits:
             fit.remove(root)
     return scores

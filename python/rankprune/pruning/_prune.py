@@ -124,6 +124,10 @@ def prune(
         for name, entry in reconstruction["layers"].items():
             if entry.get("bias") == "added":
                 kept[name]["bias_added"] = True
+        if reconstruction["fallback"]:
+            lines = "".join(f"\n  {name}: {why}" for name, why in sorted(reconstruction["fallback"].items()))
+            warnings.warn(f"prune: {len(reconstruction['fallback'])} layer(s) whose input channels were removed are "
+                          f"not reconstructed (kept as sliced):{lines}", stacklevel=2)
     if inplace:  # the caller's model is cut only once a copy was pruned without error
         apply_prune_plan(model, {"method": "prune", "version": PLAN_VERSION, "layers": kept})
         model.load_state_dict(pruned.state_dict())
