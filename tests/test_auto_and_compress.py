@@ -8,18 +8,38 @@ import torch.nn.functional as F
 from torch import nn
 
 import rankprune
-from rankprune import fidelity, models
+from rankprune import fidelity
 
 
 def calibration(count=4, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g))
+    return [(torch.randn(size, 3, 12, 12, generator=g), torch.randint(0, 10, (size,), generator=g))
             for _ in range(count)]
+
+
+class Tiny(nn.Module):
+    """conv-BN-ReLU x 3 with a residual addition, then a classifier: small enough for many compressions."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(12, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12))
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(x + self.body(x)).mean((2, 3)))
 
 
 def tiny():
     torch.manual_seed(0)
-    return models.build("resnet20", width=0.25).eval()
+    model = Tiny()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2)
+    return model.eval()
 
 
 def test_divergence_is_zero_for_the_same_model_and_the_mean_kl_otherwise():
@@ -42,13 +62,13 @@ def test_split_holdout_keeps_the_last_quarter_of_the_batches_or_of_the_samples()
     fit, held = fidelity.split_holdout(iter(batches[:1]), "verb")  # one batch of 8: 6 fit, 2 held out
     assert fit[0][0].shape[0] == 6 and torch.equal(held[0][0], batches[0][0][6:])
     with pytest.raises(ValueError, match="at least 2 calibration samples"):
-        fidelity.split_holdout([torch.zeros(1, 3, 32, 32)], "verb")
+        fidelity.split_holdout([torch.zeros(1, 3, 12, 12)], "verb")
 
 
 def test_auto_compares_its_candidates_and_returns_the_closest_one_run_on_all_the_data():
     model, data = tiny(), calibration()
     before = copy.deepcopy(model.state_dict())
-    pruned, plan = rankprune.prune(model, torch.zeros(1, 3, 32, 32), "auto", data=data, target_flops=0.6,
+    pruned, plan = rankprune.prune(model, torch.zeros(1, 3, 12, 12), "auto", data=data, target_flops=0.6,
                                    progress=False)
     compared = plan["auto"]["candidates"]
     assert [(c["criterion"], c["global_ranking"]) for c in compared] == list(
@@ -56,12 +76,12 @@ def test_auto_compares_its_candidates_and_returns_the_closest_one_run_on_all_the
     best = min(compared, key=lambda c: c["divergence"])
     assert plan["criterion"] == plan["auto"]["chosen"] == best["criterion"]
     assert plan["global_ranking"] == best["global_ranking"] and plan["auto"]["held_out_batches"] == 1
-    assert abs(plan["flops"][1] / plan["flops"][0] - 0.6) < 0.03
+    assert abs(plan["flops"][1] / plan["flops"][0] - 0.6) < 0.06
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match='"auto" needs data'):
-        rankprune.prune(model, torch.zeros(1, 3, 32, 32), "auto", target_flops=0.6)
+        rankprune.prune(model, torch.zeros(1, 3, 12, 12), "auto", target_flops=0.6)
     with pytest.raises(ValueError, match="global_ranking"):
-        rankprune.prune(model, torch.zeros(1, 3, 32, 32), "auto", data=data, target_flops=0.6, global_ranking=True)
+        rankprune.prune(model, torch.zeros(1, 3, 12, 12), "auto", data=data, target_flops=0.6, global_ranking=True)
 
 
 def test_compress_chooses_a_split_and_its_plan_rebuilds_the_model(tmp_path):
