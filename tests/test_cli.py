@@ -480,3 +480,13 @@ def test_decompose_eval_reports_the_accuracy_change(capsys, tmp_path):
     a, b = report["accuracy_before"], report["accuracy_after"]
     assert 0 <= a <= 1 and 0 <= b <= 1
     assert f"accuracy: {100 * a:.2f}% -> {100 * b:.2f}% (change {100 * (b - a):+.2f} pt)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["prune"], ["decompose"]])
+def test_help_names_one_way_to_restore(argv, capsys):
+    # every plan is applied by rankprune.apply_plan; no help names a verb-specific function
+    with pytest.raises(SystemExit):
+        cli.main(argv + ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "rankprune.apply_plan(fresh_model, plan), then load_state_dict" in text
+    assert "apply_prune_plan" not in text and "apply_decompose_plan" not in text and "--eval" in text
