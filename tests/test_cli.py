@@ -278,7 +278,7 @@ def test_decompose_writes_plan_weights_report_and_onnx(capsys, tmp_path):
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "| layer1.0.conv1 | conv2d | channel | 2 / 4 |" in text
-    assert "ONNX Runtime vs PyTorch" in text
+    assert f"wrote {onnx_path} and its weights {onnx_path}.data (ONNX Runtime vs PyTorch" in text
     plan = json.loads((out / "plan.json").read_text())
     assert "fc" not in plan["layers"] and plan["layers"]["conv1"]["rank"] == 2
     # The plan and the weights rebuild the model; the ONNX file computes what it computes.

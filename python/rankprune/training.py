@@ -76,8 +76,7 @@ class _BatchStats:
     (Chan et al.'s pairwise update in float64: batch sizes may differ and nothing but [C] vectors is kept).
     A NaN or Inf input leaves the mean or the variance non-finite for good: one check after the pass finds it."""
 
-    def __init__(self, name: str, bn: _BatchNorm):
-        self.name = name
+    def __init__(self, bn: _BatchNorm):
         self.count = 0
         self.mean = torch.zeros(bn.num_features, dtype=torch.float64, device=bn.running_mean.device)
         self.m2 = torch.zeros_like(self.mean)
@@ -177,7 +176,7 @@ def recalibrate(model: nn.Module, data: Iterable, max_batches: Optional[int] = N
     check_finite_weights(model, "recalibrate", overwritten=list(norms.values()))
     saved = {name: (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
              for name, bn in norms.items()}
-    stats = {name: _BatchStats(name, bn) for name, bn in norms.items()}
+    stats = {name: _BatchStats(bn) for name, bn in norms.items()}
     engine = Calibration(model, iter_batches(data, max_batches), cache_bytes=0,
                          progress=progress, name="recalibrate")
     ok = False

@@ -336,8 +336,9 @@ def accuracy_fn(args, device, dtype, size: int):
 def add_onnx_option(parser: argparse.ArgumentParser) -> None:
     """Add ``--onnx PATH``: also write the compressed model as an ONNX file."""
     parser.add_argument("--onnx", metavar="PATH",
-                        help="also write the compressed model as an ONNX file (opset 20, dynamic batch size; needs "
-                             "onnx and onnxscript) and, with onnxruntime installed, check its outputs against PyTorch")
+                        help="also write the compressed model as an ONNX file (opset 20, dynamic batch size; its "
+                             "weights go to PATH.data next to it; needs onnx and onnxscript) and, with onnxruntime "
+                             "installed, check its outputs against PyTorch")
 
 
 def check_onnx_path(path: Optional[str]) -> None:
@@ -369,9 +370,10 @@ def write_onnx(model, example, path: str) -> str:
         export_onnx(model, (example,), path, dynamic_shapes=({0: "batch"},), verbose=False)
     except ImportError as exc:
         raise UsageError(f"--onnx: {exc}") from None
+    wrote = f"wrote {path}" + (f" and its weights {path}.data" if os.path.exists(path + ".data") else "")
     try:
         check = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(0))
         diff = onnx_max_abs_diff(path, model, (check,))
     except ImportError:
-        return f"wrote {path} (onnxruntime is not installed: outputs not checked)"
-    return f"wrote {path} (ONNX Runtime vs PyTorch on CPU: max abs difference {diff:.2e})"
+        return f"{wrote} (onnxruntime is not installed: outputs not checked)"
+    return f"{wrote} (ONNX Runtime vs PyTorch on CPU: max abs difference {diff:.2e})"

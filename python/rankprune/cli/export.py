@@ -14,7 +14,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "export", help="write a (compressed) model as ONNX and as a torch.export program that need no rankprune",
         description="Build --model, apply a saved --plan (from prune, decompose, trp or the demo) and load "
-                    "--weights, then write OUT/model.onnx (standard ONNX operators, dynamic batch size; checked "
+                    "--weights, then write OUT/model.onnx with its weights in OUT/model.onnx.data (standard ONNX "
+                    "operators, dynamic batch size; keep the two files together; checked "
                     "against PyTorch in ONNX Runtime when it is installed) and OUT/model.pt2 (torch.export "
                     "program of rankprune.to_plain(model), dynamic batch size; loads with torch.export.load "
                     "where rankprune is not installed).")

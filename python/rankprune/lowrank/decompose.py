@@ -124,8 +124,9 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
     (``statistics``, ``factorization``, ``sensitivity``, ``refit`` or ``replace``, ``recalibration``) and, with
     data, the cache budget, the number of batches and samples and notes (see :mod:`rankprune.calibration`).
 
-    Raises ValueError for non-finite weights (named) before any data are run, for NaN or Inf in a layer's
-    calibration inputs (naming the layer), and for empty data.
+    Raises ValueError for non-finite weights (named) before any data are run, for NaN or Inf in the calibration
+    data or the activations (naming the batch that holds it, or the first module whose output does), and for
+    empty data.
     """
     _check_arguments(model, ranks, energy, rank_ratio, target_flops, target_params, scheme, min_flop_saving,
                      min_rank, rank_multiple, damping)
