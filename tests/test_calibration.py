@@ -193,7 +193,8 @@ def test_nan_is_attributed_to_the_right_tensor():
     data = _data(batches=1)
     model = _net()
     model.act = nn.Sequential(CountingReLU(), NaNAfterStem())  # a module that emits NaN
-    with pytest.raises(ValueError, match=r"the output of layer 'act.1' \(NaNAfterStem\), from finite inputs, holds NaN"):
+    with pytest.raises(ValueError,
+                       match=r"the output of layer 'act.1' \(NaNAfterStem\), from finite inputs, holds NaN"):
         rankprune.decompose(model, ranks=RANKS, data=data, progress=False)
     model = _net()
     with torch.no_grad():

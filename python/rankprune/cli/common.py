@@ -182,8 +182,9 @@ def load_weights(model, args):
         model.load_state_dict(state)
     except RuntimeError as exc:
         lines = str(exc).strip().splitlines()
-        raise UsageError(f"--weights {args.weights} do not fit --model {args.model}: "
-                         f"{lines[1].strip() if len(lines) > 1 else lines[0]}{_mismatch_hint(model, state, args)}") from None
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise UsageError(f"--weights {args.weights} do not fit --model {args.model}: {detail}"
+                         f"{_mismatch_hint(model, state, args)}") from None
     return model
 
 
