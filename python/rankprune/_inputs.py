@@ -102,9 +102,17 @@ def check_fraction(name: str, value: Any, *, low_open: bool = True, high_open: b
     return float(value)
 
 
+def distributed_world() -> bool:
+    """Whether an initialised ``torch.distributed`` process group with more than one rank is there."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def check_data(data: Any, arg: str = "data") -> None:
     """Raise a clear error unless ``data`` is an iterable of batches (not a tensor, a dict or None) that is
-    not known to be empty (a list or DataLoader of length 0 is refused before any work)."""
+    not known to be empty (a list or DataLoader of length 0 is refused before any work, except under
+    ``torch.distributed``, where one rank's shard may be empty and the rank must still join the all-reduce)."""
     if data is None:
         raise ValueError(f"{arg} must be an iterable of calibration batches (e.g. a DataLoader or a list of "
                          "tensors), got None")
@@ -115,7 +123,7 @@ def check_data(data: Any, arg: str = "data") -> None:
         empty = len(data) == 0
     except TypeError:  # no length: a generator, a DataLoader over an IterableDataset
         empty = False
-    if empty:
+    if empty and not distributed_world():
         raise ValueError(f"{arg} holds no batches (empty calibration data)")
 
 

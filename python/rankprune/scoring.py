@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from ._inputs import (batch_size, call_model, check_finite_weights, eval_mode, first_samples, iter_batches,
-                      model_device_dtype, model_inputs, raise_non_finite, to_device)
+from ._inputs import (batch_size, call_model, check_finite_weights, distributed_world, eval_mode, first_samples,
+                      iter_batches, model_device_dtype, model_inputs, raise_non_finite, to_device)
 from ._inputs import progress as progress_bar
 
 Scores = Dict[str, Tensor]
@@ -209,17 +209,10 @@ def _residual_activations(activation_inputs: Dict[nn.Module, Any], producers: Di
     return found
 
 
-def _distributed() -> bool:
-    """Whether a default process group with more than one rank is initialised."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _finish(sums: Dict[str, Tensor], count: Tensor, saw_batches: bool, distributed: bool) -> Scores:
     """Means ``sums / count``, all-reduced first under ``torch.distributed``. A rank with an empty shard
     still joins the all-reduce (with zeros) so that the other ranks do not hang; only an empty total fails."""
-    distributed = distributed and _distributed()
+    distributed = distributed and distributed_world()
     if not saw_batches and not distributed:
         raise ValueError("data yielded no batches: nothing to calibrate on")
     if distributed:
