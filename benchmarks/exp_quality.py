@@ -373,7 +373,7 @@ def torch_pruning_default(model: nn.Module, example: torch.Tensor, target: float
 
 # The library modules each family's numbers depend on (besides the models, the data and this script).
 _SOURCES = {"prune": ("pruning", "scoring.py", "training.py", "_inputs.py", "ops/_svdvals.py", "ops/_library.py",
-                      "calibration.py", "fidelity.py", "compress.py", "lowrank", "nn.py"),
+                      "calibration.py", "fidelity.py", "hybrid.py", "lowrank", "nn.py"),
             "decompose": ("lowrank", "calibration.py", "_inputs.py", "nn.py", "training.py", "ops")}
 
 

@@ -193,7 +193,8 @@ def test_nan_is_attributed_to_the_right_tensor():
     data = _data(batches=1)
     model = _net()
     model.act = nn.Sequential(CountingReLU(), NaNAfterStem())  # a module that emits NaN
-    with pytest.raises(ValueError, match="input of layer 'a' holds NaN"):
+    with pytest.raises(ValueError,
+                       match=r"the output of layer 'act.1' \(NaNAfterStem\), from finite inputs, holds NaN"):
         rankprune.decompose(model, ranks=RANKS, data=data, progress=False)
     model = _net()
     with torch.no_grad():
@@ -232,8 +233,10 @@ def test_layer_whose_weight_is_read_by_its_parent_stays_dense(seed):
 def test_engine_rejects_a_bad_budget_and_empty_data():
     with pytest.raises(ValueError, match="cache_bytes"):
         Calibration(_net(), _data(), cache_bytes=-1)
-    engine = Calibration(_net(), [], progress=False)
-    with pytest.raises(ValueError, match="empty calibration data"):
+    with pytest.raises(ValueError, match="empty calibration data"):  # a list known to be empty: at once
+        Calibration(_net(), [], progress=False)
+    engine = Calibration(_net(), (batch for batch in []), progress=False)
+    with pytest.raises(ValueError, match="empty calibration data"):  # a generator: when it yields nothing
         engine.trace({}, "statistics")
 
 

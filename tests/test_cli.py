@@ -278,7 +278,7 @@ def test_decompose_writes_plan_weights_report_and_onnx(capsys, tmp_path):
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "| layer1.0.conv1 | conv2d | channel | 2 / 4 |" in text
-    assert "ONNX Runtime vs PyTorch" in text
+    assert f"wrote {onnx_path} and its weights {onnx_path}.data (ONNX Runtime vs PyTorch" in text
     plan = json.loads((out / "plan.json").read_text())
     assert "fc" not in plan["layers"] and plan["layers"]["conv1"]["rank"] == 2
     # The plan and the weights rebuild the model; the ONNX file computes what it computes.
@@ -410,3 +410,84 @@ def test_timm_models_through_prune_and_decompose(name, tmp_path):
         assert rebuilt(x).shape == (2, 10)
         assert sum(p.numel() for p in rebuilt.parameters()) < sum(
             p.numel() for p in timm.create_model(name, num_classes=10).parameters())
+
+
+HEAVY = ("torch", "numpy", "tqdm", "torch_pruning", "rankprune.ops", "rankprune.pruning", "rankprune.models.vgg")
+
+
+def _modules_after(code: str):
+    """The HEAVY modules loaded by ``code`` in a fresh interpreter (this process has them all)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"import sys\n{code}\nprint('loaded:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    env = dict(os.environ, PYTHONPATH=str(Path(rankprune.__file__).parents[1]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    return done.stdout.strip().splitlines()[-1].removeprefix("loaded:")
+
+
+def test_help_and_usage_errors_import_no_torch():
+    # `rankprune --help` answers without torch (importing it takes most of a second): every subcommand registers
+    # its options without importing what it runs
+    for argv in (["--help"], ["prune", "--ratio"]):
+        code = f"from rankprune.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
+        assert _modules_after(code) == ""
+
+
+def test_lazy_choices_are_named_in_the_help():
+    # --dtype and --normalize list their choices in the help text (argparse would load them to print the usage)
+    from rankprune._inputs import DTYPES
+    from rankprune.data import NORMALIZATIONS
+
+    parser = dict((tuple(p), q) for p, q in LEAVES)[("prune",)]
+    helps = {a.dest: a.help for a in parser._actions}
+    assert all(name in helps["dtype"] for name in DTYPES)
+    assert all(name in helps["normalize"] for name in NORMALIZATIONS)
+    assert [c for c in parser._option_string_actions["--dtype"].choices] == sorted(DTYPES)
+
+
+def test_fractions_read_alike_in_every_command(capsys, tmp_path):
+    out = ["--out", str(tmp_path)]
+    for argv, line in (
+            (["prune", "--model", "resnet20", "--target-flops", "1.5"],
+             "prune: error: --target-flops must be in (0, 1]"),
+            (["decompose", "--model", "resnet20", "--target-flops", "1.5"],
+             "decompose: error: --target-flops must be in (0, 1]"),
+            (["trp", "--energy", "1.5"], "trp: error: --energy must be in (0, 1]"),
+            (["bench", "model", "--ratio", "1.5"], "bench: error: --ratio must be in (0, 1)")):
+        assert _error_line(capsys, argv + out) == f"rankprune {line}, got 1.5"
+
+
+def test_a_checkpoint_of_another_width_or_class_count_gets_a_hint(capsys, tmp_path):
+    half = tmp_path / "half.pt"
+    torch.save(rankprune.models.build("resnet20", width=0.5).state_dict(), half)
+    line = _error_line(capsys, ["score", "--model", "resnet20", "--weights", str(half), "--out", str(tmp_path)])
+    assert line.startswith(f"rankprune score: error: --weights {half} do not fit --model resnet20: size mismatch")
+    assert "(saved with --width 0.5?)" in line
+    assert "--width" not in _error_line(capsys, ["score", "--model", "resnet20", "--width", "0.5", "--weights",
+                                                 str(half), "--out", str(tmp_path), "--num-images", "0"])
+    seven = tmp_path / "seven.pt"
+    torch.save(rankprune.models.build("resnet20", num_classes=7).state_dict(), seven)
+    line = _error_line(capsys, ["score", "--model", "resnet20", "--weights", str(seven), "--out", str(tmp_path)])
+    assert line.endswith("(saved with --num-classes 7?)")
+
+
+def test_decompose_eval_reports_the_accuracy_change(capsys, tmp_path):
+    argv = ["decompose", "--model", "resnet20", "--width", "0.25", "--rank-ratio", "0.5", "--eval", "--no-progress",
+            "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    a, b = report["accuracy_before"], report["accuracy_after"]
+    assert 0 <= a <= 1 and 0 <= b <= 1
+    assert f"accuracy: {100 * a:.2f}% -> {100 * b:.2f}% (change {100 * (b - a):+.2f} pt)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["prune"], ["decompose"]])
+def test_help_names_one_way_to_restore(argv, capsys):
+    # every plan is applied by rankprune.apply_plan; no help names a verb-specific function
+    with pytest.raises(SystemExit):
+        cli.main(argv + ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "rankprune.apply_plan(fresh_model, plan), then load_state_dict" in text
+    assert "apply_prune_plan" not in text and "apply_decompose_plan" not in text and "--eval" in text

@@ -83,4 +83,11 @@ def test_model_stats_counts_flops_and_channels():
     assert stats["flops"] == 2 * (8 * 16 * 27 + 128 * 5)
     assert stats["layers"]["0"] == {"type": "Conv2d", "in": 3, "out": 8, "groups": 1}
     text = report.render(report.compare(model, model, torch.randn(1, 3, 4, 4), eval_fn=lambda m: 0.5))
-    assert "| FLOPs |" in text and "accuracy" in text
+    assert "| FLOPs per example | 8.19K | 8.19K | +0.0% |" in text
+    assert "| accuracy | 50.00% | 50.00% | +0.00 pt |" in text
+    # a loss reads as a negative change (after minus before), never as a positive "reduction"
+    drop = {"before": stats, "after": stats, "params_ratio": 1.0, "flops_ratio": 0.5, "accuracy_before": 0.9,
+            "accuracy_after": 0.5345}
+    text = report.render(drop, per_layer=False)
+    assert "| FLOPs per example | 8.19K | 8.19K | -50.0% |" in text
+    assert "| accuracy | 90.00% | 53.45% | -36.55 pt |" in text

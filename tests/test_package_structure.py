@@ -164,3 +164,34 @@ def test_every_module_keeps_its_own_training_flag():
     assert flags(net) == before and flags(pruned) == before
     pruned, _ = pruning.prune(net, x, "l1", target_flops=0.7, inplace=True, progress=False)
     assert pruned is net and flags(net) == before
+
+
+def _loaded_after(code: str) -> List[str]:
+    """Which of a few heavy modules ``code`` loads in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    heavy = ("torch", "tqdm", "torch_pruning", "rankprune.ops", "rankprune.lowrank", "rankprune.pruning",
+             "rankprune.scoring", "rankprune.export")
+    script = f"import sys\n{code}\nprint('loaded:' + ','.join(m for m in {heavy!r} if m in sys.modules))"
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE.parent))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    return [m for m in done.stdout.strip().splitlines()[-1].removeprefix("loaded:").split(",") if m]
+
+
+def test_import_rankprune_is_lazy():
+    # `import rankprune` loads nothing heavy; a verb loads what it needs (decompose: not Torch-Pruning)
+    assert _loaded_after("import rankprune") == []
+    assert _loaded_after("import rankprune\nrankprune.decompose") == ["torch", "tqdm", "rankprune.ops",
+                                                                       "rankprune.lowrank"]
+    assert "torch_pruning" in _loaded_after("from rankprune import prune")
+
+
+def test_every_public_name_resolves():
+    import rankprune
+
+    assert all(getattr(rankprune, name) is not None for name in rankprune.__all__)
+    assert set(rankprune.__all__) <= set(dir(rankprune))
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        rankprune.nope  # noqa: B018

@@ -247,7 +247,7 @@ def test_grouped_consumers_fall_back_with_a_reason_and_bad_arguments_fail_first(
         rankprune.prune(model, data[0][:1], "l1", data=data, ratio=0.25, damping=-1.0)
     bad = [x.clone() for x in data]
     bad[1][0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf on calibration batch 1"):
+    with pytest.raises(ValueError, match="calibration batch 1 holds NaN or Inf"):
         rankprune.prune(Duplicate().eval(), data[0][:1], "l1", data=bad, ratio=0.25, progress=False)
     with pytest.raises(ValueError, match="label"):  # taylor needs labelled batches
         rankprune.prune(Duplicate().eval(), data[0][:1], "taylor", data=data, ratio=0.25, progress=False)

@@ -100,7 +100,7 @@ def test_bad_data_is_refused_and_statistics_kept(seed):
         recalibrate(model, [torch.randn(2, 3, 4, 4)], max_batches=0)
     bad = torch.randn(4, 3, 5, 5)
     bad[1, 0, 2, 2] = float("nan")
-    with pytest.raises(ValueError, match="'bn1' holds NaN or Inf"):
+    with pytest.raises(ValueError, match=r"^recalibrate: calibration batch 1 holds NaN or Inf \(the data itself"):
         recalibrate(model, [torch.randn(4, 3, 5, 5), bad])
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k

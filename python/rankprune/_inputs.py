@@ -3,10 +3,10 @@ positional inputs, or a dict of keyword inputs: the Torch-Pruning convention), c
 ``(inputs, labels, ...)`` tuples whose first item is the input, or dicts), device and dtype casting, and the
 eval-mode context that every calibration pass runs in."""
 import contextlib
-from typing import Any, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
@@ -94,14 +94,42 @@ def model_inputs(batch: Any, model: nn.Module) -> Any:
     return to_device(batch_inputs(batch), device, dtype)
 
 
+def check_fraction(name: str, value: Any, *, low_open: bool = True, high_open: bool = False) -> float:
+    """``value`` as a float: the argument check of every fraction of the library and the CLI, in one wording
+    ("target_flops must be in (0, 1], got 1.5"). The interval is [0, 1] with 0 excluded when ``low_open``
+    (default) and 1 when ``high_open``. TypeError for a non-number, ValueError outside (NaN included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    inside = (0.0 < value if low_open else 0.0 <= value) and (value < 1.0 if high_open else value <= 1.0)
+    if not inside:  # NaN compares False, so it lands here too
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return float(value)
+
+
+def distributed_world() -> bool:
+    """Whether an initialised ``torch.distributed`` process group with more than one rank is there."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def check_data(data: Any, arg: str = "data") -> None:
-    """Raise a clear error unless ``data`` is an iterable of batches (not a tensor, a dict or None)."""
+    """Raise a clear error unless ``data`` is an iterable of batches (not a tensor, a dict or None) that is
+    not known to be empty (a list or DataLoader of length 0 is refused before any work, except under
+    ``torch.distributed``, where one rank's shard may be empty and the rank must still join the all-reduce)."""
     if data is None:
         raise ValueError(f"{arg} must be an iterable of calibration batches (e.g. a DataLoader or a list of "
                          "tensors), got None")
     if isinstance(data, (torch.Tensor, dict)) or not hasattr(data, "__iter__"):
         raise TypeError(f"{arg} must be an iterable of calibration batches (e.g. a DataLoader or a list of "
                         f"tensors), got {type(data).__name__}; wrap a single batch in a list: [x]")
+    try:
+        empty = len(data) == 0
+    except TypeError:  # no length: a generator, a DataLoader over an IterableDataset
+        empty = False
+    if empty and not distributed_world():
+        raise ValueError(f"{arg} holds no batches (empty calibration data)")
 
 
 def reusable(data: Iterable, arg: str = "data") -> Iterable:
@@ -152,11 +180,89 @@ def eval_mode(model: nn.Module, no_grad: bool = True) -> Iterator[nn.Module]:
             m.training = flag
 
 
-def check_finite_weights(model: nn.Module, verb: str) -> None:
+def check_finite_weights(model: nn.Module, verb: str, overwritten: Sequence[nn.Module] = ()) -> None:
     """Raise ValueError naming the first parameter or buffer of ``model`` that holds NaN or Inf: weights are
-    checked before calibration data are blamed for non-finite activations."""
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, tensor in named:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                layer = name.rpartition(".")[0] or type(model).__name__
-                raise ValueError(f"{verb}: the {kind} {name!r} of layer {layer!r} holds NaN or Inf")
+    checked before calibration data are blamed for non-finite activations. The buffers of the modules in
+    ``overwritten`` are not checked (``recalibrate`` replaces the BatchNorm statistics). One host sync per
+    device when every tensor is finite."""
+    skipped = {id(b) for m in overwritten for b in m.buffers()}
+    tensors = [(kind, name, t) for kind, named in (("parameter", model.named_parameters()),
+                                                   ("buffer", model.named_buffers()))
+               for name, t in named if t.is_floating_point() and id(t) not in skipped]
+    flags: Dict[torch.device, List[Tensor]] = {}
+    for _, _, t in tensors:
+        flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    if all(bool(torch.stack(f).all()) for f in flags.values()):
+        return
+    kind, name, _ = next(entry for entry in tensors if not bool(torch.isfinite(entry[2]).all()))
+    layer = name.rpartition(".")[0] or type(model).__name__
+    raise ValueError(f"{verb}: the {kind} {name!r} of layer {layer!r} holds NaN or Inf")
+
+
+def holds_non_finite(value: Any) -> bool:
+    """Whether a floating tensor in ``value`` (a tensor, or tuples, lists and dicts of them) holds NaN or Inf."""
+    if isinstance(value, Tensor):
+        return value.is_floating_point() and not bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, (tuple, list)) and any(holds_non_finite(v) for v in value)
+
+
+def _first_non_finite_module(model: nn.Module, inputs: Any) -> Optional[str]:
+    """Run ``inputs`` (finite) through ``model`` and describe the first module, in execution order, whose
+    output holds NaN or Inf, or whose input does although every module before it gave finite outputs (then
+    the code of its caller made it); None when every module's input and output is finite."""
+    names = {m: name or type(model).__name__ for name, m in model.named_modules()}
+    running: List[nn.Module] = []
+    found: List[str] = []
+
+    def before(module, args):
+        if not found and holds_non_finite(args):
+            caller = f"the forward of {names[running[-1]]!r}" if running else "the caller"
+            found.append(f"the input of layer {names[module]!r} ({type(module).__name__}), computed by {caller} "
+                         "outside any module,")
+        running.append(module)
+
+    def after(module, args, output):
+        running.pop()
+        if not found and holds_non_finite(output):
+            found.append(f"the output of layer {names[module]!r} ({type(module).__name__}), from finite inputs,")
+
+    handles = [m.register_forward_pre_hook(before) for m in names]
+    handles += [m.register_forward_hook(after) for m in names]
+    try:
+        call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def raise_non_finite(model: nn.Module, data: Iterable, verb: str, statistic: str, *, max_batches: Optional[int] = None,
+                     where: str = "calibration batch {}", train: Sequence[nn.Module] = ()) -> NoReturn:
+    """Raise one ValueError saying where the NaN or Inf that made ``statistic`` non-finite first appears: a
+    weight (:func:`check_finite_weights`), else the first batch of ``data`` that holds one itself, else the
+    first module, in execution order, whose output holds one (its inputs finite). The batches of ``data`` (the
+    first ``max_batches``) are run again (eval mode, no gradients; the modules in ``train`` in train mode, as in
+    the failed pass), so the healthy path pays nothing for the diagnosis. ``where`` names a batch from its
+    index."""
+    check_finite_weights(model, verb, overwritten=train)
+    if iter(data) is data:
+        raise ValueError(f"{verb}: {statistic} came out NaN or Inf although the weights are finite; the data was a "
+                         "one-shot iterator, so the batch and the layer cannot be located: pass a list of batches")
+    with eval_mode(model):
+        for module in train:
+            module.train()
+        for index, batch in enumerate(data):
+            if max_batches is not None and index >= max_batches:
+                break
+            inputs = model_inputs(batch, model)
+            place = where.format(index)
+            if holds_non_finite(inputs):
+                raise ValueError(f"{verb}: {place} holds NaN or Inf (the data itself, before any layer)")
+            found = _first_non_finite_module(model, inputs)
+            if found is not None:
+                raise ValueError(f"{verb}: {found} holds NaN or Inf on {place} (the weights and the inputs are "
+                                 "finite)")
+    raise ValueError(f"{verb}: {statistic} came out NaN or Inf although the weights, the inputs and every layer's "
+                     "input and output are finite (an overflow in the statistic, or another rank's data)")

@@ -41,7 +41,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from ._inputs import batch_size, call_model, eval_mode, model_device_dtype, model_inputs, progress, reusable
+from ._inputs import (batch_size, call_model, distributed_world, eval_mode, model_device_dtype, model_inputs,
+                      progress, reusable)
 from .nn import _explicit_padding
 
 # Calibration columns (im2col patches / tokens) kept per batch and layer call: a covariance costs d^2 per
@@ -164,13 +165,6 @@ def _subsample(count: int, size: int, generator: Optional[torch.Generator]) -> T
     """``size`` distinct indices in ``range(count)``, uniformly at random."""
     device = generator.device if generator is not None else "cpu"
     return torch.randperm(count, generator=generator, device=device)[:size]
-
-
-def distributed_world() -> bool:
-    """Whether an initialised ``torch.distributed`` process group with more than one rank is there."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def all_reduce_sum(tensors: Sequence[Tensor]) -> None:

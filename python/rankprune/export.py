@@ -12,8 +12,10 @@
 
 ONNX export needs the optional packages ``onnx`` and ``onnxscript`` (and ``onnxruntime`` to run the file).
 """
+import contextlib
 import copy
 import inspect
+import logging
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional
@@ -111,6 +113,11 @@ def export_onnx(model: nn.Module, args: Any, path: str, **export_kwargs):
     first. Put the model in ``eval()`` mode first, as for any inference export. The exported file uses only
     standard ONNX operators; :func:`to_plain` gives the same graph from plain modules. A model in training mode
     is exported as it is (BatchNorm on batch statistics, dropout active), with a warning.
+
+    Files: the ``dynamo=True`` exporter writes the weights next to the graph, in ``path + ".data"`` (e.g.
+    ``model.onnx.data``, ONNX's external-data format); keep both files together (ONNX Runtime and ``onnx.load``
+    read the weights from the folder of ``path``). The exporter's messages about torch itself (torchvision ops
+    it skips where torchvision is not installed) are not shown; its warnings about the model are.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
@@ -135,7 +142,31 @@ def export_onnx(model: nn.Module, args: Any, path: str, **export_kwargs):
                                                      **(export_kwargs.get("custom_translation_table") or {})}
     else:
         register_onnx_symbolic()
-    return torch.onnx.export(model, args, path, **export_kwargs)
+    with _without_exporter_noise():
+        return torch.onnx.export(model, args, path, **export_kwargs)
+
+
+# What torch.onnx.export says on every call that is about torch, not the model: a warning per torchvision op it
+# cannot register where torchvision is not installed, and a deprecation inside torch's own pytree code.
+_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+_NO_TORCHVISION = "torchvision is not installed"
+_PYTREE_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+@contextlib.contextmanager
+def _without_exporter_noise():
+    """Drop exactly those messages (above) for the block; every other warning of the exporter still shows."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_NO_TORCHVISION)
+
+    logger = logging.getLogger(_REGISTRATION_LOGGER)
+    logger.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_PYTREE_DEPRECATION, category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _numpy_inputs(session, args) -> Dict[str, Any]:

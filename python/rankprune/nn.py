@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from ._inputs import check_fraction
 
 SCHEMES = ("channel", "spatial")
 
@@ -92,9 +93,7 @@ def select_rank(S: Tensor, rank: Optional[int], energy: Optional[float]) -> int:
             raise ValueError(f"rank={rank} exceeds the full rank {full} of this layer's weight matrix")
         return rank
     if energy is not None:
-        if not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
-            raise ValueError(f"energy must be a number in (0, 1], got {energy!r}")
-        return int(ops.energy_rank(S, float(energy)))
+        return int(ops.energy_rank(S, check_fraction("energy", energy)))
     return full
 
 

@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from ._inputs import (batch_size, call_model, eval_mode, first_samples, iter_batches, model_device_dtype, model_inputs,
-                      to_device)
+from ._inputs import (batch_size, call_model, check_finite_weights, distributed_world, eval_mode, first_samples,
+                      iter_batches, model_device_dtype, model_inputs, raise_non_finite, to_device)
 from ._inputs import progress as progress_bar
 
 Scores = Dict[str, Tensor]
@@ -212,17 +212,10 @@ def _residual_activations(activation_inputs: Dict[nn.Module, Any], producers: Di
     return found
 
 
-def _distributed() -> bool:
-    """Whether a default process group with more than one rank is initialised."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _finish(sums: Dict[str, Tensor], count: Tensor, saw_batches: bool, distributed: bool) -> Scores:
     """Means ``sums / count``, all-reduced first under ``torch.distributed``. A rank with an empty shard
     still joins the all-reduce (with zeros) so that the other ranks do not hang; only an empty total fails."""
-    distributed = distributed and _distributed()
+    distributed = distributed and distributed_world()
     if not saw_batches and not distributed:
         raise ValueError("data yielded no batches: nothing to calibrate on")
     if distributed:
@@ -230,6 +223,16 @@ def _finish(sums: Dict[str, Tensor], count: Tensor, saw_batches: bool, distribut
     if count.item() == 0:
         raise ValueError("data held no samples: nothing to calibrate on")
     return {name: (s / count).cpu() for name, s in sums.items()}
+
+
+def _check_finite(criterion: "Criterion", model: nn.Module, data: Optional[Iterable], scores: Scores) -> Scores:
+    """``scores``, unless one is NaN or Inf: then the error names the weight, the calibration batch or the
+    layer output where the NaN or Inf first appears (one check of the results: the passes pay nothing)."""
+    bad = [name for name, s in scores.items() if not bool(torch.isfinite(s).all())]
+    if bad:
+        raise_non_finite(model, data, f"scoring ({criterion.name})", f"the scores of layer {bad[0]!r}",
+                         max_batches=getattr(criterion, "max_batches", None))
+    return scores
 
 
 def _all_reduce_(tensors: List[Tensor]) -> None:
@@ -292,6 +295,7 @@ class FeatureMapCriterion(Criterion):
 
     def scores(self, model: nn.Module, data: Optional[Iterable] = None) -> Scores:
         convs = conv_layers(model, self.layers)
+        check_finite_weights(model, f"scoring ({self.name})")
         device, _ = model_device_dtype(model)
         sums: Dict[str, Tensor] = {name: torch.zeros(c.out_channels, dtype=torch.float64, device=device)
                                    for name, c in convs.items()}
@@ -310,7 +314,7 @@ class FeatureMapCriterion(Criterion):
         finally:
             for h in handles:
                 h.remove()
-        return _finish(sums, count, bool(handles), self.distributed)
+        return _check_finite(self, model, data, _finish(sums, count, bool(handles), self.distributed))
 
     def _hook(self, acc: Tensor, tap: _Tap):
         def hook(module, inputs, output):
@@ -364,6 +368,7 @@ class WeightCriterion(Criterion):
         raise NotImplementedError
 
     def scores(self, model: nn.Module, data: Optional[Iterable] = None) -> Scores:
+        check_finite_weights(model, f"scoring ({self.name})")
         with torch.no_grad():
             return {name: self.filter_scores(conv.weight.detach()).to(torch.float64).cpu()
                     for name, conv in conv_layers(model, self.layers).items()}
@@ -405,6 +410,7 @@ class BNScale(Criterion):
 
     def scores(self, model: nn.Module, data: Optional[Iterable] = None) -> Scores:
         convs = conv_layers(model, self.layers)
+        check_finite_weights(model, f"scoring ({self.name})")
         modules = list(model.named_modules())
         out: Scores = {}
         for i, (name, m) in enumerate(modules):
@@ -440,6 +446,7 @@ class Taylor(Criterion):
 
     def scores(self, model: nn.Module, data: Optional[Iterable] = None) -> Scores:
         convs = conv_layers(model, self.layers)
+        check_finite_weights(model, f"scoring ({self.name})")
         device, dtype = model_device_dtype(model)
         sums = {name: torch.zeros(c.out_channels, dtype=torch.float64, device=device) for name, c in convs.items()}
         count = torch.zeros(1, dtype=torch.float64, device=device)
@@ -475,7 +482,7 @@ class Taylor(Criterion):
                 h.remove()
             for p, g in saved_grads.items():
                 p.grad = g
-        return _finish(sums, count, seen > 0, self.distributed)
+        return _check_finite(self, model, data, _finish(sums, count, seen > 0, self.distributed))
 
 
 class Random(Criterion):

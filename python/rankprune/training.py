@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._inputs import iter_batches, model_device_dtype
+from ._inputs import check_finite_weights, iter_batches, model_device_dtype, raise_non_finite
 from .calibration import Calibration
 
 
@@ -73,10 +73,10 @@ def evaluate(model: nn.Module, loader, device=None, dtype: torch.dtype = torch.f
 
 class _BatchStats:
     """Streaming per-channel mean and variance of one BatchNorm's inputs over all calibration samples
-    (Chan et al.'s pairwise update in float64: batch sizes may differ and nothing but [C] vectors is kept)."""
+    (Chan et al.'s pairwise update in float64: batch sizes may differ and nothing but [C] vectors is kept).
+    A NaN or Inf input leaves the mean or the variance non-finite for good: one check after the pass finds it."""
 
-    def __init__(self, name: str, bn: _BatchNorm):
-        self.name = name
+    def __init__(self, bn: _BatchNorm):
         self.count = 0
         self.mean = torch.zeros(bn.num_features, dtype=torch.float64, device=bn.running_mean.device)
         self.m2 = torch.zeros_like(self.mean)
@@ -87,11 +87,6 @@ class _BatchStats:
         dims = [0] + list(range(2, x.dim()))
         var, mean = torch.var_mean(x, dim=dims, correction=0)
         n = x.numel() // x.shape[1]
-        if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-            raise ValueError(
-                f"recalibrate: the input of BatchNorm {self.name!r} holds NaN or Inf on a calibration batch "
-                "(non-finite data, or the model produces non-finite activations before this layer); "
-                "the model's statistics were left as they were")
         mean, var = mean.to(torch.float64), var.to(torch.float64)
         total = self.count + n
         delta = mean - self.mean
@@ -122,6 +117,10 @@ def _collect(engine: Calibration, norms: Dict[str, _BatchNorm], stats: Dict[str,
         engine.all_reduce([t for group in sums for t in group] + [batches])
         for name, group in zip(norms, sums):
             stats[name].set_sums(group)
+    bad = [name for name, s in stats.items() if not bool(torch.isfinite(s.mean).all() & torch.isfinite(s.m2).all())]
+    if bad:
+        raise_non_finite(engine.model, engine.data, "recalibrate", f"the input statistics of BatchNorm {bad[0]!r}",
+                         train=list(norms.values()))
     never = [name for name, s in stats.items() if s.count == 0]
     if never:
         warnings.warn(f"recalibrate: BatchNorm layers {never} were not called on the calibration data; "
@@ -160,8 +159,9 @@ def recalibrate(model: nn.Module, data: Iterable, max_batches: Optional[int] = N
         ``model`` (recalibrated in place).
 
     Raises:
-        ValueError: ``data`` is None or yields no batch, ``max_batches < 1``, or a BatchNorm sees NaN or
-            Inf in its input.
+        ValueError: ``data`` is None or yields no batch, ``max_batches < 1``, a weight holds NaN or Inf
+            (named, before any data run), or a BatchNorm sees NaN or Inf in its input (the error names the
+            calibration batch that holds it, or the first layer whose output does).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -173,9 +173,10 @@ def recalibrate(model: nn.Module, data: Iterable, max_batches: Optional[int] = N
         warnings.warn(f"recalibrate: {type(model).__name__} has no BatchNorm with running statistics; "
                       "nothing to recalibrate", stacklevel=2)
         return model
+    check_finite_weights(model, "recalibrate", overwritten=list(norms.values()))
     saved = {name: (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
              for name, bn in norms.items()}
-    stats = {name: _BatchStats(name, bn) for name, bn in norms.items()}
+    stats = {name: _BatchStats(bn) for name, bn in norms.items()}
     engine = Calibration(model, iter_batches(data, max_batches), cache_bytes=0,
                          progress=progress, name="recalibrate")
     ok = False

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from ._inputs import check_finite_weights, check_fraction
 from .lowrank import decompose
 from .nn import check_decomposable_conv, weight_matrix
 
@@ -188,7 +189,7 @@ class TrainedRankPruner:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.energy = self._check_energy(energy)
+        self.energy = check_fraction("energy", energy)
         self.lam = self._check_lam(lam)
         self.period = self._check_period(period)
         _check_scheme(scheme)
@@ -208,12 +209,6 @@ class TrainedRankPruner:
         self._rank_hint: Dict[str, int] = {}
 
     # ---- argument checks ------------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_energy(energy) -> float:
-        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
-            raise ValueError(f"energy must be a number in (0, 1], got {energy!r}")
-        return float(energy)
 
     @staticmethod
     def _check_lam(lam) -> float:
@@ -435,6 +430,7 @@ class TrainedRankPruner:
         ``min_flop_saving`` and ``progress`` are passed to ``decompose`` (layers whose factorisation would not
         save at least that fraction of their FLOPs stay dense, with their projected weights).
         """
+        check_finite_weights(self.module, "TrainedRankPruner.finalize")  # before a projection writes NaN factors
         for group, r in zip(self._groups, self._current_projection_ranks()):
             if r is None:
                 self._project_group(group)
@@ -490,7 +486,7 @@ class TrainedRankPruner:
             raise ValueError(f"state: scheme {state['scheme']!r} differs from this pruner's {self.scheme!r}")
         if list(state["layers"]) != self.layer_names:
             raise ValueError("state: its layer list differs from this pruner's (different model or selection)")
-        self.energy = self._check_energy(state["energy"])
+        self.energy = check_fraction("energy", state["energy"])
         self.lam = self._check_lam(state["lam"])
         self.period = self._check_period(state["period"])
         self.seed = int(state["seed"])

@@ -1,5 +1,8 @@
 """The ``rankprune`` command line: one module per subcommand under ``rankprune.cli``.
 
+Building the parser imports no torch (each subcommand imports what it needs when it runs), so ``rankprune
+--help`` and a usage error answer at once.
+
 Each subcommand module defines ``register(subparsers)`` which adds its parser and sets ``run=`` to a
 function taking the parsed arguments. Errors a user can fix (bad file, unknown model, value out of range)
 are raised as ``UsageError`` (or ValueError / FileNotFoundError) and printed as one line, exit code 2.
@@ -17,12 +20,19 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs; printed without a traceback."""
 
 
-def _version() -> str:
-    import torch
+class _Version(argparse.Action):
+    """``--version``: imports torch (for its version) only when asked, not while the parser is built."""
 
-    from rankprune import __version__
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
 
-    return f"rankprune {__version__} (torch {torch.__version__})"
+    def __call__(self, parser, namespace, values, option_string=None):
+        import torch
+
+        from rankprune import __version__
+
+        print(f"rankprune {__version__} (torch {torch.__version__})")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rankprune",
         description="Compress PyTorch networks by energy and rank (energy-aware pruning, TRP, low-rank layers).",
     )
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_Version, help="show rankprune's and torch's versions and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"rankprune.cli.{name}").register(sub)

@@ -8,18 +8,20 @@ low-rank pair of convolutions (unfused: two convolutions called one after the ot
 CUDA graphs) on GPU, ``torch.utils.benchmark`` / ``perf_counter`` on CPU. Prints a table with speed-ups
 against the dense variant and writes ``<out>/<name>-<device>-<stamp>.{json,md,png}``.
 """
+from __future__ import annotations  # torch in annotations only: registering the parser imports no torch
+
 import copy
 import os
 import re
-from typing import Callable, Dict, List, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
 
-import torch
-from torch import nn
-
-from .._inputs import resolve_dtype
 from . import UsageError
-from .common import (add_common_options, add_model_options, build_model, check_output_dir, check_ratio,
-                     default_input_size, load_model, read_plan, resolve_device, seed_everything)
+from .common import (add_common_options, add_model_options, build_model, check_output_dir, default_input_size,
+                     load_model, read_plan, resolve_device, seed_everything)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 OUT_DEFAULT = "rankprune-bench"
 MODEL_VARIANTS = ("dense", "pruned", "decomposed")
@@ -98,6 +100,8 @@ def _check_timing(args) -> Tuple[torch.device, torch.dtype]:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    from .._inputs import resolve_dtype
+
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if args.cuda_graph and device.type != "cuda":
         raise UsageError("--cuda-graph needs a CUDA device (--device cuda)")
@@ -107,10 +111,14 @@ def _check_timing(args) -> Tuple[torch.device, torch.dtype]:
 
 def run_model(args) -> int:
     """Build the model and its variants, time each, print and write the results."""
+    import torch
+
+    from .._inputs import check_fraction
+
     device, dtype = _check_timing(args)
     variants = _parse_variants(args.variants, MODEL_VARIANTS)
-    check_ratio("--ratio", args.ratio)
-    check_ratio("--rank-ratio", args.rank_ratio, inclusive_high=True)
+    check_fraction("--ratio", args.ratio, high_open=True)
+    check_fraction("--rank-ratio", args.rank_ratio)
     plan = read_plan(args.plan) if args.plan is not None else None
     size = default_input_size(args)
     if args.onnx and (device.type != "cpu" or dtype != torch.float32):
@@ -135,7 +143,7 @@ def run_model(args) -> int:
 
     for name, make in tqdm(list(built.items()), desc="bench model", unit="variant"):
         net = make().eval()
-        stats = report.model_stats(net, (x,))
+        stats = report.model_stats(net, (x[:1],))  # FLOPs per example, as every command reports them
         net = net.to(device=device, dtype=dtype)
         rows.append(_timed_row(name, net, x.to(device=device, dtype=dtype), stats, device, args))
         if args.onnx:  # the net is on the CPU in float32 (checked above)
@@ -184,12 +192,17 @@ def _decomposed(dense: nn.Module, x: torch.Tensor, rank_ratio: float) -> nn.Modu
 
 def run_layer(args) -> int:
     """Build the layer variants, time each, print and write the results."""
+    import torch
+    from torch import nn
+
+    from .._inputs import check_fraction
+
     device, dtype = _check_timing(args)
     variants = _parse_variants(args.variants, LAYER_VARIANTS)
     for name in ("in_channels", "out_channels", "kernel_size", "input_size", "rank"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    check_ratio("--ratio", args.ratio)
+    check_fraction("--ratio", args.ratio, high_open=True)
     c_in, c_out, k = args.in_channels, args.out_channels, args.kernel_size
     full_rank = min(c_out, c_in * k) if args.scheme == "spatial" else min(c_out, c_in * k * k)
     if args.rank > full_rank:
@@ -218,7 +231,7 @@ def run_layer(args) -> int:
 
     rows = []
     for name, (layer, inp) in tqdm(list(layers.items()), desc="bench layer", unit="variant"):
-        stats = report.model_stats(layer, (inp,))
+        stats = report.model_stats(layer, (inp[:1],))  # FLOPs per example
         layer = layer.to(device=device, dtype=dtype).eval()
         rows.append(_timed_row(name, layer, inp.to(device=device, dtype=dtype), stats, device, args))
     config = {"in_channels": c_in, "out_channels": c_out, "kernel_size": k, "input_size": args.input_size,
@@ -246,7 +259,7 @@ def _finish(name: str, title: str, rows: List[Dict[str, object]], config: Dict[s
     env = environment(device)
     config.update({"dtype": args.dtype, "warmup": args.warmup, "repeats": args.repeats, "cuda_graph": args.cuda_graph,
                    "seed": args.seed})
-    headers = ["variant", "params", "MFLOPs", "median ms", "p10 ms", "p90 ms", "speed-up", "FLOPs ratio"]
+    headers = ["variant", "params", "MFLOPs / example", "median ms", "p10 ms", "p90 ms", "speed-up", "FLOPs ratio"]
     table = markdown_table(headers, [[r["variant"], r["params"], r["flops"] / 1e6, r["median_ms"], r["p10_ms"],
                                       r["p90_ms"], r["speedup"], r["flops_ratio"]] for r in rows])
     where = f"{env['device']}, torch {env['torch']}, {args.dtype}, {env['date']}"

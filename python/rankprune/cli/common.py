@@ -1,28 +1,54 @@
-"""Options every working subcommand shares (``--device``, ``--dtype``, ``--seed``, ``--out``) and their checks."""
+"""Options every working subcommand shares (``--device``, ``--dtype``, ``--seed``, ``--out``) and their checks.
+
+Building the parser imports nothing heavy (torch, the models, the data): ``rankprune --help`` stays fast, and
+each option reads the library's names (dtypes, normalisations) only when it checks a value or prints its
+subcommand's help."""
 import argparse
 import json
 import os
 import random
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
-import torch
-
-from .._inputs import DTYPES
 from . import UsageError
 
 
+class LazyChoices:
+    """argparse ``choices`` listed by ``load()`` when a value is checked, so that registering the option imports
+    nothing. argparse also lists the choices while adding the option, to check its usage string: options with
+    lazy choices give a ``metavar`` and name the choices in their help (``tests/test_cli.py`` checks both agree)."""
+
+    def __init__(self, load: Callable[[], Iterable[str]]):
+        self._load = load
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __contains__(self, value) -> bool:
+        return value in list(self._load())
+
+
+def _dtype_names():
+    from .._inputs import DTYPES
+
+    return sorted(DTYPES)
+
+
 def add_common_options(parser: argparse.ArgumentParser, out_default: Optional[str], out_help: str,
-                       dtype_help: str = "floating-point type (default float32)") -> None:
+                       dtype_help: str = "floating-point type: float32 (default), float64, float16 or bfloat16"
+                       ) -> None:
     """Add ``--device``, ``--dtype``, ``--seed`` and ``--out`` to ``parser``."""
     parser.add_argument("--device", default="auto",
                         help="'cpu', 'cuda', 'cuda:N', or 'auto' (CUDA when available; default)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=dtype_help)
+    parser.add_argument("--dtype", default="float32", choices=LazyChoices(_dtype_names), metavar="DTYPE",
+                        help=dtype_help)
     parser.add_argument("--seed", type=int, default=0, help="random seed for torch, numpy and Python (default 0)")
     parser.add_argument("--out", default=out_default, help=out_help)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str):
     """'auto' -> CUDA when available else CPU; anything else must be a valid, available torch device."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -41,6 +67,8 @@ def resolve_device(name: str) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy (when installed) and torch (all devices)."""
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -49,15 +77,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
-
-
-def check_ratio(name: str, value: float, low: float = 0.0, high: float = 1.0, inclusive_high: bool = False) -> float:
-    """Raise ``UsageError`` unless ``low < value < high`` (or ``<= high`` when ``inclusive_high``)."""
-    ok = low < value <= high if inclusive_high else low < value < high
-    if not ok:
-        bracket = "]" if inclusive_high else ")"
-        raise UsageError(f"{name} must be in ({low}, {high}{bracket}, got {value}")
-    return value
 
 
 def check_output_dir(path: str) -> str:
@@ -108,6 +127,8 @@ def default_input_size(args) -> int:
 
 
 def _state_dict_of(checkpoint, path: str):
+    import torch
+
     # Training scripts save {"state_dict": ...} or {"model": ...} next to optimiser state; DDP prefixes keys.
     for key in ("state_dict", "model"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
@@ -144,6 +165,8 @@ def build_model(args):
 
 def load_weights(model, args):
     """Load the ``--weights`` checkpoint (when given) into ``model`` with ``weights_only=True``; returns it."""
+    import torch
+
     if not args.weights:
         return model
     if not os.path.isfile(args.weights):
@@ -154,16 +177,37 @@ def load_weights(model, args):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--weights {args.weights}: cannot be loaded with weights_only=True ({first}); "
                          "save model.state_dict() instead of the model") from None
+    state = _state_dict_of(checkpoint, args.weights)
     try:
-        model.load_state_dict(_state_dict_of(checkpoint, args.weights))
+        model.load_state_dict(state)
     except RuntimeError as exc:
         lines = str(exc).strip().splitlines()
-        raise UsageError(f"--weights {args.weights} do not fit --model {args.model}: "
-                         f"{lines[1].strip() if len(lines) > 1 else lines[0]}") from None
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise UsageError(f"--weights {args.weights} do not fit --model {args.model}: {detail}"
+                         f"{_mismatch_hint(model, state, args)}") from None
     return model
 
 
-def load_model(args, device: torch.device, dtype: torch.dtype):
+def _mismatch_hint(model, state, args) -> str:
+    """The likely cause of a checkpoint that does not fit the model: another ``--num-classes`` (only the last
+    layer differs), another ``--width`` (a built-in model's first differing layer is that factor wider), or the
+    weights of a pruned or decomposed model loaded without its plan."""
+    own = model.state_dict()
+    compressed = "; weights saved after prune or decompose load only with their plan (rankprune export --plan)"
+    differ = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if not differ:
+        return compressed if set(own) != set(state) else ""
+    first = differ[0]
+    last_layer = list(own)[-1].rpartition(".")[0]
+    if all(k.rpartition(".")[0] == last_layer for k in differ):
+        return f" (saved with --num-classes {state[first].shape[0]}?)"
+    if _model_source(args.model) == "builtin" and state[first].dim() >= 1 and own[first].shape[0]:
+        width = state[first].shape[0] / own[first].shape[0] * (args.width or 1.0)
+        return f" (saved with --width {width:g}?){compressed}"
+    return compressed
+
+
+def load_model(args, device, dtype):
     """The model of ``--model`` with the ``--weights`` (when given) on ``device`` in eval mode."""
     return load_weights(build_model(args), args).to(device=device, dtype=dtype).eval()
 
@@ -186,8 +230,6 @@ def read_plan(path: str):
 def add_data_options(parser: argparse.ArgumentParser, default: Optional[str] = "synthetic",
                      data_help: Optional[str] = None) -> None:
     """Add ``--data``, ``--num-images``, ``--batch-size``, ``--normalize``, ``--mean`` and ``--std``."""
-    from rankprune.data import NORMALIZATIONS
-
     parser.add_argument("--data", default=default,
                         help=data_help or "calibration data: 'synthetic' (built-in, drawn at the input size), a "
                                           "folder of images (resized to the input size), or a .pt tensor file "
@@ -195,13 +237,19 @@ def add_data_options(parser: argparse.ArgumentParser, default: Optional[str] = "
     parser.add_argument("--num-images", type=int, default=512,
                         help="calibration images taken from the data (default 512; the built-in set is generated)")
     parser.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default 64)")
-    parser.add_argument("--normalize", choices=sorted(NORMALIZATIONS),
+    parser.add_argument("--normalize", choices=LazyChoices(_normalization_names), metavar="NAME",
                         help="normalisation of 8-bit images (folders, uint8 tensor files): imagenet (torchvision/"
                              "timm statistics), builtin (mean 0.5, std 0.25, the built-in set's) or none (scaled "
                              "to [0, 1]); default builtin for built-in models, imagenet for the others")
     parser.add_argument("--mean", help="per-channel mean of images scaled to [0, 1], e.g. 0.485,0.456,0.406 "
                                        "(overrides --normalize; with --std)")
     parser.add_argument("--std", help="per-channel standard deviation, e.g. 0.229,0.224,0.225 (with --mean)")
+
+
+def _normalization_names():
+    from rankprune.data import NORMALIZATIONS
+
+    return sorted(NORMALIZATIONS)
 
 
 def _floats(text: str, option: str):
@@ -231,6 +279,8 @@ def normalization(args):
 def load_data(args, input_size: int, split: str = "train"):
     """``(loader, image_shape, description)``: the first ``--num-images`` of ``--data`` at ``input_size``,
     normalised as asked, in batches of ``--batch-size``; ``description`` says what was used."""
+    import torch
+
     from rankprune import data
 
     if args.num_images < 1:
@@ -262,11 +312,34 @@ def load_data(args, input_size: int, split: str = "train"):
     return data.batch_loader(dataset, args.batch_size), shape, description
 
 
+def add_eval_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--eval``: the accuracy of the model before and after compression (:func:`accuracy_fn`)."""
+    parser.add_argument("--eval", action="store_true",
+                        help="report accuracy before/after on the built-in test split (--data synthetic, or no "
+                             "--data) or on --data itself")
+
+
+def accuracy_fn(args, device, dtype, size: int):
+    """``model -> top-1 accuracy`` for ``--eval``: 2000 images of the built-in test split (also without
+    ``--data``), or all of ``--data`` (a folder or tensor file), at ``size``, normalised as ``--data`` is."""
+    from rankprune import data
+    from rankprune.training import evaluate
+
+    source = args.data or "synthetic"
+    split = "test" if source in ("synthetic", "builtin") else "train"
+    _, mean, std = normalization(args)
+    dataset = data.load(source, split=split, n=2000 if split == "test" else None, seed=args.seed, size=size,
+                        mean=mean, std=std)
+    loader = data.batch_loader(dataset, 256)
+    return lambda model: evaluate(model, loader, device, dtype)
+
+
 def add_onnx_option(parser: argparse.ArgumentParser) -> None:
     """Add ``--onnx PATH``: also write the compressed model as an ONNX file."""
     parser.add_argument("--onnx", metavar="PATH",
-                        help="also write the compressed model as an ONNX file (opset 20, dynamic batch size; needs "
-                             "onnx and onnxscript) and, with onnxruntime installed, check its outputs against PyTorch")
+                        help="also write the compressed model as an ONNX file (opset 20, dynamic batch size; its "
+                             "weights go to PATH.data next to it; needs onnx and onnxscript) and, with onnxruntime "
+                             "installed, check its outputs against PyTorch")
 
 
 def check_onnx_path(path: Optional[str]) -> None:
@@ -282,11 +355,13 @@ def check_onnx_path(path: Optional[str]) -> None:
     os.makedirs(folder, exist_ok=True)
 
 
-def write_onnx(model, example: torch.Tensor, path: str) -> str:
+def write_onnx(model, example, path: str) -> str:
     """Export ``model`` (eval mode, on the CPU in float32) to ``path`` through ``rankprune.export_onnx`` with a
     dynamic batch dimension; with onnxruntime installed, compare its outputs with PyTorch's on ``example``.
     Returns a line saying what was written (and the largest difference)."""
     import copy
+
+    import torch
 
     from rankprune.export import export_onnx, onnx_max_abs_diff
 
@@ -296,9 +371,10 @@ def write_onnx(model, example: torch.Tensor, path: str) -> str:
         export_onnx(model, (example,), path, dynamic_shapes=({0: "batch"},), verbose=False)
     except ImportError as exc:
         raise UsageError(f"--onnx: {exc}") from None
+    wrote = f"wrote {path}" + (f" and its weights {path}.data" if os.path.exists(path + ".data") else "")
     try:
         check = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(0))
         diff = onnx_max_abs_diff(path, model, (check,))
     except ImportError:
-        return f"wrote {path} (onnxruntime is not installed: outputs not checked)"
-    return f"wrote {path} (ONNX Runtime vs PyTorch on CPU: max abs difference {diff:.2e})"
+        return f"{wrote} (onnxruntime is not installed: outputs not checked)"
+    return f"{wrote} (ONNX Runtime vs PyTorch on CPU: max abs difference {diff:.2e})"

@@ -3,9 +3,8 @@
 import json
 import os
 
-from .common import (add_common_options, add_data_options, add_model_options, add_onnx_option, check_onnx_path,
-                     check_output_dir, check_ratio, write_onnx)
-from .prune import _accuracy_fn
+from .common import (accuracy_fn, add_common_options, add_data_options, add_eval_option, add_model_options,
+                     add_onnx_option, check_onnx_path, check_output_dir, write_onnx)
 from .score import load_model_and_data
 
 OUT_DEFAULT = "rankprune-compressed"
@@ -20,12 +19,11 @@ def register(sub) -> None:
                     "to the dense model's on held-out calibration images (rankprune.compress). Writes "
                     "OUT/plan.json, OUT/compressed.pt (state_dict: rebuild with rankprune.apply_plan(fresh_model, "
                     "plan), then load_state_dict), OUT/report.json and OUT/report.md (the splits compared, "
-                    "params, FLOPs, accuracy with --eval).")
+                    "params, FLOPs per example, accuracy with --eval), and with --onnx an ONNX file.")
     add_model_options(p)
     add_data_options(p)
     p.add_argument("--target-flops", type=float, required=True, help="fraction of the FLOPs to keep, in (0, 1]")
-    p.add_argument("--eval", action="store_true",
-                   help="report accuracy before/after on the test split of --data (built-in) or on --data itself")
+    add_eval_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_onnx_option(p)
     add_common_options(p, OUT_DEFAULT, f"output folder (default ./{OUT_DEFAULT})")
@@ -48,13 +46,15 @@ def run(args) -> int:
     import rankprune
     from rankprune import report
 
+    from .._inputs import check_fraction
+
+    target = check_fraction("--target-flops", args.target_flops)
     check_onnx_path(args.onnx)
-    target = check_ratio("--target-flops", args.target_flops, inclusive_high=True)
     model, loader, image_shape, device, dtype = load_model_and_data(args)
     example = torch.zeros(1, *image_shape, device=device, dtype=dtype)
     small, plan, rep = rankprune.compress(model, example, data=loader, target_flops=target,
                                           progress=not args.no_progress)
-    eval_fn = _accuracy_fn(args, device, dtype, image_shape[-1]) if args.eval else None
+    eval_fn = accuracy_fn(args, device, dtype, image_shape[-1]) if args.eval else None
     result = report.compare(model, small, example, eval_fn)
     result["splits"] = rep
     out = check_output_dir(args.out)

@@ -3,11 +3,10 @@ writes the plan, the weights, a report and optionally an ONNX file."""
 import json
 import os
 
-from .._inputs import resolve_dtype
 from . import UsageError
-from .common import (add_common_options, add_data_options, add_model_options, add_onnx_option, check_onnx_path, check_output_dir,
-                     check_ratio, default_input_size, load_data, load_model, resolve_device, seed_everything,
-                     write_onnx)
+from .common import (accuracy_fn, add_common_options, add_data_options, add_eval_option, add_model_options,
+                     add_onnx_option, check_onnx_path, check_output_dir, default_input_size, load_data, load_model,
+                     resolve_device, seed_everything, write_onnx)
 
 OUT_DEFAULT = "rankprune-decomposed"
 
@@ -21,7 +20,8 @@ def register(sub) -> None:
                     "outputs). "
                     "Writes OUT/plan.json, OUT/decomposed.pt (state_dict: rebuild with "
                     "rankprune.apply_plan(fresh_model, plan), then load_state_dict), OUT/report.json and "
-                    "OUT/report.md (rank, FLOPs and output error per layer), and with --onnx an ONNX file.")
+                    "OUT/report.md (rank, FLOPs per example and output error per layer, accuracy with --eval), "
+                    "and with --onnx an ONNX file.")
     add_model_options(p)
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--energy", type=float,
@@ -50,6 +50,7 @@ def register(sub) -> None:
     recal.add_argument("--no-recalibrate", dest="recalibrate", action="store_const", const=False,
                        help="with --data, never re-estimate BatchNorm statistics after decomposing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_eval_option(p)
     add_onnx_option(p)
     add_common_options(p, OUT_DEFAULT, f"output folder (default ./{OUT_DEFAULT})")
     p.set_defaults(run=run)
@@ -64,10 +65,12 @@ def _decompose_kwargs(args, loader):
     """Keyword arguments of ``rankprune.decompose`` for the options given (library defaults otherwise)."""
     kwargs = {"scheme": args.scheme, "include": args.include, "exclude": args.exclude,
               "progress": not args.no_progress}
+    from .._inputs import check_fraction
+
     for name in ("energy", "rank_ratio", "target_flops", "target_params"):
         value = getattr(args, name)
         if value is not None:
-            kwargs[name] = check_ratio(f"--{name.replace('_', '-')}", value, inclusive_high=True)
+            kwargs[name] = check_fraction(f"--{name.replace('_', '-')}", value)
     if args.min_rank is not None:
         if isinstance(args.min_rank, float) and not 0 < args.min_rank <= 1 or args.min_rank < 1 and isinstance(
                 args.min_rank, int):
@@ -88,8 +91,8 @@ def _decompose_kwargs(args, loader):
 
 
 def render_report(rep) -> str:
-    """Markdown: one row per decomposed layer (rank / full rank, energy kept, FLOPs, output error), the
-    skipped layers and the whole model's totals."""
+    """Markdown: one row per decomposed layer (rank / full rank, energy kept, FLOPs per example, output error),
+    the skipped layers, the whole model's totals and, with ``--eval``, its accuracy before and after."""
     from rankprune import report
 
     def fmt_error(value):
@@ -99,17 +102,20 @@ def render_report(rep) -> str:
              layer.get("energy_kept", "-"), f"{layer['flops_dense'] / 1e6:.3g} -> {layer['flops'] / 1e6:.3g}",
              fmt_error(layer.get("rel_error"))]
             for name, layer in rep.get("layers", {}).items()]
-    text = report.markdown_table(rows, ["layer", "kind", "scheme", "rank / full", "energy kept", "MFLOPs",
-                                        "output rel. error"])
+    text = report.markdown_table(rows, ["layer", "kind", "scheme", "rank / full", "energy kept",
+                                        "MFLOPs per example", "output rel. error"])
     skipped = rep.get("skipped") or {}
     if skipped:
         text += "\n\nLeft dense:\n" + "\n".join(f"- {name}: {why}" for name, why in skipped.items())
     total = rep.get("total") or {}
     if total:
         rows = [["params", total["params_dense"], total["params"], f"{total['params'] / max(total['params_dense'], 1):.3f}"],
-                ["FLOPs", total.get("flops_dense"), total.get("flops"),
+                ["FLOPs per example", total.get("flops_dense"), total.get("flops"),
                  f"{total['flops'] / max(total['flops_dense'], 1):.3f}" if total.get("flops_dense") else "-"]]
         text += "\n\n" + report.markdown_table(rows, ["", "dense", "decomposed", "kept"])
+        if "accuracy_before" in rep:
+            a, b = rep["accuracy_before"], rep["accuracy_after"]
+            text += f"\n\naccuracy: {100 * a:.2f}% -> {100 * b:.2f}% (change {100 * (b - a):+.2f} pt)"
         if total.get("output_rel_error") is not None:
             text += (f"\n\nrelative error of the model's output on the example input (the first calibration "
                      f"image, or a random one without --data): {total['output_rel_error']:.3g}")
@@ -120,6 +126,8 @@ def run(args) -> int:
     import torch
 
     import rankprune
+
+    from .._inputs import resolve_dtype
 
     check_onnx_path(args.onnx)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
@@ -143,6 +151,9 @@ def run(args) -> int:
     example = example.to(device=device, dtype=dtype)
     kwargs = _decompose_kwargs(args, loader)
     small, plan, rep = rankprune.decompose(model, example_inputs=(example,), **kwargs)
+    if args.eval:
+        accuracy = accuracy_fn(args, device, dtype, shape[-1])
+        rep["accuracy_before"], rep["accuracy_after"] = accuracy(model), accuracy(small)
     out = check_output_dir(args.out)
     with open(os.path.join(out, "plan.json"), "w") as f:
         json.dump(plan, f)

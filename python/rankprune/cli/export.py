@@ -2,7 +2,6 @@
 without rankprune: an ONNX file and a ``torch.export`` program of its plain-PyTorch form."""
 import os
 
-from .._inputs import resolve_dtype
 from . import UsageError
 from .common import (add_common_options, add_model_options, build_model, check_output_dir,
                      default_input_size, load_weights, read_plan, resolve_device, seed_everything, write_onnx)
@@ -15,7 +14,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "export", help="write a (compressed) model as ONNX and as a torch.export program that need no rankprune",
         description="Build --model, apply a saved --plan (from prune, decompose, trp or the demo) and load "
-                    "--weights, then write OUT/model.onnx (standard ONNX operators, dynamic batch size; checked "
+                    "--weights, then write OUT/model.onnx with its weights in OUT/model.onnx.data (standard ONNX "
+                    "operators, dynamic batch size; keep the two files together; checked "
                     "against PyTorch in ONNX Runtime when it is installed) and OUT/model.pt2 (torch.export "
                     "program of rankprune.to_plain(model), dynamic batch size; loads with torch.export.load "
                     "where rankprune is not installed).")
@@ -24,8 +24,8 @@ def register(sub) -> None:
     p.add_argument("--formats", default=",".join(FORMATS),
                    help=f"comma-separated subset of {','.join(FORMATS)} (default: both)")
     add_common_options(p, OUT_DEFAULT, f"output folder (default ./{OUT_DEFAULT})",
-                       dtype_help="floating-point type of the torch.export program (default float32; the ONNX "
-                                  "file is float32)")
+                       dtype_help="floating-point type of the torch.export program: float32 (default), float64, "
+                                  "float16 or bfloat16 (the ONNX file is float32)")
     p.set_defaults(run=run)
 
 
@@ -54,6 +54,8 @@ def run(args) -> int:
     import torch
 
     import rankprune
+
+    from .._inputs import resolve_dtype
 
     formats = _formats(args.formats)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)

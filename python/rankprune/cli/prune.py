@@ -2,8 +2,8 @@
 import json
 import os
 
-from .common import (add_common_options, add_data_options, add_model_options, add_onnx_option, check_onnx_path,
-                     check_output_dir, normalization, write_onnx)
+from .common import (accuracy_fn, add_common_options, add_data_options, add_eval_option, add_model_options,
+                     add_onnx_option, check_onnx_path, check_output_dir, write_onnx)
 from .score import add_criterion_options, load_model_and_data, make_criterion
 
 OUT_DEFAULT = "rankprune-pruned"
@@ -16,9 +16,9 @@ def register(sub) -> None:
                     "important channels with everything coupled to them, refit the layers that read them by least "
                     "squares (unless --no-reconstruct), re-estimate the BatchNorm statistics on the calibration "
                     "images (unless --no-recalibrate), and write OUT/plan.json, "
-                    "OUT/pruned.pt (state_dict: rebuild with rankprune.apply_prune_plan(fresh_model, plan) then "
-                    "load_state_dict), OUT/report.json and OUT/report.md (params, FLOPs, per-layer channels, "
-                    "accuracy with --eval).")
+                    "OUT/pruned.pt (state_dict: rebuild with rankprune.apply_plan(fresh_model, plan), then "
+                    "load_state_dict), OUT/report.json and OUT/report.md (params, FLOPs per example, per-layer "
+                    "channels, accuracy with --eval), and with --onnx an ONNX file.")
     add_model_options(p)
     add_data_options(p)
     add_criterion_options(p, default=None, extra=" or auto (compare pipelines on held-out calibration images)")
@@ -39,23 +39,10 @@ def register(sub) -> None:
     p.add_argument("--no-recalibrate", dest="recalibrate", action="store_false",
                    help="keep the original BatchNorm statistics (default: re-estimate them on the calibration "
                         "images after pruning)")
-    p.add_argument("--eval", action="store_true",
-                   help="report accuracy before/after on the test split of --data (built-in) or on --data itself")
+    add_eval_option(p)
     add_onnx_option(p)
     add_common_options(p, OUT_DEFAULT, f"output folder (default ./{OUT_DEFAULT})")
     p.set_defaults(run=run)
-
-
-def _accuracy_fn(args, device, dtype, size):
-    from rankprune import data
-    from rankprune.training import evaluate
-
-    split = "test" if args.data in ("synthetic", "builtin") else "train"
-    _, mean, std = normalization(args)
-    dataset = data.load(args.data, split=split, n=2000 if split == "test" else None, seed=args.seed, size=size,
-                        mean=mean, std=std)
-    loader = data.batch_loader(dataset, 256)
-    return lambda model: evaluate(model, loader, device, dtype)
 
 
 def run(args) -> int:
@@ -65,7 +52,12 @@ def run(args) -> int:
     from rankprune import report, scoring
 
     from . import UsageError
+    from .._inputs import check_fraction
 
+    if args.ratio is not None:
+        check_fraction("--ratio", args.ratio, low_open=False, high_open=True)
+    else:
+        check_fraction("--target-flops", args.target_flops)
     check_onnx_path(args.onnx)
     model, loader, image_shape, device, dtype = load_model_and_data(args)
     example = torch.zeros(1, *image_shape, device=device, dtype=dtype)
@@ -85,7 +77,7 @@ def run(args) -> int:
         global_ranking=args.global_ranking, round_to=args.round_to, reconstruct=args.reconstruct,
         recalibrate=args.recalibrate, progress=not args.no_progress,
     )
-    eval_fn = _accuracy_fn(args, device, dtype, image_shape[-1]) if args.eval else None
+    eval_fn = accuracy_fn(args, device, dtype, image_shape[-1]) if args.eval else None
     result = report.compare(model, pruned, example, eval_fn)
     out = check_output_dir(args.out)
     with open(os.path.join(out, "plan.json"), "w") as f:

@@ -3,7 +3,6 @@ import json
 import os
 from typing import Optional
 
-from .._inputs import resolve_dtype
 from .common import (add_common_options, add_data_options, add_model_options, check_output_dir, default_input_size,
                      load_data, load_model, resolve_device, seed_everything)
 
@@ -24,6 +23,8 @@ def add_criterion_options(p, default: Optional[str] = "energy", extra: str = "")
 def load_model_and_data(args):
     """``(model, loader, image_shape, device, dtype)`` for ``score`` and ``prune``: seeds, loads ``--model``
     and ``--data`` at the model's input size, and prints what data and normalisation are used."""
+    from .._inputs import resolve_dtype
+
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     seed_everything(args.seed)
     model = load_model(args, device, dtype)

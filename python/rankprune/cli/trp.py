@@ -1,7 +1,7 @@
 """`rankprune trp`: train a built-in model on the built-in data with Trained Rank Pruning, then decompose it.
 
 Writes ``<out>/model.pt`` (the decomposed model's state_dict; rebuild it with
-``rankprune.lowrank.apply_decompose_plan(rankprune.models.build(name), plan)`` and load it),
+``rankprune.apply_plan(rankprune.models.build(name), plan)`` and load it),
 ``<out>/plan.json``, ``<out>/trp_state.json`` (the pruner's state) and ``<out>/report.json`` /
 ``report.md`` (accuracy of the projected and of the decomposed model, FLOPs, parameters, ranks per layer).
 
@@ -12,8 +12,6 @@ import json
 import os
 import time
 from typing import Dict
-
-import torch
 
 OUT_DEFAULT = "rankprune-trp"
 
@@ -49,12 +47,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     import rankprune
     from rankprune import data, models, report
     from rankprune.training import evaluate, train
 
     from . import UsageError
-    from .._inputs import resolve_dtype
+    from .._inputs import check_fraction, resolve_dtype
     from .common import check_output_dir, resolve_device, seed_everything
 
     if args.model not in models.available():
@@ -62,8 +62,7 @@ def run(args) -> int:
     for name in ("epochs", "batch_size", "train_size", "test_size", "period"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0.0 < args.energy <= 1.0:
-        raise UsageError(f"--energy must be in (0, 1], got {args.energy}")
+    check_fraction("--energy", args.energy)
     if args.lam < 0 or args.lr <= 0 or args.weight_decay < 0 or args.width <= 0:
         raise UsageError("--lam and --weight-decay must be >= 0, --lr and --width > 0")
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
@@ -125,7 +124,7 @@ def _write_json(path: str, obj) -> None:
 def _markdown(result: Dict[str, object]) -> str:
     dense, small = result["dense"], result["decomposed"]
     lines = [
-        "| model | accuracy | FLOPs | params |",
+        "| model | accuracy | FLOPs per example | params |",
         "|---|---|---|---|",
         f"| TRP-trained, projected (dense) | {100 * result['accuracy_projected']:.2f}% | {dense['flops']:,} | "
         f"{dense['params']:,} |",

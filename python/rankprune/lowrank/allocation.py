@@ -12,13 +12,6 @@ from .cost import Candidate
 DEFAULT_MIN_RANK = 0.25
 
 
-def check_fraction(value, arg: str) -> float:
-    """``value`` as a float; ValueError naming ``arg`` unless it is a number in (0, 1]."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{arg} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
 def check_min_rank(min_rank) -> None:
     """TypeError/ValueError unless ``min_rank`` is an int >= 1 or a fraction in (0, 1]."""
     if isinstance(min_rank, bool) or not isinstance(min_rank, (int, float)):

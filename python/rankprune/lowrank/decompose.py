@@ -8,12 +8,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import training
-from .._inputs import batch_inputs, check_finite_weights, first_samples, model_device_dtype, reusable, to_device
+from .._inputs import (batch_inputs, check_finite_weights, check_fraction, first_samples, model_device_dtype,
+                      reusable, to_device)
 from ..calibration import Calibration, PhaseClock
 from ..nn import SCHEMES
 from ..plan_format import PLAN_VERSION
 from . import allocation
-from .allocation import DEFAULT_MIN_RANK, allocate, check_fraction, check_min_rank, resolve_min_rank
+from .allocation import DEFAULT_MIN_RANK, allocate, check_min_rank, resolve_min_rank
 from .cost import Candidate
 from .factoring import DEFAULT_DAMPING, factor, refit_factors, whitened_factors
 from .measure import rel_error, run_example
@@ -123,8 +124,9 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
     (``statistics``, ``factorization``, ``sensitivity``, ``refit`` or ``replace``, ``recalibration``) and, with
     data, the cache budget, the number of batches and samples and notes (see :mod:`rankprune.calibration`).
 
-    Raises ValueError for non-finite weights (named) before any data are run, for NaN or Inf in a layer's
-    calibration inputs (naming the layer), and for empty data.
+    Raises ValueError for non-finite weights (named) before any data are run, for NaN or Inf in the calibration
+    data or the activations (naming the batch that holds it, or the first module whose output does), and for
+    empty data.
     """
     _check_arguments(model, ranks, energy, rank_ratio, target_flops, target_params, scheme, min_flop_saving,
                      min_rank, rank_multiple, damping)
@@ -198,8 +200,7 @@ def _check_arguments(model, ranks, energy, rank_ratio, target_flops, target_para
                          + (", ".join(chosen) if chosen else "none"))
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if not isinstance(min_flop_saving, (int, float)) or not 0.0 <= min_flop_saving < 1.0:
-        raise ValueError(f"min_flop_saving must be a number in [0, 1), got {min_flop_saving!r}")
+    check_fraction("min_flop_saving", min_flop_saving, low_open=False, high_open=True)
     check_min_rank(min_rank)
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
@@ -208,7 +209,7 @@ def _check_arguments(model, ranks, energy, rank_ratio, target_flops, target_para
     for arg, value in (("energy", energy), ("rank_ratio", rank_ratio), ("target_flops", target_flops),
                        ("target_params", target_params)):
         if value is not None:
-            check_fraction(value, arg)
+            check_fraction(arg, value)
 
 
 def _example_inputs(model: nn.Module, example_inputs, data):

@@ -6,13 +6,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._inputs import call_model, eval_mode
+from .._inputs import call_model, eval_mode, holds_non_finite, raise_non_finite
 from .cost import Candidate
 
 
 def run_example(model: nn.Module, example_inputs, layers: Dict[str, Candidate], record: bool) -> Tuple[object, int]:
     """One forward pass in eval mode without gradients (training flags restored): the output and its
-    FlopCounterMode FLOPs; with ``record``, each layer's inputs and outputs are kept."""
+    FlopCounterMode FLOPs; with ``record``, each layer's inputs and outputs are kept. A NaN or Inf in the
+    output raises ValueError naming the weight, input or layer it comes from."""
     handles = []
     if record:
         for layer in layers.values():
@@ -27,6 +28,8 @@ def run_example(model: nn.Module, example_inputs, layers: Dict[str, Candidate], 
     finally:
         for h in handles:
             h.remove()
+    if holds_non_finite(output):  # [[inputs]]: one batch whose first item is the inputs, whatever their form
+        raise_non_finite(model, [[example_inputs]], "decompose", "the model's output", where="example_inputs")
     return output, counter.get_total_flops()
 
 

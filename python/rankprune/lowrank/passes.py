@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._inputs import batch_size, first_samples, progress
+from .._inputs import batch_size, first_samples, progress, raise_non_finite
 from ..calibration import Calibration, SameInputStages, input_columns
 from ..fidelity import output_tensor
 from .cost import Candidate
@@ -40,11 +40,6 @@ def _generator(layer: Candidate, batch: int, call: int, device) -> torch.Generat
 
 
 def _columns(layer: Candidate, batch: int, call: int, x: Tensor) -> Tensor:
-    # a sum is NaN or Inf when an entry is (and, rarely, when finite entries overflow: confirmed elementwise)
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"decompose: the input of layer {layer.name!r} holds NaN or Inf on calibration batch "
-                         f"{batch} (the weights are finite: the calibration data, or a module before this layer, "
-                         "produces them)")
     return input_columns(layer.module, x, _generator(layer, batch, call, x.device))
 
 
@@ -79,6 +74,11 @@ def collect_statistics(engine: Calibration, layers: List[Candidate], keep_dense_
             engine.all_reduce([counts])
             for layer, count in zip(layers, counts.tolist()):
                 layer.samples = int(count)
+    # A NaN or Inf input leaves its layer's float64 covariance non-finite: one check after the pass, then the
+    # diagnosis names where it first appears (the weights were checked before any data ran).
+    bad = [layer for layer in layers if not bool(torch.isfinite(layer.covariance).all())]
+    if bad:
+        raise_non_finite(engine.model, engine.data, "decompose", f"the input covariance of layer {bad[0].name!r}")
     for layer in layers:
         if layer.samples == 0:
             layer.covariance = None

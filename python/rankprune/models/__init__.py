@@ -5,28 +5,34 @@ imports ``pkg.mod`` and calls ``make_net(num_classes=..., **kwargs)``; ``build("
 ``build("timm:resnet18")`` use those libraries when they are installed.
 """
 import importlib
-from typing import Callable, Dict, List
+from typing import TYPE_CHECKING, Callable, Dict, List
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from .concatnet import ConcatNet, concatnet
-from .mobilenetv2 import MobileNetV2, mobilenetv2
-from .resnet50 import ResNet50, resnet50
-from .resnet_cifar import CifarResNet, resnet20, resnet56
-from .vgg import VGG, vgg16
-
-_BUILTIN: Dict[str, Callable[..., nn.Module]] = {
-    "resnet20": resnet20,
-    "resnet56": resnet56,
-    "vgg16": vgg16,
-    "mobilenetv2": mobilenetv2,
-    "resnet50": resnet50,
-    "concatnet": concatnet,
+# Built-in factories by name, as (module of this package, function): imported on first use, so that the names
+# (the CLI's --help, its checks) cost no torch import.
+_BUILTIN: Dict[str, tuple] = {
+    "resnet20": ("resnet_cifar", "resnet20"),
+    "resnet56": ("resnet_cifar", "resnet56"),
+    "vgg16": ("vgg", "vgg16"),
+    "mobilenetv2": ("mobilenetv2", "mobilenetv2"),
+    "resnet50": ("resnet50", "resnet50"),
+    "concatnet": ("concatnet", "concatnet"),
 }
+_CLASSES = {"CifarResNet": "resnet_cifar", "VGG": "vgg", "MobileNetV2": "mobilenetv2", "ResNet50": "resnet50",
+            "ConcatNet": "concatnet"}
 
 # Input shape (C, H, W) each built-in model expects.
 INPUT_SHAPES = {name: (3, 32, 32) for name in _BUILTIN}
 INPUT_SHAPES["resnet50"] = (3, 224, 224)
+
+
+def __getattr__(name):  # the factories and classes (``models.resnet20``, ``models.CifarResNet``), on first use
+    module = _BUILTIN[name][0] if name in _BUILTIN else _CLASSES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
 def available() -> List[str]:
@@ -34,9 +40,9 @@ def available() -> List[str]:
     return sorted(_BUILTIN)
 
 
-def _resolve(name: str) -> Callable[..., nn.Module]:
+def _resolve(name: str) -> Callable[..., "nn.Module"]:
     if name in _BUILTIN:
-        return _BUILTIN[name]
+        return __getattr__(name)
     if ":" not in name:
         raise ValueError(
             f"unknown model {name!r}: expected one of {available()} or 'module:factory' (e.g. torchvision:resnet18)"
@@ -62,12 +68,14 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
     return factory
 
 
-def build(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+def build(name: str, num_classes: int = 10, **kwargs) -> "nn.Module":
     """Build a model by built-in name (see :func:`available`) or ``"module:factory"``.
 
     ``num_classes`` and ``kwargs`` (e.g. ``width=0.5`` for the built-ins) are passed to the factory. The
     model comes randomly initialised, in training mode.
     """
+    from torch import nn
+
     if not isinstance(name, str) or not name:
         raise TypeError(f"model name must be a non-empty string, got {name!r}")
     model = _resolve(name)(num_classes=num_classes, **kwargs)

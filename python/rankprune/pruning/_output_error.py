@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import scoring
-from .._inputs import batch_size, call_model, eval_mode, first_samples, model_inputs
+from .._inputs import (batch_size, call_model, eval_mode, first_samples, holds_non_finite, model_inputs,
+                       raise_non_finite)
 from ..calibration import Calibration, input_columns
 from ..fidelity import output_tensor
 from . import _torch_pruning as tpa
@@ -144,8 +145,8 @@ def _statistics(engine: Calibration, consumers: Dict[str, nn.Module]) -> Dict[st
         engine.trace({m: capture(n, m) for n, m in consumers.items()}, "statistics")
         engine.all_reduce(list(grams.values()))
     for name, gram in grams.items():
-        if not bool(torch.isfinite(gram).all()):
-            raise ValueError(f"output_error: the inputs of layer {name!r} hold NaN or Inf on the calibration data")
+        if holds_non_finite(gram):
+            raise_non_finite(engine.model, engine.data, "output_error", f"the input Gram of layer {name!r}")
     return grams
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import scoring
-from .._inputs import call_model, eval_mode, reusable
+from .._inputs import call_model, check_data, check_finite_weights, check_fraction, eval_mode, reusable
 from .._inputs import progress as progress_bar
 from ..fidelity import divergence, split_holdout
 from ..plan_format import PLAN_VERSION
@@ -93,6 +93,8 @@ def prune(
     Returns:
         ``(pruned_model, plan)``; the plan is plain data (module doc) for :func:`apply_prune_plan`.
     """
+    if data is not None:
+        check_data(data)  # an empty list or loader fails here, not after the pruning
     ratio, target_flops, max_layer_ratio = _check_arguments(model, ratio, target_flops, max_layer_ratio, round_to)
     if isinstance(criterion_or_scores, str) and criterion_or_scores == AUTO:
         options = dict(ratio=ratio, target_flops=target_flops, ignored_layers=ignored_layers,
@@ -128,6 +130,8 @@ def prune(
             lines = "".join(f"\n  {name}: {why}" for name, why in sorted(reconstruction["fallback"].items()))
             warnings.warn(f"prune: {len(reconstruction['fallback'])} layer(s) whose input channels were removed are "
                           f"not reconstructed (kept as sliced):{lines}", stacklevel=2)
+    if recalibrate:  # on the copy too: a failure (NaN in the data) leaves the caller's model as it was
+        recalibrate_batchnorm(pruned, data, progress=progress)
     if inplace:  # the caller's model is cut only once a copy was pruned without error
         apply_prune_plan(model, {"method": "prune", "version": PLAN_VERSION, "layers": kept})
         model.load_state_dict(pruned.state_dict())
@@ -136,8 +140,6 @@ def prune(
         m.training = flags.get(name, m.training)
     _warn_unpruned(unpruned)
     _warn_tied(scores, kept)
-    if recalibrate:
-        recalibrate_batchnorm(pruned, data, progress=progress)
     plan = {"method": "prune", "version": PLAN_VERSION, "layers": kept, "criterion": criterion_name,
             "ratio": ratio, "target_flops": target_flops, "global_ranking": bool(global_ranking),
             "round_to": round_to, "ignored_layers": ignored_names, "reconstruction": reconstruction,
@@ -184,31 +186,23 @@ def _check_reconstruct(reconstruct: Optional[bool], damping: float, data: Option
 
 def _check_arguments(model: nn.Module, ratio: Optional[float], target_flops: Optional[float],
                      max_layer_ratio: float, round_to: Optional[int]) -> Tuple[Optional[float], Optional[float], float]:
-    """Refuse arguments out of range (and a model without convs) before any work; the fractions as floats."""
+    """Refuse arguments out of range, a model without convs and non-finite weights before any work; the
+    fractions as floats."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if (ratio is None) == (target_flops is None):
         raise ValueError("give exactly one of ratio (fraction of channels to remove) and target_flops "
                          "(fraction of FLOPs to keep)")
     if ratio is not None:
-        ratio = _check_fraction("ratio", ratio, lo_open=False, hi_open=True)
+        ratio = check_fraction("ratio", ratio, low_open=False, high_open=True)
     if target_flops is not None:
-        target_flops = _check_fraction("target_flops", target_flops, lo_open=True, hi_open=False)
-    max_layer_ratio = _check_fraction("max_layer_ratio", max_layer_ratio, lo_open=False, hi_open=True)
+        target_flops = check_fraction("target_flops", target_flops)
+    max_layer_ratio = check_fraction("max_layer_ratio", max_layer_ratio, low_open=False, high_open=True)
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
     scoring.conv_layers(model)  # a model without convs is refused here, before any work
+    check_finite_weights(model, "prune")  # before any score or data can be blamed for a NaN
     return ratio, target_flops, max_layer_ratio
-
-
-def _check_fraction(name: str, value, lo_open: bool, hi_open: bool, lo=0.0, hi=1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    bad = (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi)
-    if bad or not math.isfinite(value):
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-    return float(value)
 
 
 def _scores(model: nn.Module, criterion_or_scores, data: Optional[Iterable], recalibrate: bool,

@@ -40,7 +40,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._inputs import call_model, eval_mode, first_samples
+from .._inputs import call_model, eval_mode, first_samples, holds_non_finite, raise_non_finite
 from ..calibration import Calibration, SameInputStages, input_columns
 from ..lowrank.factoring import MAX_REFIT_GROWTH, REFIT_DAMPING_STEPS
 
@@ -162,6 +162,9 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, kept: Dict[str, Dict[str, A
         for number, stage in enumerate(sorted(by_stage.values(), key=lambda s: s[0].stage)):
             _stage_statistics(engine, dense_engine, stage, holdout, f"refit {number + 1}/{len(by_stage)}")
             for c in stage:
+                if any(holds_non_finite(t) for s in (c.fit, c.holdout) for t in (s.gram, s.cross)):
+                    raise_non_finite(dense, dense_engine.data, "prune",
+                                     f"the reconstruction statistics of layer {c.name!r}")
                 result["layers"][c.name] = _refit(c, damping, batchnorm_after.get(c.name))
                 if c.targets:
                     dense_engine.release(sum(t.numel() * t.element_size() for t in c.targets.values()))
@@ -187,10 +190,6 @@ def _generator(c: _Consumer, batch: int, call: int, device) -> torch.Generator:
 
 
 def _rows(c: _Consumer, module: nn.Module, batch: int, call: int, x: Tensor) -> Tensor:
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"prune: the input of layer {c.name!r} holds NaN or Inf on calibration batch {batch} "
-                         "(the weights are finite: the calibration data, or a module before this layer, produces "
-                         "them)")
     return input_columns(module, x, _generator(c, batch, call, x.device))
 
 
@@ -290,10 +289,6 @@ def _plain_weight(c: _Consumer, stats: _Statistics) -> Tensor:
 def _refit(c: _Consumer, damping: float, batchnorm: Optional[nn.Module]) -> Dict[str, Any]:
     """Choose between the refit and the plain layer on the held-out rows, solve the choice on all rows, and write
     it into the pruned layer; the plan entry."""
-    for stats in (c.fit, c.holdout):
-        if not (bool(torch.isfinite(stats.gram).all()) and bool(torch.isfinite(stats.cross).all())):
-            raise ValueError(f"prune: the reconstruction statistics of layer {c.name!r} hold NaN or Inf (its inputs "
-                             "or the dense model's outputs at it overflow on the calibration data)")
     fit, held = (c.fit, c.holdout) if c.fit.rows and c.holdout.rows else (c.fit.plus(c.holdout),) * 2
     everything = c.fit.plus(c.holdout)
     scale = max(held.target_energy, 1e-300)

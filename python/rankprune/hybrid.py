@@ -16,11 +16,10 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 from torch import nn
 
-from ._inputs import check_finite_weights, first_samples, model_inputs, reusable
+from ._inputs import check_finite_weights, check_fraction, first_samples, model_inputs, reusable
 from ._inputs import progress as progress_bar
 from .fidelity import divergence, split_holdout
 from .lowrank import decompose
-from .lowrank.allocation import check_fraction
 from .plan_format import PLAN_VERSION
 from .report import count_flops
 
@@ -52,7 +51,7 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    target_flops = check_fraction(target_flops, "target_flops")
+    target_flops = check_fraction("target_flops", target_flops)
     if not shares or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0
                          for s in shares):
         raise ValueError(f"shares must be fractions in [0, 1], got {shares!r}")
