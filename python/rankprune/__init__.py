@@ -11,10 +11,9 @@ from . import data, export, lowrank, models, nn, ops, report, scoring, training,
 from .export import export_onnx, onnx_translation_table, to_plain
 from .lowrank import decompose
 from .plans import apply_plan
+from ._version import __version__
 from .training import recalibrate
 from .trp import TrainedRankPruner
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ops", "nn", "data", "models", "report", "scoring", "training", "trp", "lowrank", "decompose", "prune",
