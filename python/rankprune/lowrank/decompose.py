@@ -69,10 +69,25 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
       samples of the first calibration batch, an eighth of all samples and at least 4) with only that layer
       decomposed at a probe rank, over its relative output error; without data, of their relative weight
       errors.
+    - ``target_latency``: a fraction in (0, 1] of the dense model's latency measured in ``runtime``
+      (:class:`rankprune.latency.LatencyModel`: each layer's candidate ranks timed alone at its input shape on
+      ``example_inputs``, cached on disk); the same errors are allocated per measured millisecond saved
+      (``allocation.allocate_latency``), among at most ``latency_budget.RANKS_PER_LAYER`` measured ranks per
+      layer; layers with no rank faster than the dense layer stay dense. ValueError naming the closest
+      reachable latency when the target is below it.
 
     ``energy``, ``rank_ratio`` and the budgets never give a layer less than ``min_rank`` (an int, or a fraction
     of the layer's full rank, rounded up; default 0.25) and only ranks that are multiples of ``rank_multiple``
-    (e.g. 8 for tensor cores; a layer whose smallest allowed rank saves no FLOPs stays dense).
+    (e.g. 8 for tensor cores; a layer whose smallest allowed rank saves no FLOPs stays dense). ``rank_multiple``
+    None (default) is 1, or with ``target_latency`` the multiple a measured sweep of ranks finds rewarded
+    (``LatencyModel.rank_multiple``).
+
+    ``runtime`` (None: "eager", PyTorch on the model's device; "cuda_graph"; "onnxruntime", the exported model
+    in ONNX Runtime on the CPU, needs onnxruntime: ImportError with the install line) is where latency is
+    measured. ``measure_latency`` (None: whenever ``target_flops``, ``target_latency`` or ``runtime`` is given
+    and there are example inputs; True / False: always / never) times the result against the dense model
+    (:func:`rankprune.latency.verify`: interleaved rounds) into ``report["latency"]`` and ``plan["latency"]``
+    and warns, naming the gap, when it is not faster than dense or misses ``target_latency``.
 
     ``data`` (an iterable of calibration batches: tensors, ``(inputs, target)`` tuples whose first item is
     used, or dicts of keyword inputs; moved to the model's device) makes the decomposition data-aware: each
@@ -114,7 +129,10 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
     {"kind": "conv2d"|"linear", "scheme": ..., "rank": r, "data_aware": bool}}}`` and ``report = {"layers":
     {name: {kind, scheme, method, rank, full_rank, energy_kept, params_dense, params, flops_dense, flops,
     rel_error, output_error, output_energy, sensitivity, refitted, damping}}, "skipped": {name: reason},
-    "total": {params_dense, params, flops_dense, flops, output_rel_error}, "recalibrated": bool}``.
+    "total": {params_dense, params, flops_dense, flops, output_rel_error}, "recalibrated": bool}``, plus,
+    when latency is measured, ``report["latency"] = plan["latency"] = {runtime, device, batch, threads, dense,
+    compressed (Timing dicts), ratio, ratio_p10, ratio_p90, rounds, target, warning}`` (with ``target_latency``
+    also ``predicted_ms``, ``predicted_ratio``, ``profiling_s``, ``layers_measured``, ``layers_cached``).
     ``refitted`` says whether the asymmetric refit was kept; ``damping`` is the damping of the layer's data-aware
     fit (None for weight SVD): raised tenfold, up to ``REFIT_DAMPING_STEPS`` times, when the refit would make
     the weight more than ``MAX_REFIT_GROWTH`` times the dense one (an under-determined regression, e.g. a
