@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import rankprune
-from rankprune import latency
+from rankprune import cli, latency
 from rankprune.benchmark import Timing
 from rankprune.latency import DENSE, LatencyModel, Variant, best_multiple
 from rankprune.latency import model as latency_model_module
@@ -330,6 +330,18 @@ def test_cli_clear_cache(cache_in_tmp, tmp_path):
                           text=True, env=env, check=True)
     assert done.stdout.strip() == f"removed 1 cached timing file(s) from {cache_in_tmp}"
     assert list(cache_in_tmp.glob("*.json")) == []
+
+
+def test_cli_bench_model_predicts_beside_the_measurement(fake_timer, capsys, tmp_path):
+    argv = ["bench", "model", "--model", "resnet20", "--variants", "dense,decomposed", "--predict", "--warmup", "1",
+            "--repeats", "2", "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    assert "predicted ms" in capsys.readouterr().out
+    payload = json.loads(next(p for p in (tmp_path / "out").iterdir() if p.suffix == ".json").read_text())
+    rows = {r["variant"]: r for r in payload["rows"]}
+    # fake milliseconds are parameter counts: the decomposed model is predicted faster by its saved parameters
+    assert rows["dense"]["predicted_ms"] == pytest.approx(rows["dense"]["params"] / 1000)
+    assert rows["decomposed"]["predicted_ms"] == pytest.approx(rows["decomposed"]["params"] / 1000)
 
 
 @pytest.mark.cuda
