@@ -1,9 +1,10 @@
 """The disk cache of layer timings: one JSON file per measured layer shape and measuring environment.
 
-A file ``<cache dir>/<hash of the key>.json`` holds ``{"key": key, "timings": {variant: Timing dict}}``. The key
-names everything a timing depends on (device name, runtime, torch / ONNX Runtime / rankprune versions, thread
-count, dtype, the layer's type and configuration, its input shape: batch included), so a timing is reused only
-where it was measured. The directory is ``$RANKPRUNE_CACHE_DIR/latency`` (default ``~/.cache/rankprune/latency``).
+A file ``<cache dir>/<hash of the key>.json`` holds ``{"key": key, "timings": {variant: {"ms", "rounds_ms",
+...}}}``: the layer's time in that shape and each round's median. The key names everything a timing depends on
+(device name, runtime, torch / ONNX Runtime / rankprune versions, thread count, dtype, the layer's type and
+configuration, its input shape: batch included), so a timing is reused only where it was measured. The
+directory is ``$RANKPRUNE_CACHE_DIR/latency`` (default ``~/.cache/rankprune/latency``).
 """
 import glob
 import hashlib
@@ -26,7 +27,7 @@ def _path(key: Dict[str, object]) -> str:
 
 
 def load(key: Dict[str, object]) -> Dict[str, dict]:
-    """The cached ``{variant: Timing dict}`` of ``key`` (empty when none, or when the file is unreadable or was
+    """The cached ``{variant: timing}`` of ``key`` (empty when none, or when the file is unreadable or was
     written for another key)."""
     try:
         with open(_path(key)) as f:

@@ -22,11 +22,13 @@ from ..nn import LowRankConv2d, LowRankLinear, _explicit_padding, check_decompos
 from . import cache
 from .runtimes import check_runtime, interleaved, make_timer, runtime_threads, runtime_versions
 
-# Rounds per layer measurement (variants of a layer interleaved) and timed calls per variant and round. A
-# layer's time is its fastest round's median: on a shared machine a slow round is other processes' time (a
-# preempted intra-op thread stalls the whole call), not the layer's.
-LAYER_ROUNDS = 3
-LAYER_REPEATS = 5
+# Rounds per layer measurement (the dense layer and its variants interleaved) and timed calls per variant and
+# round. The dense layer's time is its fastest round's median: on a shared machine a slow round is other
+# processes' time (a preempted intra-op thread stalls the whole call), not the layer's. A variant's time is
+# the dense time times the median over rounds of (variant / dense) in the same round: a slow moment that hits
+# one round hits both sides of its ratio.
+LAYER_ROUNDS = 5
+LAYER_REPEATS = 3
 # Multiples a sweep considers for ranks and channel counts.
 MULTIPLES = (1, 2, 4, 8, 16, 32)
 # A larger multiple is chosen only when it is this much faster than the best smaller one (timing noise).
@@ -220,16 +222,22 @@ class LatencyModel:
             return
         layer = self.layers[name]
         timers = {}
-        for variant in missing:
+        for variant in [DENSE] + [v for v in missing if v != DENSE]:  # dense: the reference of each round
             module, shape = variant_module(layer.module, variant, layer.input_shape)
             module = module.to(device=self.device, dtype=layer.dtype).eval()
             x = torch.randn(shape, device=self.device, dtype=layer.dtype)
             timers[variant.key] = make_timer(module, x, self.runtime, self.device, self.threads)
         rounds = {k: [t.median_ms for t in ts] for k, ts in interleaved(timers, LAYER_ROUNDS, LAYER_REPEATS).items()}
-        known.update({k: min(ms) for k, ms in rounds.items()})
-        self.measured += len(rounds)
+        dense_rounds = rounds.pop(DENSE.key)
+        dense_ms = known.setdefault(DENSE.key, min(dense_rounds))
+        ratios = {k: statistics.median(v / d for v, d in zip(ms, dense_rounds)) for k, ms in rounds.items()}
+        timings = {k: {"ms": dense_ms * ratio, "ratio_to_dense": ratio, "rounds_ms": rounds[k]}
+                   for k, ratio in ratios.items()}
+        timings[DENSE.key] = {"ms": dense_ms, "rounds_ms": dense_rounds}
+        known.update({k: t["ms"] for k, t in timings.items()})
+        self.measured += len(missing)
         if self.use_cache:
-            cache.store(key, {k: {"ms": min(ms), "rounds_ms": ms} for k, ms in rounds.items()})
+            cache.store(key, timings)
 
     def layer_time(self, name: str, variant: Variant = DENSE) -> float:
         """Milliseconds of layer ``name`` in shape ``variant`` over all its calls in one forward pass (measured
