@@ -45,6 +45,9 @@ def fake_timer(monkeypatch):
 
     monkeypatch.setattr(runtimes, "make_timer", make_timer)
     monkeypatch.setattr(latency_model_module, "make_timer", make_timer)
+    # in context as alone: the fake layer times add up to the layers' share of the fake model time
+    monkeypatch.setattr(latency_model_module, "in_context_ms", lambda model, inputs, layers, *rest: sum(
+        fake_ms(layer.module) * layer.calls for layer in layers.values()))
 
 
 @pytest.fixture(autouse=True)
@@ -355,3 +358,20 @@ def test_cuda_runtimes_measure_layers_and_compare(runtime):
     small, plan, report = rankprune.decompose(net, ranks={"2": 16}, example_inputs=x, runtime=runtime,
                                               progress=False)
     assert report["latency"]["runtime"] == runtime and report["latency"]["compressed"]["median_ms"] > 0
+
+
+def test_layer_times_are_scaled_to_their_time_inside_the_model(fake_timer, monkeypatch):
+    monkeypatch.setattr(latency_model_module, "in_context_ms", lambda model, inputs, layers, *rest: 1.5 * sum(
+        fake_ms(layer.module) for layer in layers.values()))
+    net = tiny_net()
+    lm = LatencyModel.measure(net, X, progress=False)
+    assert lm.context_scale == pytest.approx(1.5)
+    assert lm.layer_time("2") == pytest.approx(1.5 * fake_ms(net[2]))
+    assert lm.known("2")["dense"] == pytest.approx(fake_ms(net[2]))  # as timed alone
+
+
+def test_in_context_time_of_the_layers_is_measured_by_hooks():
+    net = tiny_net()
+    lm = LatencyModel.measure(net, X, progress=False)
+    assert 0 < lm.context_ms < 1e3 and lm.context_scale > 0
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
