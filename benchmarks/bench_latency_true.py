@@ -25,6 +25,7 @@ Needs torchvision (and onnx, onnxscript, onnxruntime for the ONNX Runtime rows).
 """
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -92,6 +93,7 @@ def run_setting(name: str, batch: int, runtime: str, methods: List[str], targets
                     "profiling_s": measured.get("profiling_s"), "layers_measured": measured.get("layers_measured"),
                     "layers_cached": measured.get("layers_cached"), "seconds": seconds,
                     "warning": measured.get("warning"),
+                    "load_average": os.getloadavg()[0],  # other processes on the machine, after the row
                 })
                 print(_line(rows[-1]), flush=True)
     return rows
@@ -101,7 +103,13 @@ def _line(row: dict) -> str:
     profiled = f", profiled {row['profiling_s']:.0f} s" if row["profiling_s"] is not None else ""
     return (f"{row['model']} b{row['batch']} {row['runtime']} {row['method']} {row['budget']}={row['target']}: "
             f"{row['ratio']:.3f}x dense ({row['ratio_p10']:.3f}-{row['ratio_p90']:.3f}), predicted "
-            f"{row['predicted_ratio']:.3f}x, FLOPs {row['flops_ratio']:.3f}{profiled}, {row['seconds']:.0f} s")
+            f"{row['predicted_ratio']:.3f}x, FLOPs {row['flops_ratio']:.3f}{profiled}, {row['seconds']:.0f} s, "
+            f"load {row['load_average']:.1f}")
+
+
+def _error_cell(error: str) -> str:
+    reachable = re.search(r"closest reachable latency is ([\d.]+) of dense", error)
+    return f"not reachable (closest: {reachable[1]})" if reachable else error[:60]
 
 
 def markdown(rows: List[dict], config: dict) -> str:
@@ -119,7 +127,7 @@ def markdown(rows: List[dict], config: dict) -> str:
         for budget in ("flops", "latency"):
             r = by_budget.get(budget, {"error": "not run"})
             cells += ([f"{r['ratio']:.3f} ({r['ratio_p10']:.2f}-{r['ratio_p90']:.2f})", r["predicted_ratio"],
-                       r["flops_ratio"]] if "error" not in r else [r["error"].split(":")[-1].strip()[:60], None, None])
+                       r["flops_ratio"]] if "error" not in r else [_error_cell(r["error"]), None, None])
         cells.append(by_budget.get("latency", {}).get("profiling_s"))
         lines.append(cells)
     setting = (f"CPU, {config['threads']} threads (ONNX Runtime: as many intra-op threads), torchvision models with "
