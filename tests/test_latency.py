@@ -18,7 +18,7 @@ from rankprune.benchmark import Timing
 from rankprune.latency import DENSE, LatencyModel, Variant, best_multiple
 from rankprune.latency import model as latency_model_module
 from rankprune.latency import runtimes
-from rankprune.lowrank.allocation import allocate_latency, rank_grid
+from rankprune.lowrank.allocation import allocate_latency, monotone_in_rank, rank_grid
 from rankprune.lowrank.cost import Candidate
 from rankprune.nn import LowRankConv2d, LowRankLinear
 
@@ -163,6 +163,12 @@ def test_best_multiple_finds_the_rewarded_alignment():
     assert best_multiple(flat) == 1  # nothing rewarded: the smallest multiple
     assert latency_model_module.sweep_window(512) == (224, 32)
     assert latency_model_module.sweep_window(40) == (8, 8)
+
+
+def test_measured_times_are_made_monotone_in_the_rank():
+    assert monotone_in_rank({8: 1.0, 16: 0.6, 24: 1.4, 32: 1.2, 40: 2.0}) == {
+        8: 0.8, 16: 0.8, 24: pytest.approx(1.3), 32: pytest.approx(1.3), 40: 2.0}
+    assert monotone_in_rank({4: 1.0, 8: 2.0}) == {4: 1.0, 8: 2.0}
 
 
 def two_layers():

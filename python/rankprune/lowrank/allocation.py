@@ -186,6 +186,21 @@ def allocate_latency(layers: List[Candidate], times: Dict[str, Dict[Optional[int
     return ranks
 
 
+def monotone_in_rank(times: Dict[int, float]) -> Dict[int, float]:
+    """``{rank: ms}`` made non-decreasing in the rank by pooling adjacent violators (isotonic regression,
+    equal weights): among aligned ranks a higher rank is never faster, so a lower rank measured slower than a
+    higher one is timing noise; left as measured, the allocator would pick the ranks that happened to be timed
+    fast."""
+    blocks: List[List[float]] = []  # [mean, count] per pooled block, in rank order
+    for rank in sorted(times):
+        blocks.append([times[rank], 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (mean2, n2), (mean1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(mean1 * n1 + mean2 * n2) / (n1 + n2), n1 + n2])
+    values = [mean for mean, count in blocks for _ in range(int(count))]
+    return dict(zip(sorted(times), values))
+
+
 def _hull(layer: Candidate, times: Dict[Optional[int], float]):
     """``[(ms, weighted discarded energy, rank)]`` from dense (rank None) along the lower convex hull of the
     ranks faster than dense, fastest last."""

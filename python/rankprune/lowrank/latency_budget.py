@@ -6,7 +6,7 @@ from torch import nn
 
 from .._inputs import model_device_dtype
 from ..latency import LatencyModel, Variant, check_runtime, verify
-from .allocation import allocate_latency, rank_grid
+from .allocation import allocate_latency, monotone_in_rank, rank_grid
 from .cost import Candidate
 
 # Ranks measured per layer for a latency budget (the lowest allowed, the largest FLOP-saving one and evenly
@@ -42,8 +42,8 @@ def latency_ranks(layers: List[Candidate], latency_model: LatencyModel, target_l
     timed = [l for l in layers if grids[l.name] and l.name in latency_model.layers]
     latency_model.profile({l.name: [Variant(rank=r, scheme=l.scheme) for r in grids[l.name]] for l in timed})
     times = {l.name: {None: latency_model.layer_time(l.name),
-                      **{r: latency_model.layer_time(l.name, Variant(rank=r, scheme=l.scheme))
-                         for r in grids[l.name]}} for l in timed}
+                      **monotone_in_rank({r: latency_model.layer_time(l.name, Variant(rank=r, scheme=l.scheme))
+                                          for r in grids[l.name]})} for l in timed}
     return allocate_latency(timed, times, target_latency, latency_model.dense_ms, latency_model.runtime)
 
 
