@@ -50,6 +50,7 @@ NOT_RUN = [
 TINY = {
     "rankprune demo": "--quick --train-size 200 --test-size 100 --epochs 1 --finetune-epochs 1 --trp-epochs 1 "
                       "--ratios 0.5 --criteria energy --latency-repeats 2 --no-progress",
+    "rankprune bench clear-cache": "",  # takes no timing options
     "rankprune bench": "--warmup 1 --repeats 2",
     "rankprune trp": "--epochs 1 --train-size 64 --test-size 64 --batch-size 32 --no-progress",
     "rankprune score": "--num-images 16 --batch-size 8 --no-progress",

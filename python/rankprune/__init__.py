@@ -5,7 +5,7 @@ the model-level verbs are re-exported here. Plans of every verb are applied by :
 """
 import importlib
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Every submodule and re-exported name is imported on first use (PEP 562): `import rankprune` and the CLI's
 # `--help` load neither torch nor the extension, and each verb loads only what it needs. Channel pruning runs
@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 # loaded by `prune` / `apply_prune_plan`: the ops, scoring, decomposition and TRP work on a machine without
 # torch-pruning (a bare GPU box, say); torch-pruning stays a declared dependency.
 _SUBMODULES = ("ops", "nn", "data", "models", "report", "scoring", "training", "trp", "lowrank", "export",
-               "pruning", "plans", "calibration", "benchmark", "fidelity", "hybrid")
+               "pruning", "plans", "calibration", "benchmark", "fidelity", "hybrid", "latency")
 _NAMES = {  # re-exported name -> the submodule that defines it
     "decompose": "lowrank", "prune": "pruning", "apply_prune_plan": "pruning", "recalibrate": "training",
     "apply_plan": "plans", "TrainedRankPruner": "trp", "export_onnx": "export", "to_plain": "export",

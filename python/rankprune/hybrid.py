@@ -19,6 +19,7 @@ from torch import nn
 from ._inputs import check_finite_weights, check_fraction, first_samples, model_inputs, reusable
 from ._inputs import progress as progress_bar
 from .fidelity import divergence, split_holdout
+from .latency import latency_settings, verify
 from .lowrank import decompose
 from .plan_format import PLAN_VERSION
 from .report import count_flops
@@ -28,7 +29,8 @@ PRUNE_SHARES = (0.0, 1 / 3, 2 / 3, 1.0)
 
 
 def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, target_flops: float,
-             shares: Tuple[float, ...] = PRUNE_SHARES, cache_bytes: Optional[int] = None, progress: bool = True) -> Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]:
+             shares: Tuple[float, ...] = PRUNE_SHARES, cache_bytes: Optional[int] = None,
+             runtime: Optional[str] = None, measure_latency: Optional[bool] = None, progress: bool = True) -> Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]:
     """Prune and decompose ``model`` to ``target_flops`` of its FLOPs, the split chosen by measured fidelity
     (module doc).
 
@@ -41,6 +43,10 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
         shares: the splits tried, as the share of ``log(target_flops)`` given to pruning (0: decomposition
             alone, 1: pruning alone).
         cache_bytes: memory each calibration engine may keep (``rankprune.calibration``).
+        runtime: where the result's latency is measured against the dense model's (``rankprune.latency``:
+            ``"eager"`` by default, ``"cuda_graph"``, ``"onnxruntime"``).
+        measure_latency: time the result against the dense model and put it in ``plan["latency"]`` (median,
+            spread, runtime, device, batch), with a warning when it is not faster (None: yes).
         progress: progress bars.
 
     Returns:
@@ -60,6 +66,7 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
     fit, held = split_holdout(data, "compress")
     if example_inputs is None:
         example_inputs = first_samples(model_inputs(fit[0], model), 1)
+    runtime, measure_latency = latency_settings(model, target_flops, None, runtime, measure_latency, example_inputs)
 
     def run(share: float, batches) -> Tuple[nn.Module, list]:
         pruned_to = target_flops ** share
@@ -67,14 +74,14 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
         current = model
         if share > 0:
             current, pruned_plan = prune(model, example_inputs, data=batches, target_flops=pruned_to,
-                                         cache_bytes=cache_bytes, progress=False)
+                                         cache_bytes=cache_bytes, measure_latency=False, progress=False)
             steps.append(pruned_plan)
             pruned_to = pruned_plan["flops"][1] / pruned_plan["flops"][0]
         if share < 1:
             rest = min(1.0, target_flops / pruned_to)
             current, decomposed_plan, _ = decompose(current, data=batches, target_flops=rest,
                                                     example_inputs=example_inputs, cache_bytes=cache_bytes,
-                                                    progress=False)
+                                                    measure_latency=False, progress=False)
             steps.append(decomposed_plan)
         return current, steps
 
@@ -90,6 +97,8 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
     plan = {"method": "compress", "version": PLAN_VERSION, "steps": steps, "target_flops": target_flops,
             "prune_share": best["prune_share"],
             "flops": [count_flops(model, example_inputs), count_flops(compressed, example_inputs)]}
+    if measure_latency:
+        plan["latency"] = verify(model, compressed, example_inputs, runtime, verb="compress")
     report = {"candidates": compared, "chosen": best, "held_out_batches": len(held),
               "measure": "mean KL(dense || compressed) of the output logits per held-out sample",
               "steps": [{"method": s["method"], "flops": s.get("flops")} for s in steps]}

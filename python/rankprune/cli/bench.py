@@ -3,7 +3,8 @@
 ``rankprune bench model`` times a built-in network dense, channel-pruned and low-rank decomposed (or with a
 saved plan applied); ``rankprune bench layer`` times one convolution dense, with fewer channels, and as a
 low-rank pair of convolutions (unfused: two convolutions called one after the other; fused:
-``rankprune.ops.lowrank_conv2d``, one kernel on CUDA where it covers the shape). Timing uses
+``rankprune.ops.lowrank_conv2d``, one kernel on CUDA where it covers the shape); ``rankprune bench clear-cache``
+deletes the layer timings cached by ``rankprune.latency``. Timing uses
 ``rankprune.benchmark.measure``: warm-up, many repeats, median and p10-p90 spread; CUDA events (optionally
 CUDA graphs) on GPU, ``torch.utils.benchmark`` / ``perf_counter`` on CPU. Prints a table with speed-ups
 against the dense variant and writes ``<out>/<name>-<device>-<stamp>.{json,md,png}``.
@@ -52,6 +53,10 @@ def register(sub) -> None:
     m.add_argument("--onnx", action="store_true",
                    help="also export each variant to ONNX and time it in ONNX Runtime (CPU, float32, as many "
                         "threads as PyTorch uses; needs onnx, onnxscript and onnxruntime)")
+    m.add_argument("--predict", action="store_true",
+                   help="also show the latency model's prediction of each variant (rankprune.latency: the dense "
+                        "model timed end to end, its layers and their changed shapes timed alone) beside the "
+                        "measurement")
     _add_timing_options(m)
     m.set_defaults(run=run_model)
 
@@ -72,6 +77,11 @@ def register(sub) -> None:
                      help=f"comma-separated subset of {','.join(LAYER_VARIANTS)} (default: all)")
     _add_timing_options(lay)
     lay.set_defaults(run=run_layer)
+
+    clear = kinds.add_parser("clear-cache", help="delete the layer timings cached by rankprune.latency",
+                             description="Delete the layer timings that rankprune.latency caches on disk "
+                                         "($RANKPRUNE_CACHE_DIR/latency, default ~/.cache/rankprune/latency).")
+    clear.set_defaults(run=run_clear_cache)
 
 
 def _add_timing_options(p) -> None:
@@ -141,18 +151,34 @@ def run_model(args) -> int:
     rows = []
     from tqdm.auto import tqdm
 
+    predictors = {}
     for name, make in tqdm(list(built.items()), desc="bench model", unit="variant"):
         net = make().eval()
         stats = report.model_stats(net, (x[:1],))  # FLOPs per example, as every command reports them
         net = net.to(device=device, dtype=dtype)
-        rows.append(_timed_row(name, net, x.to(device=device, dtype=dtype), stats, device, args))
+        xd = x.to(device=device, dtype=dtype)
+        if args.predict and name == "dense":
+            predictors = _predictors(net, xd, args)
+        rows.append(_timed_row(name, net, xd, stats, device, args))
         if args.onnx:  # the net is on the CPU in float32 (checked above)
             rows.append(_onnx_row(f"{name} (onnxruntime)", net, x, stats, args))
+        for row, runtime in zip(rows[-2:] if args.onnx else rows[-1:], predictors):
+            row["predicted_ms"] = predictors[runtime].predict(net)
     config = {"model": args.model, "width": args.width, "weights": args.weights, "batch_size": args.batch_size,
               "input_size": size, "ratio": args.ratio, "rank_ratio": args.rank_ratio, "plan": args.plan,
-              "onnx": args.onnx}
+              "onnx": args.onnx, "predict": args.predict}
     return _finish(args.name or "bench-model", f"{args.model}, batch {args.batch_size}, {size}x{size}", rows,
                    config, device, args)
+
+
+def _predictors(dense: nn.Module, x: torch.Tensor, args) -> Dict[str, object]:
+    """``{runtime: LatencyModel}`` of the dense model, in the order of the rows each variant gets."""
+    from rankprune.latency import LatencyModel
+
+    runtimes = ["cuda_graph" if args.cuda_graph else "eager"] + (["onnxruntime"] if args.onnx else [])
+    models = {runtime: LatencyModel.measure(dense, x, runtime) for runtime in runtimes}
+    print("latency model: profiled in " + ", ".join(f"{r} {m.profiling_s:.1f} s" for r, m in models.items()))
+    return models
 
 
 def _onnx_row(name: str, net: nn.Module, x: torch.Tensor, stats: Dict[str, object], args) -> Dict[str, object]:
@@ -247,6 +273,15 @@ def _timed_row(name: str, net: nn.Module, x: torch.Tensor, stats: Dict[str, obje
     return {"variant": name, "params": int(stats["params"]), "flops": int(stats["flops"]), **t.as_dict()}
 
 
+def run_clear_cache(args) -> int:
+    """Delete the cached layer timings and say how many files went."""
+    from rankprune.latency import cache_dir, clear_cache
+
+    removed = clear_cache()
+    print(f"removed {removed} cached timing file(s) from {cache_dir()}")
+    return 0
+
+
 def _finish(name: str, title: str, rows: List[Dict[str, object]], config: Dict[str, object], device: torch.device,
             args) -> int:
     from rankprune import plots
@@ -260,8 +295,12 @@ def _finish(name: str, title: str, rows: List[Dict[str, object]], config: Dict[s
     config.update({"dtype": args.dtype, "warmup": args.warmup, "repeats": args.repeats, "cuda_graph": args.cuda_graph,
                    "seed": args.seed})
     headers = ["variant", "params", "MFLOPs / example", "median ms", "p10 ms", "p90 ms", "speed-up", "FLOPs ratio"]
-    table = markdown_table(headers, [[r["variant"], r["params"], r["flops"] / 1e6, r["median_ms"], r["p10_ms"],
-                                      r["p90_ms"], r["speedup"], r["flops_ratio"]] for r in rows])
+    cells = [[r["variant"], r["params"], r["flops"] / 1e6, r["median_ms"], r["p10_ms"], r["p90_ms"], r["speedup"],
+              r["flops_ratio"]] for r in rows]
+    if any("predicted_ms" in r for r in rows):
+        headers.append("predicted ms")
+        cells = [c + [r.get("predicted_ms")] for c, r in zip(cells, rows)]
+    table = markdown_table(headers, cells)
     where = f"{env['device']}, torch {env['torch']}, {args.dtype}, {env['date']}"
     print(f"{title} on {where}")
     print(table)

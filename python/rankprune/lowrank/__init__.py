@@ -6,7 +6,10 @@ The package follows the pipeline of :func:`decompose` (``decompose.py``):
 - ``selection.py``: which layers may be replaced;
 - ``passes.py``: the calibration passes of the data-aware path, run by :mod:`rankprune.calibration`;
 - ``factoring.py``: weight SVD, whitened SVD, the asymmetric refit, and the low-rank module from factors;
-- ``allocation.py``: ranks by energy, ratio or budget (with measured sensitivities);
+- ``allocation.py``: ranks by energy, ratio or budget (with measured sensitivities), FLOPs, parameters or
+  measured latency;
+- ``latency_budget.py``: ``target_latency`` (the candidate ranks timed by :mod:`rankprune.latency`) and the
+  measured check of the result against the dense model;
 - ``surgery.py``: replacing the module and recording the plan and report entries;
 - ``measure.py``: FLOPs and output errors on the example inputs, for the report;
 - ``plan.py``: :func:`apply_decompose_plan`, which rebuilds the architecture from a plan.

@@ -124,3 +124,94 @@ def allocate(layers: List[Candidate], cost_kind: str, budget: float, total: floa
             f"{total:.4g}, the budget {budget:.4g} (lower min_rank or rank_multiple, or include more layers)"
         )
     return {name: rank for name, rank in ranks.items() if rank is not None}
+
+
+def rank_grid(layer: Candidate, min_flop_saving: float, count: int) -> List[int]:
+    """The ranks a latency budget may give ``layer``: at most ``count`` allowed ranks (multiples of
+    ``rank_multiple``) spread evenly from its lowest allowed rank to its largest FLOP-saving one, both included
+    (empty when no allowed rank saves FLOPs). Only these are measured, and only these can be chosen."""
+    low, high = layer.lowest_rank(), layer.max_saving_rank(min_flop_saving)
+    if high < low:
+        return []
+    steps = (high - low) // layer.rank_multiple
+    picks = {round(i * steps / (count - 1)) for i in range(count)} if count > 1 and steps else {0}
+    return sorted(low + s * layer.rank_multiple for s in picks | {steps})
+
+
+def allocate_latency(layers: List[Candidate], times: Dict[str, Dict[Optional[int], float]], target_latency: float,
+                     dense_ms: float, runtime: str) -> Dict[str, int]:
+    """Ranks minimising the summed (sensitivity-weighted) normalised discarded energy with the predicted
+    latency ``dense_ms - sum of measured layer savings <= target_latency * dense_ms`` (milliseconds).
+
+    ``times[name]`` maps ``None`` (dense) and each measured rank to the layer's measured milliseconds. A layer's
+    useful ranks form the lower convex hull of (time, discarded energy) among the ranks faster than dense:
+    a rank that is slower than a higher one only loses accuracy, and the hull makes each layer's successive
+    moves cost more error per millisecond saved, so a greedy walk takes them in order. Each move goes to the
+    next hull point of one layer; the move with the least energy lost per millisecond saved goes first. A
+    layer with no rank faster than dense stays dense. ValueError naming the closest reachable latency when the
+    budget cannot be met.
+    """
+    budget, total = target_latency * dense_ms, dense_ms
+    hulls = {l.name: _hull(l, times[l.name]) for l in layers}
+    heap = []
+    position = {l.name: 0 for l in layers}
+
+    def push(name: str) -> None:
+        hull = hulls[name]
+        at = position[name]
+        if at + 1 < len(hull):
+            (t0, e0, _), (t1, e1, rank) = hull[at], hull[at + 1]
+            heapq.heappush(heap, ((e1 - e0) / (t0 - t1), name, rank, t0 - t1))
+
+    for name in hulls:
+        push(name)
+    ranks: Dict[str, int] = {}
+    while total > budget and heap:
+        _, name, rank, saving = heapq.heappop(heap)
+        ranks[name] = rank
+        position[name] += 1
+        total -= saving
+        push(name)
+    if total > budget * 1.0000001:
+        raise ValueError(f"target_latency={target_latency} cannot be met on runtime {runtime!r}: the closest "
+                         f"reachable latency is {total / dense_ms:.3f} of dense ({total:.4g} ms of {dense_ms:.4g} ms "
+                         "measured; lower min_rank or include more layers to reach further)")
+    return ranks
+
+
+def monotone_in_rank(times: Dict[int, float]) -> Dict[int, float]:
+    """``{rank: ms}`` made non-decreasing in the rank by pooling adjacent violators (isotonic regression,
+    equal weights): among aligned ranks a higher rank is never faster, so a lower rank measured slower than a
+    higher one is timing noise; left as measured, the allocator would pick the ranks that happened to be timed
+    fast."""
+    blocks: List[List[float]] = []  # [mean, count] per pooled block, in rank order
+    for rank in sorted(times):
+        blocks.append([times[rank], 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (mean2, n2), (mean1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(mean1 * n1 + mean2 * n2) / (n1 + n2), n1 + n2])
+    values = [mean for mean, count in blocks for _ in range(int(count))]
+    return dict(zip(sorted(times), values))
+
+
+def _hull(layer: Candidate, times: Dict[Optional[int], float]):
+    """``[(ms, weighted discarded energy, rank)]`` from dense (rank None) along the lower convex hull of the
+    ranks faster than dense, fastest last."""
+    dense_ms = times[None]
+    points = sorted(((ms, layer.sensitivity * layer.discarded(rank), rank) for rank, ms in times.items()
+                     if rank is not None and ms < dense_ms), key=lambda p: (-p[0], p[1]))
+    hull = [(dense_ms, 0.0, None)]
+    for point in points:
+        if point[0] >= hull[-1][0]:  # as slow as the last kept point, with no less error (the sort order)
+            continue
+        while len(hull) > 1 and point[1] <= hull[-1][1]:  # faster with no more error: the last point is useless
+            hull.pop()
+        while len(hull) > 1 and _slope(hull[-2], hull[-1]) >= _slope(hull[-1], point):
+            hull.pop()
+        hull.append(point)
+    return hull
+
+
+def _slope(a, b) -> float:
+    """Energy lost per millisecond saved from hull point ``a`` to the strictly faster point ``b``."""
+    return (b[1] - a[1]) / (a[0] - b[0])

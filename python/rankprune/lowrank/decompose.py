@@ -11,12 +11,14 @@ from .. import training
 from .._inputs import (batch_inputs, check_finite_weights, check_fraction, first_samples, model_device_dtype,
                       reusable, to_device)
 from ..calibration import Calibration, PhaseClock
+from ..latency import LatencyModel, latency_settings
 from ..nn import SCHEMES
 from ..plan_format import PLAN_VERSION
 from . import allocation
 from .allocation import DEFAULT_MIN_RANK, allocate, check_min_rank, resolve_min_rank
 from .cost import Candidate
 from .factoring import DEFAULT_DAMPING, factor, refit_factors, whitened_factors
+from .latency_budget import NOT_FASTER, latency_ranks, measured_latency, not_faster
 from .measure import rel_error, run_example
 from .passes import MAX_COVARIANCE_DIM, collect_statistics, drop_dense_rows, measure_sensitivities, refit_stage
 from .selection import select
@@ -31,6 +33,9 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
     rank_ratio: Optional[float] = None,
     target_flops: Optional[float] = None,
     target_params: Optional[float] = None,
+    target_latency: Optional[float] = None,
+    runtime: Optional[str] = None,
+    measure_latency: Optional[bool] = None,
     scheme: str = "channel",
     include: Union[str, Sequence[str], None] = None,
     exclude: Union[str, Sequence[str], None] = None,
@@ -39,7 +44,7 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
     data=None,
     recalibrate: Optional[bool] = None,
     min_rank: Union[int, float] = DEFAULT_MIN_RANK,
-    rank_multiple: int = 1,
+    rank_multiple: Optional[int] = None,
     damping: float = DEFAULT_DAMPING,
     asymmetric: bool = True,
     sensitivity: bool = True,
@@ -65,10 +70,25 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
       samples of the first calibration batch, an eighth of all samples and at least 4) with only that layer
       decomposed at a probe rank, over its relative output error; without data, of their relative weight
       errors.
+    - ``target_latency``: a fraction in (0, 1] of the dense model's latency measured in ``runtime``
+      (:class:`rankprune.latency.LatencyModel`: each layer's candidate ranks timed alone at its input shape on
+      ``example_inputs``, cached on disk); the same errors are allocated per measured millisecond saved
+      (``allocation.allocate_latency``), among at most ``latency_budget.RANKS_PER_LAYER`` measured ranks per
+      layer; layers with no rank faster than the dense layer stay dense. ValueError naming the closest
+      reachable latency when the target is below it.
 
     ``energy``, ``rank_ratio`` and the budgets never give a layer less than ``min_rank`` (an int, or a fraction
     of the layer's full rank, rounded up; default 0.25) and only ranks that are multiples of ``rank_multiple``
-    (e.g. 8 for tensor cores; a layer whose smallest allowed rank saves no FLOPs stays dense).
+    (e.g. 8 for tensor cores; a layer whose smallest allowed rank saves no FLOPs stays dense). ``rank_multiple``
+    None (default) is 1, or with ``target_latency`` the multiple a measured sweep of ranks finds rewarded
+    (``LatencyModel.rank_multiple``).
+
+    ``runtime`` (None: "eager", PyTorch on the model's device; "cuda_graph"; "onnxruntime", the exported model
+    in ONNX Runtime on the CPU, needs onnxruntime: ImportError with the install line) is where latency is
+    measured. ``measure_latency`` (None: whenever ``target_flops``, ``target_latency`` or ``runtime`` is given
+    and there are example inputs; True / False: always / never) times the result against the dense model
+    (:func:`rankprune.latency.verify`: interleaved rounds) into ``report["latency"]`` and ``plan["latency"]``
+    and warns, naming the gap, when it is not faster than dense or misses ``target_latency``.
 
     ``data`` (an iterable of calibration batches: tensors, ``(inputs, target)`` tuples whose first item is
     used, or dicts of keyword inputs; moved to the model's device) makes the decomposition data-aware: each
@@ -110,7 +130,10 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
     {"kind": "conv2d"|"linear", "scheme": ..., "rank": r, "data_aware": bool}}}`` and ``report = {"layers":
     {name: {kind, scheme, method, rank, full_rank, energy_kept, params_dense, params, flops_dense, flops,
     rel_error, output_error, output_energy, sensitivity, refitted, damping}}, "skipped": {name: reason},
-    "total": {params_dense, params, flops_dense, flops, output_rel_error}, "recalibrated": bool}``.
+    "total": {params_dense, params, flops_dense, flops, output_rel_error}, "recalibrated": bool}``, plus,
+    when latency is measured, ``report["latency"] = plan["latency"] = {runtime, device, batch, threads, dense,
+    compressed (Timing dicts), ratio, ratio_p10, ratio_p90, rounds, target, warning}`` (with ``target_latency``
+    also ``predicted_ms``, ``predicted_ratio``, ``profiling_s``, ``layers_measured``, ``layers_cached``).
     ``refitted`` says whether the asymmetric refit was kept; ``damping`` is the damping of the layer's data-aware
     fit (None for weight SVD): raised tenfold, up to ``REFIT_DAMPING_STEPS`` times, when the refit would make
     the weight more than ``MAX_REFIT_GROWTH`` times the dense one (an under-determined regression, e.g. a
@@ -128,15 +151,25 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
     data or the activations (naming the batch that holds it, or the first module whose output does), and for
     empty data.
     """
-    _check_arguments(model, ranks, energy, rank_ratio, target_flops, target_params, scheme, min_flop_saving,
-                     min_rank, rank_multiple, damping)
+    _check_arguments(model, ranks, energy, rank_ratio, target_flops, target_params, target_latency, scheme,
+                     min_flop_saving, min_rank, rank_multiple, damping)
     data = None if data is None else reusable(data)
     example_inputs = _example_inputs(model, example_inputs, data)
-    if target_flops is not None and example_inputs is None:
-        raise ValueError("target_flops needs example_inputs (or data) to count FLOPs")
+    for arg, value in (("target_flops", target_flops), ("target_latency", target_latency)):
+        if value is not None and example_inputs is None:
+            raise ValueError(f"{arg} needs example_inputs (or data) to count FLOPs and time the model")
+    runtime, measure_latency = latency_settings(model, target_flops, target_latency, runtime, measure_latency,
+                                                example_inputs)
+    dense = (model if not inplace else copy.deepcopy(model)) if measure_latency else None
     model = model if inplace else copy.deepcopy(model)
     check_finite_weights(model, "decompose")
     layers, skipped = select(model, ranks, include, exclude, scheme, example_inputs)
+    latency_model = None
+    if target_latency is not None:  # the dense model and its layers' shapes, timed before any change
+        latency_model = LatencyModel.measure(model, example_inputs, runtime, layers=list(layers), progress=progress)
+        if rank_multiple is None:
+            rank_multiple = latency_model.rank_multiple(list(latency_model.layers))
+    rank_multiple = rank_multiple or 1
     engine = None if data is None else Calibration(model, data, cache_bytes=cache_bytes, progress=progress,
                                                    name="decompose")
     clock = engine.clock if engine is not None else PhaseClock(model)
@@ -154,13 +187,18 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
             probes = allocation.probe_ranks(candidates, min_flop_saving)
             allocation.weigh(candidates, measure_sensitivities(
                 engine, model, candidates, probes, lambda name, m: set_submodule(model, name, m)))
-        kind, fraction, total = (("flops", target_flops, float(flops_dense)) if target_flops is not None
-                                 else ("params", target_params, float(params_dense)))
-        chosen = allocate(candidates, kind, fraction * total, total, min_flop_saving,
-                          "target_flops" if kind == "flops" else "target_params")
+        if target_latency is not None:
+            chosen = latency_ranks(candidates, latency_model, target_latency, min_flop_saving)
+        else:
+            kind, fraction, total = (("flops", target_flops, float(flops_dense)) if target_flops is not None
+                                     else ("params", target_params, float(params_dense)))
+            chosen = allocate(candidates, kind, fraction * total, total, min_flop_saving,
+                              "target_flops" if kind == "flops" else "target_params")
     with clock.phase("refit" if engine is not None and asymmetric else "replace"):
         planned, report_layers = _replace_all(model, candidates, chosen, engine, asymmetric, damping,
                                               min_flop_saving, skipped, weight_only)
+    if latency_model is not None:
+        skipped.update({name: NOT_FASTER for name in not_faster(candidates, latency_model, chosen)})
     for layer in candidates:  # drop the recorded activations and statistics
         layer.inputs.clear()
         layer.outputs.clear()
@@ -186,28 +224,35 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
         "recalibrated": recalibrated,
         "calibration": clock.summary() if engine is None else engine.summary(),
     }
-    return model, {"method": "decompose", "version": PLAN_VERSION, "layers": planned}, report
+    plan = {"method": "decompose", "version": PLAN_VERSION, "layers": planned}
+    if measure_latency:
+        report["latency"] = plan["latency"] = measured_latency(dense, model, example_inputs, runtime,
+                                                               target_latency, latency_model)
+    return model, plan, report
 
 
-def _check_arguments(model, ranks, energy, rank_ratio, target_flops, target_params, scheme, min_flop_saving,
-                     min_rank, rank_multiple, damping) -> None:
+def _check_arguments(model, ranks, energy, rank_ratio, target_flops, target_params, target_latency, scheme,
+                     min_flop_saving, min_rank, rank_multiple, damping) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     chosen = [k for k, v in dict(ranks=ranks, energy=energy, rank_ratio=rank_ratio, target_flops=target_flops,
-                                  target_params=target_params).items() if v is not None]
+                                  target_params=target_params, target_latency=target_latency).items()
+              if v is not None]
     if len(chosen) != 1:
-        raise ValueError("give exactly one of ranks, energy, rank_ratio, target_flops, target_params; got "
+        raise ValueError("give exactly one of ranks, energy, rank_ratio, target_flops, target_params, "
+                         "target_latency; got "
                          + (", ".join(chosen) if chosen else "none"))
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     check_fraction("min_flop_saving", min_flop_saving, low_open=False, high_open=True)
     check_min_rank(min_rank)
-    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
-        raise ValueError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
+    if rank_multiple is not None and (isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int)
+                                      or rank_multiple < 1):
+        raise ValueError(f"rank_multiple must be an int >= 1 or None, got {rank_multiple!r}")
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0.0:
         raise ValueError(f"damping must be a number >= 0, got {damping!r}")
     for arg, value in (("energy", energy), ("rank_ratio", rank_ratio), ("target_flops", target_flops),
-                       ("target_params", target_params)):
+                       ("target_params", target_params), ("target_latency", target_latency)):
         if value is not None:
             check_fraction(arg, value)
 

@@ -11,6 +11,7 @@ from .. import scoring
 from .._inputs import call_model, check_data, check_finite_weights, check_fraction, eval_mode, reusable
 from .._inputs import progress as progress_bar
 from ..fidelity import divergence, split_holdout
+from ..latency import latency_settings, verify
 from ..plan_format import PLAN_VERSION
 from ..report import count_flops
 from ..training import recalibrate as recalibrate_batchnorm
@@ -46,6 +47,8 @@ def prune(
     damping: float = DEFAULT_DAMPING,
     recalibrate: bool = True,
     cache_bytes: Optional[int] = None,
+    runtime: Optional[str] = None,
+    measure_latency: Optional[bool] = None,
     inplace: bool = False,
     progress: bool = True,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -86,6 +89,11 @@ def prune(
             channels shifts the statistics of the layers after them; without recalibration the pruned
             model keeps the original network's statistics and loses far more accuracy.
         cache_bytes: memory the reconstruction's calibration engine may keep (``rankprune.calibration``).
+        runtime: where the pruned model's latency is measured against the dense model's: ``"eager"``
+            (default; the model's device), ``"cuda_graph"`` or ``"onnxruntime"`` (``rankprune.latency``).
+        measure_latency: time the pruned model against the dense one on ``example_inputs`` and put the
+            result (median, spread, runtime, device, batch) in ``plan["latency"]``, with a warning when it
+            is not faster (None: whenever ``target_flops`` or ``runtime`` is given).
         inplace: prune ``model`` itself (else ``model`` is left as it was: weights, buffers, flags). A copy is
             pruned first either way, so a refusal (``PruningError``) leaves ``model`` as it was.
         progress: progress bars (scoring, FLOP-target search).
@@ -100,7 +108,10 @@ def prune(
         options = dict(ratio=ratio, target_flops=target_flops, ignored_layers=ignored_layers,
                        ignore_output_layer=ignore_output_layer, round_to=round_to, max_layer_ratio=max_layer_ratio,
                        reconstruct=reconstruct, damping=damping, recalibrate=recalibrate, cache_bytes=cache_bytes)
-        return _auto(model, example_inputs, data, global_ranking, inplace, progress, options)
+        return _auto(model, example_inputs, data, global_ranking, inplace, progress, options,
+                     dict(runtime=runtime, measure_latency=measure_latency))
+    runtime, measure_latency = latency_settings(model, target_flops, None, runtime, measure_latency, example_inputs)
+    dense = copy.deepcopy(model) if measure_latency and inplace else model
     reconstruct = _check_reconstruct(reconstruct, damping, data)
     recalibrate = bool(recalibrate) and data is not None
     if data is not None and (recalibrate or reconstruct):  # read more than once: a generator becomes a list
@@ -145,12 +156,15 @@ def prune(
             "round_to": round_to, "ignored_layers": ignored_names, "reconstruction": reconstruction,
             "recalibrated": recalibrate, "flops": [base_flops, flops],
             "params": [base_params, sum(p.numel() for p in pruned.parameters())]}
+    if measure_latency:
+        plan["latency"] = verify(dense, pruned, example_inputs, runtime, verb="prune")
     return pruned, plan
 
 
 def _auto(model: nn.Module, example_inputs: Any, data: Optional[Iterable], global_ranking: Optional[bool],
-          inplace: bool, progress: bool, options: Dict[str, Any]) -> Tuple[nn.Module, Dict[str, Any]]:
-    """``criterion="auto"`` (see :func:`prune`)."""
+          inplace: bool, progress: bool, options: Dict[str, Any], timing: Dict[str, Any]
+          ) -> Tuple[nn.Module, Dict[str, Any]]:
+    """``criterion="auto"`` (see :func:`prune`); ``timing``: the latency options, for the final run only."""
     if data is None:
         raise ValueError('criterion="auto" needs data: it compares pipelines on held-out calibration batches')
     if global_ranking is not None:
@@ -159,13 +173,13 @@ def _auto(model: nn.Module, example_inputs: Any, data: Optional[Iterable], globa
     compared = []
     for criterion, ranking in progress_bar(AUTO_CANDIDATES, "prune: comparing pipelines", progress, unit="pipeline"):
         pruned, _ = prune(model, example_inputs, criterion, data=fit, global_ranking=ranking, progress=False,
-                          **options)
+                          measure_latency=False, **options)
         compared.append({"criterion": criterion, "global_ranking": ranking,
                          "divergence": divergence(model, pruned, held)})
         del pruned
     best = min(compared, key=lambda c: c["divergence"])
-    pruned, plan = prune(model, example_inputs, best["criterion"], data=fit + held, global_ranking=best["global_ranking"],
-                         inplace=inplace, progress=progress, **options)
+    pruned, plan = prune(model, example_inputs, best["criterion"], data=fit + held,
+                         global_ranking=best["global_ranking"], inplace=inplace, progress=progress, **options, **timing)
     plan["auto"] = {"candidates": compared, "chosen": best["criterion"], "held_out_batches": len(held),
                     "measure": "mean KL(dense || pruned) of the output logits per held-out sample"}
     return pruned, plan

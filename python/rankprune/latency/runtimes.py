@@ -1,0 +1,210 @@
+"""Where a model or a layer is timed (the runtimes), and the end-to-end check of a compressed model against the
+dense one it came from: interleaved rounds, medians and spreads, a warning naming the gap.
+
+Runtimes: ``"eager"`` (PyTorch on the model's device, CPU or CUDA), ``"cuda_graph"`` (PyTorch on CUDA, each
+call captured into a CUDA graph and replayed: no launch overhead) and ``"onnxruntime"`` (the module exported
+to ONNX and run by an ONNX Runtime CPU session).
+"""
+import os
+import statistics
+import tempfile
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .._inputs import batch_size, model_device_dtype
+from .._version import __version__
+from ..benchmark import Timing, environment, latency, measure
+from ..export import export_onnx, onnx_session
+
+RUNTIMES = ("eager", "cuda_graph", "onnxruntime")
+ORT_INSTALL = "pip install onnxruntime onnx"
+# Rounds of the end-to-end comparison: dense and compressed alternate, so that load on a shared machine hits
+# both alike; the ratio is taken per round.
+DEFAULT_ROUNDS = 7
+
+Timer = Callable[[int, int], Timing]  # (warmup, repeats) -> Timing
+
+
+def check_runtime(runtime, device: torch.device, arg: str = "runtime") -> None:
+    """ValueError for an unknown runtime or one the device cannot run; ImportError with the install line when
+    ``runtime="onnxruntime"`` and ONNX Runtime (or the ONNX exporter's ``onnx``) is missing."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"{arg} must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime == "cuda_graph" and device.type != "cuda":
+        raise ValueError(f"{arg}='cuda_graph' needs a model on a CUDA device, got one on {device.type}")
+    if runtime == "onnxruntime":
+        if device.type != "cpu":
+            raise ValueError(f"{arg}='onnxruntime' times ONNX Runtime on the CPU: move the model to the CPU first")
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(f"{arg}='onnxruntime' needs ONNX Runtime and onnx: {ORT_INSTALL}") from exc
+
+
+def runtime_versions(runtime: str) -> Dict[str, str]:
+    """The library versions a timing in ``runtime`` depends on (cache keys, reports)."""
+    versions = {"torch": torch.__version__, "rankprune": __version__}
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    return versions
+
+
+def runtime_threads(runtime: str, threads: Optional[int]) -> int:
+    """The intra-op thread count a runtime runs with: PyTorch's own for eager and CUDA graphs (set it with
+    ``torch.set_num_threads``); for ONNX Runtime ``threads``, else PyTorch's, so that both use the same cores."""
+    return threads if runtime == "onnxruntime" and threads else torch.get_num_threads()
+
+
+def make_timer(module: nn.Module, inputs, runtime: str, device: torch.device, threads: int) -> Timer:
+    """A function timing ``module(*inputs)`` in ``runtime`` (see :func:`rankprune.benchmark.latency`, whose
+    timing rules apply); for ONNX Runtime the module is exported once, here (ValueError when it does not
+    export)."""
+    if runtime != "onnxruntime":
+        graph = runtime == "cuda_graph"
+        return lambda warmup, repeats: latency(module, inputs, device=device, warmup=warmup, repeats=repeats,
+                                               cuda_graph=graph)
+    session, feeds = _onnx_runner(module, inputs, threads)
+    return lambda warmup, repeats: measure(lambda: session.run(None, feeds), "cpu", warmup=warmup, repeats=repeats)
+
+
+def _onnx_runner(module: nn.Module, inputs, threads: int):
+    args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs) if isinstance(inputs, (tuple, list)) else ()
+    kwargs = inputs if isinstance(inputs, dict) else {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "module.onnx")
+        try:
+            # The TorchScript exporter: ~10 ms per layer against seconds for the torch.export-based one, and the
+            # same standard Conv/Gemm nodes for these modules.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                was_training = module.training
+                module.eval()
+                try:
+                    export_onnx(module, args, path, kwargs=kwargs, dynamo=False, verbose=False)
+                finally:
+                    module.train(was_training)
+        except Exception as exc:  # any exporter failure: one clear error naming the module
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"runtime='onnxruntime': {type(module).__name__} does not export to ONNX "
+                             f"({type(exc).__name__}: {first_line})") from exc
+        session = onnx_session(path, threads)
+    tensors = list(args) + list(kwargs.values())
+    names = [i.name for i in session.get_inputs()]
+    feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
+    return session, feeds
+
+
+def interleaved(timers: Dict[str, Timer], rounds: int, repeats: int, warmup: int = 2) -> Dict[str, List[Timing]]:
+    """Each timer's Timing in each of ``rounds`` rounds; within a round the timers run one after the other
+    (A B C, A B C, ...), so that a slow moment of the machine falls on all of them. The first round warms up
+    with ``warmup`` untimed calls, later ones with one."""
+    results: Dict[str, List[Timing]] = {name: [] for name in timers}
+    for round_index in range(rounds):
+        for name, timer in timers.items():
+            results[name].append(timer(warmup if round_index == 0 else 1, repeats))
+    return results
+
+
+def pooled(timings: List[Timing]) -> Timing:
+    """One Timing from the rounds' medians: their median, 10th and 90th percentiles."""
+    medians = sorted(t.median_ms for t in timings)
+    return Timing(median_ms=statistics.median(medians), p10_ms=_quantile(medians, 0.1),
+                  p90_ms=_quantile(medians, 0.9), repeats=sum(t.repeats for t in timings))
+
+
+def _quantile(sorted_values: List[float], q: float) -> float:
+    if len(sorted_values) < 2:
+        return sorted_values[0]
+    return statistics.quantiles(sorted_values, n=10, method="inclusive")[round(q * 10) - 1]
+
+
+def compare(dense: nn.Module, compressed: nn.Module, example_inputs, runtime: str = "eager", *,
+            threads: Optional[int] = None, rounds: int = DEFAULT_ROUNDS, repeats: int = 5) -> Dict[str, object]:
+    """Measured end-to-end latency of ``compressed`` against ``dense`` on ``example_inputs``: ``rounds`` rounds
+    alternating the two (``repeats`` timed calls each), in ``runtime`` on the models' device.
+
+    Returns ``{"runtime", "device", "batch", "threads", "dense": Timing dict, "compressed": Timing dict, "ratio",
+    "ratio_p10", "ratio_p90", "rounds"}``: the Timings pool the rounds' medians; ``ratio`` is the median over
+    rounds of compressed / dense (each round's own pair), with its 10th and 90th percentiles. Neither model is
+    changed (each runs in eval mode, its training flags restored)."""
+    device = _device_of(dense, example_inputs)
+    check_runtime(runtime, device)
+    threads = runtime_threads(runtime, threads)
+    timers = {"dense": make_timer(dense, example_inputs, runtime, device, threads),
+              "compressed": make_timer(compressed, example_inputs, runtime, device, threads)}
+    results = interleaved(timers, rounds, repeats)
+    ratios = sorted(c.median_ms / d.median_ms for d, c in zip(results["dense"], results["compressed"]))
+    return {
+        "runtime": runtime,
+        "device": environment(device)["device"],
+        "batch": batch_size(example_inputs),
+        "threads": threads,
+        "dense": pooled(results["dense"]).as_dict(),
+        "compressed": pooled(results["compressed"]).as_dict(),
+        "ratio": statistics.median(ratios),
+        "ratio_p10": _quantile(ratios, 0.1),
+        "ratio_p90": _quantile(ratios, 0.9),
+        "rounds": rounds,
+    }
+
+
+def warn_if_slow(measured: Dict[str, object], target: Optional[float], verb: str) -> Optional[str]:
+    """Warn (and return the message) when the measured model is not faster than dense, or, with ``target`` (a
+    fraction of dense latency), slower than the target; None when neither."""
+    ratio, low, high = measured["ratio"], measured["ratio_p10"], measured["ratio_p90"]
+    where = (f"{measured['runtime']} on {measured['device']}, batch {measured['batch']}: "
+             f"{measured['compressed']['median_ms']:.3g} ms against {measured['dense']['median_ms']:.3g} ms dense, "
+             f"p10-p90 of the ratio {low:.3f}-{high:.3f}")
+    if ratio >= 1.0:
+        message = f"{verb}: the compressed model is not faster than dense: measured {ratio:.3f}x ({where})"
+    elif target is not None and ratio > target:
+        message = (f"{verb}: target_latency={target} missed by {ratio - target:.3f}: measured {ratio:.3f}x dense "
+                   f"({where})")
+    else:
+        return None
+    warnings.warn(message, stacklevel=3)
+    return message
+
+
+def verify(dense: nn.Module, compressed: nn.Module, example_inputs, runtime: str = "eager", *,
+           target: Optional[float] = None, verb: str = "compress", threads: Optional[int] = None,
+           rounds: int = DEFAULT_ROUNDS) -> Dict[str, object]:
+    """:func:`compare`, then a warning naming the gap when ``compressed`` is not faster than ``dense`` or misses
+    ``target`` (a fraction of dense latency); returns the comparison with ``"target"`` and ``"warning"`` (the
+    message, or None) added. Call it at the end of any compression that promises speed."""
+    measured = compare(dense, compressed, example_inputs, runtime, threads=threads, rounds=rounds)
+    measured["target"] = target
+    measured["warning"] = warn_if_slow(measured, target, verb)
+    return measured
+
+
+def _device_of(model: nn.Module, example_inputs) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    tensors = [example_inputs] if isinstance(example_inputs, torch.Tensor) else list(
+        example_inputs.values() if isinstance(example_inputs, dict) else example_inputs)
+    return next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+
+def latency_settings(model: nn.Module, target_flops: Optional[float], target_latency: Optional[float],
+                     runtime: Optional[str], measure_latency: Optional[bool], example_inputs) -> Tuple[str, bool]:
+    """For any verb that can time its result: ``(runtime, whether to time the result against dense)``: ``runtime`` defaults to "eager";
+    ``measure_latency=None`` measures whenever a speed is asked for (``target_flops``, ``target_latency`` or a
+    ``runtime`` named) and there are example inputs to time. Checks the runtime first (ValueError, or
+    ImportError with the install line for a missing ONNX Runtime)."""
+    if measure_latency not in (None, True, False):
+        raise TypeError(f"measure_latency must be True, False or None, got {measure_latency!r}")
+    if measure_latency is None:
+        asked = target_flops is not None or target_latency is not None or runtime is not None
+        measure_latency = asked and example_inputs is not None
+    if measure_latency and example_inputs is None:
+        raise ValueError("measure_latency=True needs example_inputs (or data) to time the model")
+    runtime = "eager" if runtime is None else runtime
+    check_runtime(runtime, model_device_dtype(model)[0])
+    return runtime, measure_latency
