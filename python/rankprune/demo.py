@@ -444,8 +444,9 @@ def method_verdict(rows: List[Dict[str, object]], test_size: int, stage: str) ->
                          "the noise (every variant's upper quartile at or above 1x): on this machine the dense "
                          "model is the best choice at its own latency.")
     if at_latency["not_faster"]:
-        sentences.append("Not faster than the dense model: " + ", ".join(
-            f"{m} (its fastest variant {ratio:.2f}x)" for m, ratio in at_latency["not_faster"].items())
+        sentences.append("Not faster than the dense model beyond the noise (every variant's upper quartile at or "
+                         "above 1x): " + ", ".join(f"{m} (fastest median {ratio:.2f}x)"
+                                                   for m, ratio in at_latency["not_faster"].items())
                          + ": their FLOPs savings do not turn into time here.")
     at_chance = [r for r in compared if r["accuracy"] <= threshold / 100]
     if at_chance:
@@ -583,9 +584,9 @@ def write_report(results: Dict[str, object], out: str, echo: Callable[[str], Non
     stage_lines = "\n".join(f"- {k}: {v:.1f} s" for k, v in results["stages_s"].items())
     md = [f"# rankprune demo: {title}", "", f"Measured on {env['device']}; {env['date']}; torch {env['torch']}; "
           f"commit {env['commit']}.", "", "## Verdict", "", verdict["text"], "", table, "",
-          f"Every method was asked for the same fractions of the dense model's FLOPs ({verdict['stage']}); "
-          "`FLOPs kept` is what each delivered. Accuracy on the test images; `(chance)` marks accuracies at or "
-          f"below {100 * chance:.1f}% (1/{data.NUM_CLASSES} plus the noise of {cfg['test_size']} test images). "
+          "Every method was asked for the same fractions of the dense model's FLOPs; `FLOPs kept` is what each "
+          f"delivered. Accuracy on the test images, of the models {verdict['stage']}; `(chance)` marks accuracies "
+          f"at or below {100 * chance:.1f}% (1/{data.NUM_CLASSES} plus the noise of {cfg['test_size']} test images). "
           "Latency: per round the median of repeated forward passes (`rankprune.benchmark.latency`), every "
           "variant and the dense model timed in the same rounds; shown as the median over the rounds with the "
           "interquartile range, in ms and as a ratio to the dense model's time in the same round. The "
