@@ -117,7 +117,8 @@ def test_verdict_at_equal_flops_and_latency():
     rows = [_row("dense", None, 0.90, 1.0, "baseline"),
             _row("prune: default", 0.6, 0.88, 0.70), _row("prune: default", 0.4, 0.84, 0.50),
             _row("decompose: data-aware", 0.6, 0.86, 1.02), _row("decompose: data-aware", 0.4, 0.85, 1.10),
-            _row("compress", 0.6, 0.87, 0.80), _row("compress", 0.4, 0.845, 0.60)]
+            {**_row("compress", 0.6, 0.87, 0.80), "prune_share": 1.0}, {**_row("compress", 0.4, 0.845, 0.60),
+                                                                         "prune_share": 1 / 3}]
     verdict = demo.method_verdict(rows, 2000, "as returned")
     flops = verdict["equal_flops"]
     assert flops["best"] == "prune: default" and flops["wins"] == {"prune: default": 1, "decompose: data-aware": 1}
@@ -138,6 +139,8 @@ def test_verdict_at_equal_flops_and_latency():
     assert "**compress** is the most accurate" in text and "within the noise" in text and "a tie" in text
     assert "decompose: data-aware (fastest median 1.02x)" in text
     assert "chance" not in text
+    assert ("The hybrid compress chose pruning alone (the default pruning's model) at 60%; pruning for 0.33 of "
+            "the budget" in text)
 
 
 def test_verdict_when_nothing_is_faster_and_chance_level():

@@ -23,13 +23,13 @@ def register(sub) -> None:
                    help="also train with Trained Rank Pruning and decompose (shown, outside the comparison)")
     p.add_argument("--model", help="built-in CIFAR model (default resnet20)")
     p.add_argument("--width", type=float, help="channel width multiplier of the model (default 0.5)")
-    p.add_argument("--epochs", type=int, help="baseline training epochs (default 8; --quick 3)")
+    p.add_argument("--epochs", type=int, help="baseline training epochs (default 8; --quick 2)")
     p.add_argument("--finetune-epochs", type=int,
                    help="fine-tuning epochs of every compressed model before it is measured (default 0: "
                         "compared as the library returns them; each epoch costs about one baseline epoch per "
                         "variant)")
     p.add_argument("--trp-epochs", type=int, help="TRP training epochs (default 2; --quick 1)")
-    p.add_argument("--train-size", type=int, help="training images (default 8000; --quick 1000)")
+    p.add_argument("--train-size", type=int, help="training images (default 8000; --quick 800)")
     p.add_argument("--test-size", type=int, help="test images (default 2000; --quick 500)")
     p.add_argument("--batch-size", type=int, help="training batch size (default 100)")
     p.add_argument("--flops", help="comma-separated fractions of the FLOPs every method keeps, each in (0, 1) "
