@@ -1,37 +1,25 @@
 """The main job, end to end on the built-in data: what ``rankprune demo`` runs. It answers one question: which
 method gives the best model at the same cost, at equal FLOPs and at equal measured latency.
 
-1. train a small CIFAR ResNet on ``rankprune.data.synthetic_cifar`` (the baseline; its weights are saved as
-   ``plans/baseline.pt`` next to the compressed variants);
-2. compress it to each FLOPs level (``flops``, fractions of the baseline's FLOPs kept) by every method, each
-   called as a user would, with the calibration batches (``data=``):
+1. train a small CIFAR ResNet on ``rankprune.data.synthetic_cifar`` (the baseline, saved as ``plans/baseline.pt``);
+2. compress it to each FLOPs level (``flops``) by every method, each called as a user would, with the calibration
+   batches: ``prune: <criterion>`` for each of ``criteria`` (``prune(model, x, criterion, data=calib,
+   target_flops=t)``: reconstruction and BatchNorm recalibration included), ``prune: default`` (the default
+   pipeline: ``prune(model, x, data=calib, target_flops=t)``), ``decompose: data-aware`` (``decompose(data=calib,
+   target_flops=t)``), ``decompose: weight SVD`` (``decompose(target_flops=t)``) and ``compress`` (the hybrid,
+   ``rankprune.compress``); measure each as the library returns it (with ``finetune_epochs``, fine-tuned);
+3. with ``trp=True``: train the baseline further with Trained Rank Pruning and decompose it at the trained ranks
+   (shown, outside the comparison: it trains longer and its FLOPs follow from ``energy``);
+4. time every variant interleaved with the baseline in the same rounds (``rankprune.benchmark.latency``, a
+   rotated order each round): median and interquartile range over the rounds, in ms and as a ratio to the
+   baseline's time in the same round;
+5. say which method won at each FLOPs level and within the tightest latency budget every method that runs faster
+   than the baseline meets, with the margin and its noise, and mark accuracies within the noise of chance;
+6. write a report folder: ``results.json``, ``report.md``, ``accuracy_vs_flops.png``, ``accuracy_vs_latency.png``,
+   ``layers.png`` and ``plans/`` (each variant's plan and weights: ``rankprune.apply_plan``, then
+   ``torch.load(..., weights_only=True)``).
 
-   - ``prune: <criterion>`` for each criterion of ``criteria``: ``prune(model, x, criterion, data=calib,
-     target_flops=t)``: channels chosen by the criterion, the layers after them refitted (reconstruction),
-     BatchNorm recalibrated;
-   - ``prune: default``: ``prune(model, x, data=calib, target_flops=t)``: the default pipeline (``output_error``
-     selection, reconstruction, allocation across layers, recalibration);
-   - ``decompose: data-aware`` (``decompose(data=calib, target_flops=t)``) and ``decompose: weight SVD``
-     (``decompose(target_flops=t)``, from the weights alone);
-   - ``compress``: the hybrid (``rankprune.compress``: the split of the budget between pruning and
-     decomposition chosen on held-out calibration batches);
-
-   and measure each as the library returns it (and, with ``finetune_epochs``, after fine-tuning);
-3. with ``trp=True``: continue training the baseline with Trained Rank Pruning and decompose it at the trained
-   ranks (shown, but outside the comparison: it trains longer and its FLOPs follow from ``energy``);
-4. measure the latency of every variant interleaved with the baseline's in the same rounds
-   (``rankprune.benchmark.latency``; each round a different order), as the median and interquartile range
-   over the rounds of its time and of its ratio to the baseline's time in the same round;
-5. say which method won at each FLOPs level and within the tightest latency budget every method that runs
-   faster than the baseline meets, with the margin and its noise; accuracies within the noise of chance
-   (``1 / classes``) are marked as chance level;
-6. write a report folder: ``results.json``, ``report.md``, ``accuracy_vs_flops.png``,
-   ``accuracy_vs_latency.png``, ``layers.png`` and ``plans/``: the baseline's weights (``baseline.pt``) and,
-   for every compressed variant, its plan (``<variant>.json``) and weights (``<variant>.pt``, loads with
-   ``torch.load(..., weights_only=True)`` after ``rankprune.apply_plan``).
-
-The demo trains because it is the user here (the library's verbs never own a loop); it uses
-``rankprune.training`` (``train``, ``evaluate``).
+The demo trains because it is the user here (the library's verbs never own a loop): ``rankprune.training``.
 """
 import copy
 import dataclasses
@@ -211,10 +199,6 @@ class _Session:
                   f"{row['params']:,} params, {row['flops'] / 1e6:.1f} MFLOPs ({row['flops_kept']:.0%})")
 
 
-def _conv_names(model: nn.Module) -> List[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-
-
 def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, object]:
     """Run the whole demo with ``config``, write the report folder ``config.out`` and return the results
     (what ``results.json`` holds). Raises ValueError for settings out of range."""
@@ -343,14 +327,15 @@ def _layer_table(baseline: nn.Module, built: Dict[str, nn.Module], level: float,
     TRP ranks."""
     factored = [m for m in (DATA_AWARE, WEIGHT_SVD, HYBRID) if variant_name(m, level) in built]
     pruned = [m for m in (DEFAULT_PIPELINE, HYBRID) if variant_name(m, level) in built]
+    modules = {m: dict(built[variant_name(m, level)].named_modules()) for m in set(factored + pruned)}
     rows = []
-    for name in _conv_names(baseline):
-        conv = baseline.get_submodule(name)
+    for name, conv in baseline.named_modules():
+        if not isinstance(conv, nn.Conv2d):
+            continue
         full = min(conv.out_channels, conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1])
         row = {"layer": name, "out_channels": conv.out_channels, "full_rank": full,
-               "ranks": {m: getattr(_get(built[variant_name(m, level)], name), "rank", None) for m in factored},
-               "channels": {m: getattr(_get(built[variant_name(m, level)], name), "out_channels", None)
-                            for m in pruned}}
+               "ranks": {m: getattr(modules[m].get(name), "rank", None) for m in factored},
+               "channels": {m: getattr(modules[m].get(name), "out_channels", None) for m in pruned}}
         if name in trp_ranks:
             row["trp_rank"] = trp_ranks[name]
         rows.append(row)
@@ -435,7 +420,8 @@ def method_verdict(rows: List[Dict[str, object]], test_size: int, stage: str) ->
     if at_flops:
         sentences.append(f"At equal FLOPs ({stage}), **{flops_best}** gave the most accurate model at "
                          f"{wins[flops_best]} of {len(at_flops)} FLOPs level(s): "
-                         + "; ".join(_level_sentence(e, test_size) for e in at_flops) + ".")
+                         + "; ".join(f"at {e['target_flops']:.0%} of the FLOPs {e['best']} with "
+                                     f"{100 * e['accuracy']:.1f}%" + _against(e, test_size) for e in at_flops) + ".")
     if at_latency["best"] is not None:
         win = at_latency["ranking"][0]
         sentences.append(
@@ -493,18 +479,6 @@ def _against(entry: Dict[str, object], test_size: int) -> str:
     if entry["chance"]:
         text += "; but at chance level: no method beats guessing here"
     return text
-
-
-def _level_sentence(entry: Dict[str, object], test_size: int) -> str:
-    return (f"at {entry['target_flops']:.0%} of the FLOPs {entry['best']} with {100 * entry['accuracy']:.1f}%"
-            + _against(entry, test_size))
-
-
-def _get(model: nn.Module, name: str) -> Optional[nn.Module]:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _spread_text(value: Optional[Dict[str, float]], digits: int) -> Optional[str]:
