@@ -54,9 +54,6 @@ LAYER_BENCHES = [
 SCRIPT_ARGS: Dict[str, List[str]] = {"bench_calibration": ["--quick", "--no-progress"]}
 
 
-DEMO_COLUMNS = ["variant", "params", "flops", "accuracy", "cpu_ms", "cuda_ms"]
-
-
 def find_sanitizer() -> Optional[str]:
     """compute-sanitizer on PATH, else under $CUDA_HOME/bin or /usr/local/cuda/bin; None if absent."""
     found = shutil.which("compute-sanitizer")
@@ -171,6 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     sys.path.insert(0, os.path.join(ROOT, "python"))
     from rankprune.benchmark import environment, write_results
+    from rankprune.demo import summary_table
 
     env = environment("cuda" if has_gpu else "cpu")
     if args.only in "demo":
@@ -180,8 +178,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                              "--no-progress"], args.timeout) and not args.dry_run:
                 with open(os.path.join(tmp, "results.json")) as f:
                     demo = json.load(f)
+                # the README shows the demo's verdict and table as the demo wrote them
                 write_results("demo", {"environment": env, "config": demo["config"], "stages_s": demo["stages_s"],
-                                       "columns": DEMO_COLUMNS, "rows": demo["rows"]}, RESULTS)
+                                       "rows": demo["rows"], "verdict": demo["verdict"],
+                                       "markdown": demo["verdict"]["text"] + "\n\n" + summary_table(demo)}, RESULTS)
     failed = [s["name"] for s in run.steps if s["status"] in ("failed", "timed out")]
     path = None
     if not args.dry_run:

@@ -68,8 +68,8 @@ def _error_line(capsys, argv):
 
 
 BAD_INPUT = [
-    (["demo", "--ratios", "1.5"], "ratio"),
-    (["demo", "--ratios", "a,b"], "--ratios"),
+    (["demo", "--flops", "1.5"], "flops"),
+    (["demo", "--flops", "a,b"], "--flops"),
     (["demo", "--model", "no_such_model"], "no_such_model"),
     (["demo", "--epochs", "0"], "epochs"),
     (["demo", "--energy", "1.5"], "energy"),

@@ -49,7 +49,7 @@ NOT_RUN = [
 # Appended to commands that start with the key (after `rankprune` / `python` are resolved).
 TINY = {
     "rankprune demo": "--quick --train-size 200 --test-size 100 --epochs 1 --finetune-epochs 1 --trp-epochs 1 "
-                      "--ratios 0.5 --criteria energy --latency-repeats 2 --no-progress",
+                      "--flops 0.5 --criteria energy --latency-repeats 2 --latency-rounds 2 --no-progress",
     "rankprune bench clear-cache": "",  # takes no timing options
     "rankprune bench": "--warmup 1 --repeats 2",
     "rankprune trp": "--epochs 1 --train-size 64 --test-size 64 --batch-size 32 --no-progress",
