@@ -160,9 +160,28 @@ def _quality_runs():
 def test_exp_quality_targets_known_outcomes():
     exp, runs = _quality_runs()
     targets = exp.check_targets(exp.summarize(runs), runs)
-    assert [t["met"] for t in targets] == [True, False, False, True, True, False]
+    assert [t["met"] for t in targets[:6]] == [True, False, False, True, True, False]
+    assert all(t["met"] is None for t in targets[6:])  # issue 21's pipeline rows are not in these runs
     assert "drop +1.50 points" in targets[0]["value"] and "after recalibration: 80.00%" in targets[0]["value"]
     assert "bn_scale 70.00% vs Torch-Pruning 65.00%" in targets[4]["value"]
+
+
+def test_exp_quality_pipeline_targets_known_outcomes():
+    exp, runs = _quality_runs()
+    run = lambda family, method, target, acc: dict(runs[0], family=family, method=method, target_flops=target,
+                                                   raw=acc, recalibrated=acc)
+    runs += [run("prune", exp.DEFAULT_PIPELINE, 0.6, 0.88), run("prune", exp.DEFAULT_PIPELINE, 0.4, 0.79),
+             run("prune", "random" + exp.RECONSTRUCTED, 0.6, 0.80), run("prune", "random", 0.4, 0.795),
+             run("hybrid", exp.HYBRID, 0.4, 0.80), run("decompose", "data-aware + allocation", 0.4, 0.81)]
+    targets = {t["target"]: t for t in exp.pipeline_targets(exp.summarize(runs))}
+    met = {text.split(":")[0]: t["met"] for text, t in targets.items()}
+    assert met["resnet20, default pruning pipeline at 60% FLOPs"] is True  # drop 2 <= 3
+    assert met["resnet20, default pruning pipeline at 40% FLOPs"] is False  # drop 11 > 10
+    assert met["resnet20, default pipeline at 60% at least 5 points above Torch-Pruning's default"] is True
+    assert met["resnet20, default pipeline above random at every level"] is False  # 79 < 79.5 at 40%
+    hybrid = "resnet20, hybrid at 40% FLOPs at least as accurate as the better of pruning and decomposition alone"
+    assert met[hybrid] is False  # 80 < the decomposition's 81
+    assert met["concatnet, default pruning pipeline at 60% FLOPs"] is None
 
 
 def test_exp_quality_flags_a_layer_below_min_rank():

@@ -54,14 +54,14 @@ VERBS = {
                      "scoring (energy)"),
     "prune taylor": (lambda m, d: rankprune.prune(m, EXAMPLE, "taylor", data=d, ratio=0.5, progress=False),
                      "scoring (taylor)"),
-    "prune l1, recalibrated": (lambda m, d: rankprune.prune(m, EXAMPLE, "l1", data=d, ratio=0.5, progress=False),
-                               "recalibrate"),
+    "prune l1, reconstructed": (lambda m, d: rankprune.prune(m, EXAMPLE, "l1", data=d, ratio=0.5, progress=False),
+                                "prune"),
     "score hrank": (lambda m, d: scoring.score(m, d, "hrank", progress=False), "scoring (hrank)"),
     "decompose data-aware": (lambda m, d: rankprune.decompose(m, rank_ratio=0.5, data=d, progress=False),
                              "decompose"),
     "recalibrate": (lambda m, d: rankprune.recalibrate(m, d), "recalibrate"),  # in place: restored on an error
 }
-WEIGHT_VERB = {"prune energy": "prune", "prune taylor": "prune", "prune l1, recalibrated": "prune"}
+WEIGHT_VERB = {"prune energy": "prune", "prune taylor": "prune", "prune l1, reconstructed": "prune"}
 
 
 def _state(model):

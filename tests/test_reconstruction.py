@@ -293,7 +293,7 @@ def test_output_error_removes_the_channel_the_refit_can_replace_where_l1_removes
     assert plan["criterion"] == "output_error" and plan["global_ranking"] is True  # comparable scores
     assert plan["layers"]["conv_a"]["out_channels_kept"] in ([0, 2, 3], [1, 2, 3])
     assert_same_outputs(model, pruned, batches(seed=7))
-    scores = rankprune.scoring.score(model, data, "output_error", damping=0.0, progress=False)["conv_a"]
+    scores = rankprune.pruning.OutputError(damping=0.0, progress=False).scores(model, data)["conv_a"]
     assert float(scores[:2].min()) < 1e-9 * float(scores.max())  # removing one of the pair costs nothing
 
 
@@ -304,4 +304,4 @@ def test_without_a_criterion_prune_takes_output_error_with_data_and_l1_without()
     assert (with_data["criterion"], with_data["global_ranking"]) == ("output_error", True)
     assert (without["criterion"], without["global_ranking"], without["reconstruction"]) == ("l1", False, None)
     with pytest.raises(ValueError, match="output_error"):
-        rankprune.scoring.get("no_such_criterion")
+        rankprune.prune(model, data[0][:1], "no_such_criterion", ratio=0.25)

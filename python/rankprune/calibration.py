@@ -103,7 +103,8 @@ def _fingerprint(inputs: Any) -> Tuple:
     """A cheap identity of a batch (shapes and one sum per tensor) to check that every pass sees the same
     batches in the same order."""
     leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
-    return tuple((tuple(t.shape), float(t.double().sum()) if t.numel() else 0.0) for t in leaves)
+    # repr, not the float: a batch holding NaN must equal itself (NaN != NaN), so that the NaN is what gets named
+    return tuple((tuple(t.shape), repr(float(t.double().sum())) if t.numel() else "0") for t in leaves)
 
 
 def _available_memory(device: torch.device) -> int:

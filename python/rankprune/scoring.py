@@ -14,10 +14,11 @@ returns ``{conv_name: float64 tensor [out_channels]}`` (higher = more important,
 ``taylor``            first-order Taylor (Molchanov et al. 2017): mean over images of
                       |mean_hw(a * dL/da)| on the conv output; needs labelled batches
 ``random``            seeded uniform random scores (a baseline)
-``output_error``      data-aware: the output error a channel's removal leaves in the layers consuming it
-                      after their least-squares refit, weighted by measured sensitivity, per FLOP
-                      (``rankprune.pruning._output_error``; comparable across layers)
 ====================  ==========================================================================
+
+Channel pruning adds a data-aware criterion of its own, ``output_error`` (:class:`rankprune.pruning.OutputError`:
+the output error a channel's removal leaves in the layers consuming it after their least-squares refit; it
+needs Torch-Pruning's dependency graph, so it lives in the pruning package).
 
 Feature-map criteria (``energy``, ``hrank``) stream batches from any iterable (a DataLoader, a list of
 tensors or of ``(inputs, labels)`` pairs) through forward hooks under ``torch.no_grad()`` with the model in
@@ -501,24 +502,19 @@ class Random(Criterion):
 
 
 CRITERIA = {c.name: c for c in (Energy, HRank, WeightEnergy, L1, L2, BNScale, Taylor, Random)}
-# The data-aware criterion of channel pruning (``rankprune.pruning._output_error``), resolved by name here too.
-OUTPUT_ERROR = "output_error"
 
 
 def get(criterion, **kwargs) -> Criterion:
     """A criterion by name (``"energy"``, ``"hrank"``, ``"weight_energy"``, ``"l1"``, ``"l2"``,
-    ``"bn_scale"``, ``"taylor"``, ``"random"``, ``"output_error"``: needs torch-pruning) with constructor
-    ``kwargs``; a Criterion passes through."""
+    ``"bn_scale"``, ``"taylor"``, ``"random"``) with constructor ``kwargs``; a Criterion passes through.
+    ``prune`` also takes ``"output_error"`` (:class:`rankprune.pruning.OutputError`, which maps channels
+    through Torch-Pruning's graph) and ``"auto"``."""
     if isinstance(criterion, Criterion):
         if kwargs:
             raise TypeError("options apply to a criterion given by name, not to a Criterion object")
         return criterion
-    if criterion == OUTPUT_ERROR:  # with the pruning package: it maps channels through Torch-Pruning's graph
-        from .pruning._output_error import OutputError
-
-        return OutputError(**kwargs)
     if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}: expected one of {sorted([*CRITERIA, OUTPUT_ERROR])}")
+        raise ValueError(f"unknown criterion {criterion!r}: expected one of {sorted(CRITERIA)}")
     return CRITERIA[criterion](**kwargs)
 
 

@@ -39,10 +39,12 @@ def make_criterion(args):
 
     from . import UsageError
 
-    if args.criterion == scoring.OUTPUT_ERROR:
-        return scoring.get(args.criterion, progress=not args.no_progress)
+    if args.criterion == "output_error":
+        from rankprune.pruning import OutputError
+
+        return OutputError(progress=not args.no_progress)
     if args.criterion not in scoring.CRITERIA:
-        names = sorted([*scoring.CRITERIA, scoring.OUTPUT_ERROR])
+        names = sorted([*scoring.CRITERIA, "output_error"])
         raise UsageError(f"--criterion: unknown '{args.criterion}'; one of {', '.join(names)}")
     cls = scoring.CRITERIA[args.criterion]
     kwargs = {}

@@ -17,7 +17,6 @@ from torch import nn
 from .._inputs import batch_size, model_device_dtype
 from .._version import __version__
 from ..benchmark import Timing, environment, latency, measure
-from ..export import export_onnx, onnx_session
 
 RUNTIMES = ("eager", "cuda_graph", "onnxruntime")
 ORT_INSTALL = "pip install onnxruntime onnx"
@@ -74,6 +73,8 @@ def make_timer(module: nn.Module, inputs, runtime: str, device: torch.device, th
 
 
 def _onnx_runner(module: nn.Module, inputs, threads: int):
+    from ..export import export_onnx, onnx_session  # at call time: only ONNX Runtime timing needs the exporter
+
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs) if isinstance(inputs, (tuple, list)) else ()
     kwargs = inputs if isinstance(inputs, dict) else {}
     with tempfile.TemporaryDirectory() as folder:

@@ -59,7 +59,8 @@ reaches into Torch-Pruning beyond its documented API.
 from ..plan_format import PLAN_VERSION
 from ._errors import PruningError
 from ._importance import ScoreImportance
+from ._output_error import OutputError
 from ._plan import apply_prune_plan
 from ._prune import prune
 
-__all__ = ["prune", "apply_prune_plan", "ScoreImportance", "PruningError", "PLAN_VERSION"]
+__all__ = ["prune", "apply_prune_plan", "ScoreImportance", "OutputError", "PruningError", "PLAN_VERSION"]

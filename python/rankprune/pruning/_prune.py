@@ -18,6 +18,7 @@ from ..training import recalibrate as recalibrate_batchnorm
 from ._by_ratio import prune_by_ratio
 from ._errors import PruningError
 from ._importance import Scores
+from ._output_error import OutputError
 from ._plan import apply_prune_plan
 from ._reconstruct import DEFAULT_DAMPING, reconstruct as reconstruct_consumers
 
@@ -30,7 +31,7 @@ AUTO = "auto"
 AUTO_CANDIDATES = (("output_error", True), ("output_error", False), ("l1", False), ("bn_scale", False))
 
 
-def prune(
+def prune(  # long: a 70-line docstring documents every argument; the body is the pipeline, ~55 lines
     model: nn.Module,
     example_inputs: Any,
     criterion_or_scores: Union[str, scoring.Criterion, Scores, None] = None,
@@ -224,7 +225,7 @@ def _scores(model: nn.Module, criterion_or_scores, data: Optional[Iterable], rec
     """The criterion's name (``"scores"`` for precomputed scores), the checked scores of ``model``, ``data``
     (read into a list if it is a one-shot iterator that is both scored and recalibrated on), and whether the
     scores compare across layers (a criterion's ``comparable``)."""
-    crit = None if isinstance(criterion_or_scores, dict) else scoring.get(criterion_or_scores)
+    crit = None if isinstance(criterion_or_scores, dict) else _criterion(criterion_or_scores)
     if crit is None:
         return "scores", scoring.check_scores(model, criterion_or_scores), data, False
     if recalibrate and crit.needs_data:
@@ -233,6 +234,16 @@ def _scores(model: nn.Module, criterion_or_scores, data: Optional[Iterable], rec
         crit.progress = crit.progress and progress
     comparable = bool(getattr(crit, "comparable", False))
     return crit.name, scoring.check_scores(model, crit.scores(model, data)), data, comparable
+
+
+def _criterion(criterion: Union[str, scoring.Criterion]) -> scoring.Criterion:
+    """A criterion by name: ``scoring``'s, or pruning's own ``output_error``."""
+    if isinstance(criterion, str) and criterion == OutputError.name:
+        return OutputError()
+    if isinstance(criterion, str) and criterion not in scoring.CRITERIA:
+        names = sorted([*scoring.CRITERIA, OutputError.name, AUTO])
+        raise ValueError(f"unknown criterion {criterion!r}: expected one of {names}")
+    return scoring.get(criterion)
 
 
 def _ignored_names(model: nn.Module, example_inputs: Any, ignored_layers, ignore_output_layer: bool) -> List[str]:
