@@ -248,7 +248,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         shard = _data(batches=4)[rank::world]
         new, plan, _ = rankprune.decompose(_net(), ranks=RANKS, data=shard, damping=DAMPING, progress=False)
         torch.save(new.state_dict(), os.path.join(out_dir, f"ranks-{rank}.pt"))
-        new, plan, _ = rankprune.decompose(_net(), target_flops=0.6, data=shard, min_rank=1, progress=False)
+        new, plan, _ = rankprune.decompose(_net(), target_flops=0.6, data=shard, min_rank=1, measure_latency=False,
+                                            progress=False)
         torch.save({"plan": plan, "state": new.state_dict()}, os.path.join(out_dir, f"budget-{rank}.pt"))
         net = rankprune.recalibrate(_bn_net(), shard)
         torch.save(net.state_dict(), os.path.join(out_dir, f"recalibrated-{rank}.pt"))

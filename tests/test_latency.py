@@ -272,7 +272,7 @@ def test_verify_names_a_missed_target(fake_timer):
     (dict(target_latency=0.5, runtime="tensorrt"), ValueError, r"runtime must be one of \('eager', 'cuda_graph', "
                                                                r"'onnxruntime'\), got 'tensorrt'"),
     (dict(target_latency=0.5, runtime="cuda_graph"), ValueError, "runtime='cuda_graph' needs a model on a CUDA"),
-    (dict(target_latency=1.5), ValueError, r"target_latency must be a number in \(0, 1\], got 1.5"),
+    (dict(target_latency=1.5), ValueError, r"target_latency must be in \(0, 1\], got 1.5"),
     (dict(target_latency=0.5, target_flops=0.5), ValueError, "give exactly one of"),
     (dict(target_flops=0.5, measure_latency="yes"), TypeError, "measure_latency must be True, False or None"),
 ])

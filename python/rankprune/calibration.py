@@ -192,6 +192,7 @@ class SameInputStages:
         self.count = 0
 
     def assign(self, layer, x: Tensor) -> None:
+        """Set ``layer.stage`` from its first input ``x`` (call it on the first batch, in execution order)."""
         for seen, version, stage in self.recent:
             if seen.data_ptr() == x.data_ptr() and seen.shape == x.shape and seen._version == version \
                     and seen.stride() == x.stride():

@@ -245,7 +245,7 @@ def _train_baseline(session: _Session) -> nn.Module:
 
 def _compress_to(session: _Session, baseline: nn.Module, level: float) -> None:
     """Every method of the config at ``level`` of the baseline's FLOPs, each called as a user would."""
-    from .compress import compress
+    from .hybrid import compress
     from .pruning import prune  # at call time: channel pruning needs torch-pruning
 
     config = session.config
