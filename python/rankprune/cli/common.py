@@ -378,3 +378,20 @@ def write_onnx(model, example, path: str) -> str:
     except ImportError:
         return f"{wrote} (onnxruntime is not installed: outputs not checked)"
     return f"{wrote} (ONNX Runtime vs PyTorch on CPU: max abs difference {diff:.2e})"
+
+
+def write_compressed(out: str, plan, model, weights_name: str, report, markdown: str) -> str:
+    """Write a compression's ``OUT/plan.json``, ``OUT/<weights_name>`` (the state_dict), ``OUT/report.json`` and
+    ``OUT/report.md`` (``markdown``); the line that says so."""
+    import json
+
+    import torch
+
+    with open(os.path.join(out, "plan.json"), "w") as f:
+        json.dump(plan, f)
+    torch.save(model.state_dict(), os.path.join(out, weights_name))
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(markdown)
+    return f"wrote {out}/plan.json, {out}/{weights_name}, {out}/report.json, {out}/report.md"

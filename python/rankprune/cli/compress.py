@@ -1,10 +1,7 @@
 """`rankprune compress`: channel pruning and low-rank decomposition together at one FLOPs budget
 (``rankprune.compress``); writes the plan, the weights and a report."""
-import json
-import os
-
 from .common import (accuracy_fn, add_common_options, add_data_options, add_eval_option, add_model_options,
-                     add_onnx_option, check_onnx_path, check_output_dir, write_onnx)
+                     add_onnx_option, check_onnx_path, check_output_dir, write_compressed, write_onnx)
 from .score import load_model_and_data
 
 OUT_DEFAULT = "rankprune-compressed"
@@ -57,18 +54,11 @@ def run(args) -> int:
     eval_fn = accuracy_fn(args, device, dtype, image_shape[-1]) if args.eval else None
     result = report.compare(model, small, example, eval_fn)
     result["splits"] = rep
-    out = check_output_dir(args.out)
-    with open(os.path.join(out, "plan.json"), "w") as f:
-        json.dump(plan, f)
-    torch.save(small.state_dict(), os.path.join(out, "compressed.pt"))
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(result, f, indent=1)
     splits = render_splits(rep)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(f"# rankprune compress: {args.model}\n\n{splits}\n\n{report.render(result)}\n")
     print(splits)
     print(report.render(result, per_layer=False))
-    print(f"wrote {out}/plan.json, {out}/compressed.pt, {out}/report.json, {out}/report.md")
+    print(write_compressed(check_output_dir(args.out), plan, small, "compressed.pt", result,
+                           f"# rankprune compress: {args.model}\n\n{splits}\n\n{report.render(result)}\n"))
     if args.onnx:
         print(write_onnx(small, example, args.onnx))
     return 0

@@ -1,12 +1,9 @@
 """`rankprune decompose`: replace a model's Conv2d/Linear layers by low-rank pairs (``rankprune.decompose``);
 writes the plan, the weights, a report and optionally an ONNX file."""
-import json
-import os
-
 from . import UsageError
 from .common import (accuracy_fn, add_common_options, add_data_options, add_eval_option, add_model_options,
                      add_onnx_option, check_onnx_path, check_output_dir, default_input_size, load_data, load_model,
-                     resolve_device, seed_everything, write_onnx)
+                     resolve_device, seed_everything, write_compressed, write_onnx)
 
 OUT_DEFAULT = "rankprune-decomposed"
 
@@ -154,17 +151,10 @@ def run(args) -> int:
     if args.eval:
         accuracy = accuracy_fn(args, device, dtype, shape[-1])
         rep["accuracy_before"], rep["accuracy_after"] = accuracy(model), accuracy(small)
-    out = check_output_dir(args.out)
-    with open(os.path.join(out, "plan.json"), "w") as f:
-        json.dump(plan, f)
-    torch.save(small.state_dict(), os.path.join(out, "decomposed.pt"))
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(rep, f, indent=1)
     text = render_report(rep)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(f"# rankprune decompose: {args.model}\n\n{text}\n")
     print(text)
-    print(f"wrote {out}/plan.json, {out}/decomposed.pt, {out}/report.json, {out}/report.md")
+    print(write_compressed(check_output_dir(args.out), plan, small, "decomposed.pt", rep,
+                           f"# rankprune decompose: {args.model}\n\n{text}\n"))
     if args.onnx:
         print(write_onnx(small, example, args.onnx))
     return 0

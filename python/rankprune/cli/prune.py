@@ -1,9 +1,8 @@
 """`rankprune prune`: structural channel pruning of a model; writes the plan, pruned weights and a report."""
-import json
 import os
 
 from .common import (accuracy_fn, add_common_options, add_data_options, add_eval_option, add_model_options,
-                     add_onnx_option, check_onnx_path, check_output_dir, write_onnx)
+                     add_onnx_option, check_onnx_path, check_output_dir, write_compressed, write_onnx)
 from .score import add_criterion_options, load_model_and_data, make_criterion
 
 OUT_DEFAULT = "rankprune-pruned"
@@ -79,19 +78,11 @@ def run(args) -> int:
     )
     eval_fn = accuracy_fn(args, device, dtype, image_shape[-1]) if args.eval else None
     result = report.compare(model, pruned, example, eval_fn)
-    out = check_output_dir(args.out)
-    with open(os.path.join(out, "plan.json"), "w") as f:
-        json.dump(plan, f)
-    torch.save(pruned.state_dict(), os.path.join(out, "pruned.pt"))
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    text = report.render(result)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        recalibrated = "recalibrated on the calibration images" if plan["recalibrated"] else "not recalibrated"
-        f.write(f"# rankprune prune: {args.model}, criterion {plan['criterion']}\n\nBatchNorm statistics "
-                f"{recalibrated}.\n\n{text}\n")
+    recalibrated = "recalibrated on the calibration images" if plan["recalibrated"] else "not recalibrated"
+    markdown = (f"# rankprune prune: {args.model}, criterion {plan['criterion']}\n\nBatchNorm statistics "
+                f"{recalibrated}.\n\n{report.render(result)}\n")
     print(report.render(result, per_layer=False))
-    print(f"wrote {out}/plan.json, {out}/pruned.pt, {out}/report.json, {out}/report.md")
+    print(write_compressed(check_output_dir(args.out), plan, pruned, "pruned.pt", result, markdown))
     if args.onnx:
         print(write_onnx(pruned, example, args.onnx))
     return 0
