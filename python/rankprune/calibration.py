@@ -314,6 +314,19 @@ class Calibration:
         """Give back ``nbytes`` taken with :meth:`reserve`."""
         self.reserved = max(0, self.reserved - nbytes)
 
+    def hold(self, kept: Dict[Any, Tensor], key: Any, value: Tensor) -> bool:
+        """Keep ``value`` as ``kept[key]`` within the budget (reserved); when it does not fit, give back what
+        ``kept`` holds and return False: a caller's set of kept tensors is all or nothing."""
+        if self.reserve(value.numel() * value.element_size()):
+            kept[key] = value
+            return True
+        self.release_held(kept)
+        return False
+
+    def release_held(self, kept: Dict[Any, Tensor]) -> None:
+        """Give back the bytes of the tensors kept with :meth:`hold`."""
+        self.release(sum(t.numel() * t.element_size() for t in kept.values()))
+
     def _cache_used(self) -> int:
         return self.reserved + sum(c.nbytes for c in self.cached.values())
 

@@ -100,12 +100,8 @@ def _keep_dense_rows(engine: Calibration, layer: Candidate, batch: int, call: in
     weight = layer.matrix()
     layer.dense_rows_are_outputs = weight.shape[0] < rows.shape[1]
     kept = rows @ weight.T.to(rows.dtype) if layer.dense_rows_are_outputs else rows
-    kept = kept.contiguous()
-    nbytes = kept.numel() * kept.element_size()
-    if engine.reserve(nbytes):
-        layer.dense_rows[(batch, call)] = kept
+    if engine.hold(layer.dense_rows, (batch, call), kept.contiguous()):
         return
-    engine.release(sum(t.numel() * t.element_size() for t in layer.dense_rows.values()))
     layer.dense_rows = None
     engine.notes.append(f"the dense inputs of layer {layer.name!r} do not fit the cache budget: recomputed "
                         "in its refit stage")
@@ -114,7 +110,7 @@ def _keep_dense_rows(engine: Calibration, layer: Candidate, batch: int, call: in
 def drop_dense_rows(engine: Calibration, layer: Candidate) -> None:
     """Free the dense columns kept for ``layer`` (once it is replaced) and give their bytes back to the budget."""
     if layer.dense_rows:
-        engine.release(sum(t.numel() * t.element_size() for t in layer.dense_rows.values()))
+        engine.release_held(layer.dense_rows)
     layer.dense_rows = {}
 
 

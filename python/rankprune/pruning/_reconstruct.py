@@ -171,7 +171,7 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, kept: Dict[str, Dict[str, A
                                      f"the reconstruction statistics of layer {c.name!r}")
                 result["layers"][c.name] = _refit(c, damping, batchnorm_after.get(c.name))
                 if c.targets:
-                    dense_engine.release(sum(t.numel() * t.element_size() for t in c.targets.values()))
+                    dense_engine.release_held(c.targets)
                 c.targets, c.fit, c.holdout = {}, None, None
     return result
 
@@ -206,13 +206,10 @@ def _keep_target(engine: Calibration, c: _Consumer):
     """A capture keeping the consumer's dense outputs at the sampled positions, while the budget has room; a
     consumer that misses one keeps none (``targets = None``) and has them recomputed in its stage."""
     def capture(batch: int, call: int, x: Tensor) -> None:
-        y = _dense_outputs(c, batch, call, x).to(x.dtype)
-        if c.targets is None:
+        if c.targets is None:  # dropped: recomputed in the stage, not here
             return
-        if engine.reserve(y.numel() * y.element_size()):
-            c.targets[(batch, call)] = y
+        if engine.hold(c.targets, (batch, call), _dense_outputs(c, batch, call, x).to(x.dtype)):
             return
-        engine.release(sum(t.numel() * t.element_size() for t in c.targets.values()))
         c.targets = None
         engine.notes.append(f"the dense outputs of layer {c.name!r} do not fit the cache budget: recomputed in "
                             "its reconstruction stage")
