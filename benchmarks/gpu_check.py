@@ -11,7 +11,8 @@ so time a step does not use goes to the later ones):
 5. bench     device-to-device copy (the bandwidth floor), then the benchmarks in their quick GPU form
 
 OUTDIR receives, as each step finishes: summary.json (rewritten), build.log, smoke.log, tests.log,
-sanitizers.log, bench.log (appended) and results.json (rewritten): 7 files at most.
+sanitizers.log, bench.log (appended), results.json (rewritten) and the built extension (_C*.so, for a rerun
+with --skip-build on a fresh machine): 8 files at most.
 """
 import argparse
 import glob
@@ -39,11 +40,12 @@ SANITIZERS = ["memcheck", "racecheck", "synccheck"]
 CUDA_TEST_FILES = ["tests/test_cuda_svdvals_paths.py", "tests/test_cuda_svd_paths.py",
                    "tests/test_cuda_lowrank_conv_paths.py", "tests/test_svdvals.py", "tests/test_svd.py",
                    "tests/test_lowrank_conv_op.py", "tests/test_trp.py", "tests/test_benchmark.py",
-                   "tests/test_multi_gpu.py"]
+                   "tests/test_multi_gpu.py", "tests/test_latency.py", "tests/test_cuda_models.py"]
 PYTEST_WORKERS = 3
-# Weights of the steps in the budget: for 540 s, about 200 s build, 15 verify, 45 smoke, 150 tests and
-# sanitizers, 130 benchmarks (cuda-review.md section 4 estimates each).
-SHARES = {"build": 200, "verify": 15, "smoke": 45, "tests": 150, "bench": 130}
+TEST_TIMEOUT_S = 120
+# Weights of the steps in the budget: for 540 s, about 135 s build (16 cores; 65 s of CUDA compile on 2),
+# 15 verify, 40 smoke, 155 tests and sanitizers, 195 benchmarks.
+SHARES = {"build": 135, "verify": 15, "smoke": 40, "tests": 155, "bench": 195}
 # Importing torch and initializing CUDA on a cold machine takes seconds whatever the budget.
 FLOOR_S = 30.0
 # The benchmarks, in order, with their shares of the bench step. Quick forms: no looped cuSOLVER over
@@ -60,6 +62,12 @@ BENCHMARKS = [
     ("svd_lowrank", 20, ["bench_svd_lowrank.py", "--device", "cuda", "--no-linalg", "--no-small", "--repeats", "5"]),
     ("scoring", 30, ["bench_scoring.py", "--device", "cuda", "--batches", "2", "--repeats", "3",
                      "--maps-per-layer", "8"]),
+    # Issue 20's cost target on the GPU: data-aware decompose of ResNet-50 on 256 images, in extra forward passes.
+    ("calibration", 60, ["bench_calibration.py", "--device", "cuda", "--models", "resnet50", "--images", "256",
+                         "--repeats", "3", "--no-progress", "--timeout", "150"]),
+    # Issue 22's GPU rows: FLOPs- against latency-targeted decompose of ResNet-50 (batch 8), eager and CUDA
+    # graphs, the fused kernel against the cuDNN pair in the same rounds.
+    ("latency", 45, ["bench_latency_true.py", "--device", "cuda", "--quick", "--targets", "0.5"]),
 ]
 
 
@@ -213,10 +221,17 @@ def sanitizer_commands(sanitizer: str) -> Dict[str, List[str]]:
 
 
 def pytest_command() -> List[str]:
-    cmd = [python(), "-m", "pytest", "-m", "cuda", "-q", "-rfE", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
+    # -v: one line per test as it finishes, so a step cut by its deadline still says what passed and failed.
+    cmd = [python(), "-m", "pytest", "-m", "cuda", "-v", "-rfE", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
     try:
         import xdist  # noqa: F401
         cmd[5:5] = ["-n", str(PYTEST_WORKERS)]  # after "-m cuda": between them it would eat the marker
+    except ImportError:
+        pass
+    try:
+        import pytest_timeout  # noqa: F401
+
+        cmd[5:5] = ["--timeout", str(TEST_TIMEOUT_S)]  # a hung test fails alone instead of eating the step
     except ImportError:
         pass
     return cmd
@@ -317,6 +332,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if rc != 0:
             print("GPU CHECK STOPS: the CUDA build failed (build.log)", file=sys.stderr)
             return 1
+        # The built extension beside the results: a rerun on a fresh machine can put it back in
+        # python/rankprune/ and pass --skip-build (a minute of device time saved).
+        for built in glob.glob(os.path.join(ROOT, "python", "rankprune", "_C*.so")):
+            shutil.copy2(built, args.outdir)
 
     # Every later process imports the package built in place (ahead of any carried wheels on PYTHONPATH).
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH")]))

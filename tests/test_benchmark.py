@@ -248,3 +248,36 @@ def test_bench_calibration_quick_runs(tmp_path):
     for row in measured:
         assert row["forward_s"] > 0 and row["data_free_s"] > 0 and row["data_aware_s"] > 0
         assert row["extra_passes"] is not None and row["data_aware_peak_mib"] >= 0
+
+
+def test_bench_calibration_gpu_form(monkeypatch, capsys):
+    """--device cuda on the CPU: the table's GPU form, the GPU peak over decompose's own peak resets (with
+    faked allocator stats), and one clear line where CUDA is missing."""
+    bench = _script("bench_calibration")
+    rows = _calibration_rows()[:2]
+    for row, gpu in zip(rows, (100.0, 900.0)):
+        row.update(forward_peak_gpu_mib=gpu / 10, data_free_peak_gpu_mib=gpu / 2, data_aware_peak_gpu_mib=gpu)
+    bench.summarize_rows(rows)
+    text = bench.markdown(rows, {"target_flops": 0.5, "repeats": 3, "batch_size": 32, "threads": 2,
+                                 "device": "cuda", "gpu": "NVIDIA H100"})
+    assert "NVIDIA H100" in text and "peak GPU MiB" in text and "90 / 450 / 900" in text
+    assert "in CPU s" not in text and "CPU threads" not in text and "**5.0**" in text and "8 (8)" in text
+
+    stats = {"allocated": 100, "max": 100}
+
+    def reset(device=None):
+        stats["max"] = stats["allocated"]
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: stats["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: stats["max"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    with bench._GpuPeak(torch.device("cuda")) as peak:
+        stats["max"], stats["allocated"] = 900, 300  # a phase peaks at 900 ...
+        torch.cuda.reset_peak_memory_stats()  # ... and the next phase's reset would forget it
+        stats["max"] = 400
+    assert (peak.before, peak.peak) == (100, 900) and torch.cuda.reset_peak_memory_stats is reset
+    monkeypatch.undo()
+
+    if not torch.cuda.is_available():
+        assert bench.main(["--device", "cuda", "--models", "resnet50", "--images", "256"]) == 2
+        assert "torch.cuda.is_available() is False" in capsys.readouterr().err
