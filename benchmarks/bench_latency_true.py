@@ -19,7 +19,7 @@ On CUDA each row also times the compressed model with its low-rank convolutions 
 ``ratio_fused`` (the fused kernel on every layer it covers: channel scheme, rank a multiple of 16 up to 128,
 float32 with cuDNN TF32 allowed, sm_80+; the cuDNN pair on the others, counted in ``fused_layers`` /
 ``lowrank_layers``) and ``ratio_pair`` (every layer as two cuDNN convolutions), each over dense, with
-``ratio_default`` (the path the op picks by itself: its static estimate, or a timing per shape under
+``ratio_default`` (the path the op picks by itself: the cuDNN pair, or a timing per shape under
 ``--cudnn-benchmark``) from the same rounds. The path is forced with ``RANKPRUNE_LOWRANK_CONV2D``
 (``fused`` / ``unfused``), which the op reads at every call (docs/lowrank.md); the layers the kernel does not
 cover switch it to ``unfused`` around their own call (forward hooks: a few microseconds of Python per such layer
@@ -284,7 +284,7 @@ def markdown(rows: List[dict], config: dict) -> str:
                    f"{'on' if config['allow_tf32'] else 'off'}), cudnn.benchmark "
                    f"{'on' if config['cudnn_benchmark'] else 'off'}; eager = PyTorch, cuda_graph = each call "
                    f"captured into a CUDA graph and replayed; {common}. The ratio is the low-rank convolutions' "
-                   "default path (the op's static estimate, or its timing per shape under cudnn.benchmark); fused / "
+                   "default path (the cuDNN pair, or the op's timing per shape under cudnn.benchmark); fused / "
                    "cuDNN pair = the same model with RANKPRUNE_LOWRANK_CONV2D forcing the fused kernel (on the "
                    "layers it covers: channel scheme, rank a multiple of 16 up to 128; the cuDNN pair elsewhere; "
                    "k/n layers fused) and the two cuDNN convolutions, each over dense in further interleaved rounds "

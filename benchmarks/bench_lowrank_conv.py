@@ -5,7 +5,7 @@ Layer shapes are ResNet-50's 3x3 convolutions (C -> C at 56, 28, 14, 7) at rank 
 ``torch.backends.cudnn.benchmark = True`` on CUDA, one dtype for every path. "op" is
 ``rankprune.ops.lowrank_conv2d`` as dispatched (under cudnn.benchmark it times both paths once per shape and
 keeps the faster); on CUDA "fused" forces the fused kernel (RANKPRUNE_LOWRANK_CONV2D=fused) and "op_static" is
-the op with cudnn.benchmark off, i.e. the path its static estimate picks (what a default user gets).
+the op with cudnn.benchmark off, i.e. the path it picks by default (the cuDNN pair: what a default user gets).
 Results go to benchmarks/results/ as JSON.
 
     python benchmarks/bench_lowrank_conv.py --device cpu --quick
@@ -82,7 +82,7 @@ def bench_layer(device, dtype, channels, size, batch, timing):
     row["speedup_vs_dense"] = t["dense"] / t["op"]
     if "fused" in t:
         row["fused_kernel_vs_unfused"] = t["unfused"] / t["fused"]
-        # Below 1 where the static estimate picked the slower path (the target: never below 0.95 where fused).
+        # Below 1 where the default path is the slower one (the target: never below 0.95).
         row["op_static_vs_best"] = min(t["unfused"], t["fused"]) / t["op_static"]
     print(f"  {row['dtype']:9s} C={channels:3d}@{size:2d} r={rank:3d} B={batch:3d}  "
           + "  ".join(f"{k}={v:.3f}ms" for k, v in t.items())

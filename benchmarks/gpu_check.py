@@ -41,7 +41,7 @@ CUDA_TEST_FILES = ["tests/test_cuda_svdvals_paths.py", "tests/test_cuda_svd_path
                    "tests/test_cuda_lowrank_conv_paths.py", "tests/test_svdvals.py", "tests/test_svd.py",
                    "tests/test_lowrank_conv_op.py", "tests/test_trp.py", "tests/test_benchmark.py",
                    "tests/test_multi_gpu.py", "tests/test_latency.py", "tests/test_cuda_models.py"]
-PYTEST_WORKERS = 3
+PYTEST_WORKERS = 6  # of 16 cores: the model-level CUDA tests compute their CPU reference too
 TEST_TIMEOUT_S = 120
 # Weights of the steps in the budget: for 540 s, about 135 s build (16 cores; 65 s of CUDA compile on 2),
 # 15 verify, 40 smoke, 155 tests and sanitizers, 195 benchmarks.
@@ -111,6 +111,15 @@ for _ in range(20):
 ms = sorted(times)[len(times) // 2]
 print(json.dumps({"bytes_copied": n, "median_ms": ms, "GBps_read_plus_write": 2 * n / ms / 1e6}))
 """
+
+
+def select_benchmarks(names: List[str]) -> None:
+    """Keep only the named benchmarks (in their usual order); the bench step's share of the budget shrinks by
+    the weight left out, so that a rerun of a few benchmarks leaves the time to the other steps."""
+    global BENCHMARKS
+    full = sum(w for _, w, _ in BENCHMARKS)
+    BENCHMARKS = [b for b in BENCHMARKS if b[0] in names]
+    SHARES["bench"] = SHARES["bench"] * sum(w for _, w, _ in BENCHMARKS) / full
 
 
 def plan_deadlines(budget_s: float, names: List[str]) -> Dict[str, float]:
@@ -222,7 +231,9 @@ def sanitizer_commands(sanitizer: str) -> Dict[str, List[str]]:
 
 def pytest_command() -> List[str]:
     # -v: one line per test as it finishes, so a step cut by its deadline still says what passed and failed.
-    cmd = [python(), "-m", "pytest", "-m", "cuda", "-v", "-rfE", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
+    # no:benchmark: pytest-benchmark, where installed, claims any test argument named "benchmark".
+    cmd = [python(), "-m", "pytest", "-m", "cuda", "-v", "-rfE", "-p", "no:cacheprovider", "-p", "no:benchmark",
+           *CUDA_TEST_FILES]
     try:
         import xdist  # noqa: F401
         cmd[5:5] = ["-n", str(PYTEST_WORKERS)]  # after "-m cuda": between them it would eat the marker
@@ -282,6 +293,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("budget", nargs="?", default=str(DEFAULT_BUDGET_S), help=f"seconds in all (default {DEFAULT_BUDGET_S})")
     p.add_argument("--dry-run", action="store_true", help="print the steps and their deadlines, run nothing")
     p.add_argument("--skip-build", action="store_true", help="use the extension already built in place")
+    p.add_argument("--bench", default=",".join(n for n, _, _ in BENCHMARKS),
+                   help="comma-separated subset of the benchmarks (" + ",".join(n for n, _, _ in BENCHMARKS)
+                   + "); the bench step's share of the budget shrinks with their weights")
     p.add_argument("--steps", default=",".join(SHARES), help="comma-separated subset of " + ",".join(SHARES)
                    + " (verify always runs); e.g. a rerun of what failed")
     args = p.parse_args(argv)
@@ -291,6 +305,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"BUDGET_SECONDS must be a number, got {args.budget!r}")
     if budget < MIN_BUDGET_S:
         p.error(f"BUDGET_SECONDS must be at least {MIN_BUDGET_S}, got {args.budget}")
+    chosen = [b.strip() for b in args.bench.split(",") if b.strip()]
+    unknown_bench = sorted(set(chosen) - {n for n, _, _ in BENCHMARKS})
+    if unknown_bench:
+        p.error(f"unknown benchmarks {unknown_bench}; choose from {[n for n, _, _ in BENCHMARKS]}")
+    select_benchmarks(chosen)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = sorted(set(steps) - set(SHARES))
     if unknown:

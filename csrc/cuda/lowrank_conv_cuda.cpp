@@ -2,8 +2,8 @@
 // (lowrank_conv_kernels.cu: out = conv1x1(conv_khxkw(x, w1), w2) + bias in one kernel, the r-channel
 // intermediate never leaving the chip).
 // Shapes outside the kernel's cover (r not a multiple of 16 or above 128, float64, pre-Ampere GPUs) run the
-// unfused path, and so, in auto mode, do shapes where the kernel is not expected to win (see `fused_expected_faster`)
-// or, under cudnn.benchmark, measured slower than the cuDNN pair.
+// unfused path, and so does auto mode, unless cudnn.benchmark measured the kernel faster for the shape (see
+// "path choice" below).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -108,30 +108,18 @@ void run_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
 
 // ---- path choice ----
 // RANKPRUNE_LOWRANK_CONV2D=fused|unfused forces a path (fused still needs a covered shape). "auto" (default)
-// takes the static estimate below; when torch.backends.cudnn.benchmark is on it instead times both paths once
-// per shape and remembers the faster one, like cuDNN's own benchmark mode. Timing cannot run inside CUDA-graph
-// capture (it synchronizes), so a captured call uses the remembered choice when the shape was timed eagerly
-// before (a graph then replays what the eager run chose) and the static estimate otherwise.
+// runs the cuDNN pair, except under torch.backends.cudnn.benchmark, where it times both paths once per shape and
+// remembers the faster one, like cuDNN's own benchmark mode. Timing cannot run inside CUDA-graph capture (it
+// synchronizes), so a captured call uses the remembered choice when the shape was timed eagerly before (a graph
+// then replays what the eager run chose) and the cuDNN pair otherwise.
+//
+// Why no static estimate: the kernel has no split-K and no pipelining (each CTA walks all C*kh*kw / BK K-steps
+// of phase 1 serially), and on an H100 it lost to the cuDNN pair on every ResNet-50 3x3 shape measured
+// (bench_lowrank_conv, bfloat16, batch 8 and 32: 1.5-17x slower, geometric mean 5.3x), including the shallow
+// wide-image layers a former estimate fused (2 waves of pixel tiles, C*kh*kw <= 1152): with it, ResNet-50
+// decomposed to half its FLOPs ran at 1.36x dense under CUDA graphs against 1.08x with the pair
+// (benchmarks/results, gpu_check of 2026-12-05).
 enum class Path { Fused, Unfused };
-
-// Static estimate of whether the fused kernel beats the cuDNN pair; nothing here is measured yet.
-// Fusion saves at most the r-channel round trip through memory, while the kernel has no split-K and no
-// pipelining: each CTA walks all C*kh*kw / BK K-steps of phase 1 serially, and when there are few 64-pixel
-// tiles the output channels are split over blockIdx.y, each split recomputing phase 1. The estimate for an
-// H200 (docs/ and the CUDA review) puts it 3-5x behind cuDNN on deep layers (512 channels at 7x7, r = 128:
-// 4608-long K, a few hundred CTAs at most) and at batch 1, and about even to ahead on shallow, wide-image
-// layers. So auto fuses only when both hold:
-//  * at least two waves of pixel tiles, 2 * #SMs (no phase-1 recomputation, latency hidden across CTAs);
-//  * K1 = C*kh*kw <= 1152 (e.g. 128 channels with a 3x3 kernel: at most 36 serial K-steps in 16-bit).
-// On ResNet-50 at batch 32 this fuses the 3x3 layers at 56x56 and 28x28 and leaves 14x14 and 7x7 to cuDNN.
-constexpr int64_t kFusedMinWaves = 2;
-constexpr int64_t kFusedMaxK1 = 1152;
-
-bool fused_expected_faster(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& out) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t k1 = x.size(1) * w1.size(2) * w1.size(3);
-  return pixel_tiles(out) >= kFusedMinWaves * sms && k1 <= kFusedMaxK1;
-}
 
 std::string path_setting() {
   const char* env = std::getenv("RANKPRUNE_LOWRANK_CONV2D");
@@ -181,7 +169,10 @@ at::Tensor lowrank_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& w1, con
                                const std::optional<at::Tensor>& bias_in, const LowrankConvArgs& a) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const std::string setting = path_setting();
-  if (setting == "unfused") return lowrank_conv2d_unfused(x_in, w1, w2, bias_in, a);
+  const bool timed_choice = setting == "auto" && at::globalContext().benchmarkCuDNN();
+  if (setting == "unfused" || (setting == "auto" && !timed_choice)) {
+    return lowrank_conv2d_unfused(x_in, w1, w2, bias_in, a);
+  }
   // The kernel reads x, w1 and w2 through their strides; the bias as a dense vector.
   const std::optional<at::Tensor> bias = bias_in.has_value() ? std::optional(bias_in->contiguous()) : std::nullopt;
 
@@ -195,24 +186,20 @@ at::Tensor lowrank_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& w1, con
                 "does not cover this call (", why, ")");
     return lowrank_conv2d_unfused(x, w1, w2, bias, a);
   }
-  if (setting == "auto") {
-    Path path = fused_expected_faster(x, w1, out) ? Path::Fused : Path::Unfused;
-    if (at::globalContext().benchmarkCuDNN()) {
-      static std::mutex mutex;
-      static std::map<ShapeKey, Path> chosen;
-      const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-      const ShapeKey key = shape_key(x, w1, w2, bias.has_value(), a);
-      std::lock_guard<std::mutex> lock(mutex);
-      auto it = chosen.find(key);
-      if (it == chosen.end() && !capturing) {
-        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-        const float fused_ms = time_ms([&] { run_fused(x, w1, w2, bias, a, out); }, stream);
-        const float unfused_ms = time_ms([&] { lowrank_conv2d_unfused(x, w1, w2, bias, a); }, stream);
-        it = chosen.emplace(key, fused_ms <= unfused_ms ? Path::Fused : Path::Unfused).first;
-      }
-      if (it != chosen.end()) path = it->second;
+  if (timed_choice) {
+    static std::mutex mutex;
+    static std::map<ShapeKey, Path> chosen;
+    const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+    const ShapeKey key = shape_key(x, w1, w2, bias.has_value(), a);
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = chosen.find(key);
+    if (it == chosen.end() && !capturing) {
+      cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      const float fused_ms = time_ms([&] { run_fused(x, w1, w2, bias, a, out); }, stream);
+      const float unfused_ms = time_ms([&] { lowrank_conv2d_unfused(x, w1, w2, bias, a); }, stream);
+      it = chosen.emplace(key, fused_ms <= unfused_ms ? Path::Fused : Path::Unfused).first;
     }
-    if (path == Path::Unfused) return lowrank_conv2d_unfused(x, w1, w2, bias, a);
+    if (it == chosen.end() || it->second == Path::Unfused) return lowrank_conv2d_unfused(x, w1, w2, bias, a);
   }
   run_fused(x, w1, w2, bias, a, out);
   return out;

@@ -36,11 +36,11 @@ def lowrank_conv2d(
 
     ``x [B, C, H, W]`` (contiguous or channels_last), ``w1 [r, C, kh, kw]``, ``w2 [N, r, 1, 1]``,
     ``bias [N]`` or None, one dtype (float16/bfloat16/float32/float64) and device. Returns ``[B, N, H', W']``
-    in the memory format of ``x``. On CUDA the r-channel intermediate stays on chip when the fused kernel
-    covers the shape (float16/bfloat16, or float32 with TF32 allowed by
-    ``torch.backends.cudnn.allow_tf32``, the default; r a multiple of 16 up to 128) and is expected to win
-    (by default a static estimate, under ``torch.backends.cudnn.benchmark`` a timing per shape; see
-    docs/lowrank.md); other shapes run two cuDNN convolutions. Under autocast the operands are cast to the autocast dtype, as ``F.conv2d`` would be.
+    in the memory format of ``x``. On CUDA it runs two cuDNN convolutions, or the fused kernel (the r-channel
+    intermediate on chip) where ``torch.backends.cudnn.benchmark`` timed it faster for the shape and the kernel
+    covers it (float16/bfloat16, or float32 with TF32 allowed by ``torch.backends.cudnn.allow_tf32``, the
+    default; r a multiple of 16 up to 128); ``RANKPRUNE_LOWRANK_CONV2D=fused`` forces it (docs/lowrank.md).
+    Under autocast the operands are cast to the autocast dtype, as ``F.conv2d`` would be.
     """
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
