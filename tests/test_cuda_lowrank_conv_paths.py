@@ -129,7 +129,10 @@ def test_nonfinite_propagation_fused_matches_cudnn(bad, monkeypatch, seed):
     fused, unfused = outs["fused"], outs["unfused"]
     # A bad input poisons the 3x3 neighbourhood of output pixels, every output channel; nothing else.
     assert torch.equal(~fused.isfinite(), ~unfused.isfinite())
-    assert torch.equal(fused.isnan(), unfused.isnan())
+    if bad != bad:  # NaN stays NaN. An inf may come out as inf or NaN: cuDNN's Winograd and FFT algorithms
+        # add and subtract input pixels in their transforms (inf - inf), a direct convolution does not (seen on
+        # an H100: the same non-finite pixels, NaN in different ones).
+        assert torch.equal(fused.isnan(), unfused.isnan())
     bad_pixels = (~fused.isfinite()).any(1)
     assert int(bad_pixels.sum()) == 9 + 4
     assert bool((~fused.isfinite()).all(1)[bad_pixels].all())

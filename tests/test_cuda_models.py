@@ -7,6 +7,7 @@ Covers the calibration engine (data-aware ``decompose``, ``recalibrate``), data-
 selection, least-squares reconstruction), the hybrid ``compress``, energy scoring and the latency model's CUDA
 runtimes driving ``target_latency``. Every test is marked ``cuda`` (skipped without a GPU)."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -82,7 +83,7 @@ def test_data_aware_decompose_on_cuda_matches_the_cpu():
     assert relative(outputs(gpu_model, data), outputs(cpu_model, data)) < 1e-8
     assert "calibration" in gpu_report
     # the caller's model is not changed
-    assert relative(outputs(dense, data), outputs(net(), data)) == 0.0
+    assert relative(outputs(dense, data), outputs(net().cuda(), data)) == 0.0
 
 
 def test_data_aware_decompose_in_float32_on_cuda_is_as_good_as_on_the_cpu():
@@ -124,12 +125,13 @@ def test_recalibrate_on_cuda_matches_the_cpu():
 
 
 def test_energy_scores_on_cuda_match_the_cpu():
-    data = calibration(torch.float32)
-    cpu = rankprune.scoring.score(net(torch.float32), data, "energy")
-    gpu = rankprune.scoring.score(net(torch.float32).cuda(), on_cuda(data), "energy")
+    # float64: in float32 cuDNN's TF32 convolutions change the maps at 1e-3, and the scores with them.
+    data = calibration()
+    cpu = rankprune.scoring.score(net(), data, "energy")
+    gpu = rankprune.scoring.score(net().cuda(), on_cuda(data), "energy")
     assert cpu.keys() == gpu.keys()
     for name in cpu:
-        assert torch.allclose(gpu[name].double().cpu(), cpu[name].double(), rtol=1e-4, atol=1e-5), name
+        assert torch.allclose(gpu[name].double().cpu(), cpu[name].double(), rtol=1e-6, atol=1e-9), name
 
 
 def test_hybrid_compress_on_cuda_matches_the_cpu():
@@ -150,18 +152,27 @@ def test_hybrid_compress_on_cuda_matches_the_cpu():
 @pytest.mark.parametrize("runtime", ["eager", "cuda_graph"])
 def test_latency_targeted_decompose_on_cuda_is_measured_and_reported(runtime):
     torch.manual_seed(0)
-    # Wide enough that a low-rank pair can be faster than the dense conv on a GPU.
-    model = nn.Sequential(nn.Conv2d(64, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1),
-                          nn.ReLU(), nn.Conv2d(256, 64, 3, padding=1)).cuda().eval()
-    x = torch.randn(8, 64, 32, 32, device="cuda")
+    # Wide 3x3 convolutions, where a low-rank pair does less than half the work of the dense layer.
+    model = nn.Sequential(nn.Conv2d(64, 512, 3, padding=1), nn.ReLU(), nn.Conv2d(512, 512, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(512, 512, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(512, 64, 3, padding=1)).cuda().eval()
+    x = torch.randn(16, 64, 32, 32, device="cuda")
+    target = 0.9
     with warnings.catch_warnings():  # a missed target warns (timings vary on a shared GPU): checked below
         warnings.simplefilter("ignore")
-        small, plan, report = rankprune.decompose(model, example_inputs=x, target_latency=0.8, runtime=runtime,
-                                                  progress=False)
+        try:
+            small, plan, report = rankprune.decompose(model, example_inputs=x, target_latency=target,
+                                                      runtime=runtime, progress=False)
+        except ValueError as exc:  # this GPU cannot reach the target: the error names what it can reach
+            reachable = re.search(r"closest reachable latency is ([\d.]+) of dense", str(exc))
+            assert reachable, exc
+            target = min(1.0, float(reachable[1]) + 0.02)
+            small, plan, report = rankprune.decompose(model, example_inputs=x, target_latency=target,
+                                                      runtime=runtime, progress=False)
     assert_on_cuda(small)
     measured = report["latency"]
-    assert measured["runtime"] == runtime and measured["dense"]["median_ms"] > 0
-    assert measured["compressed"]["median_ms"] > 0 and measured["ratio"] > 0
+    assert measured["runtime"] == runtime and measured["target"] == target
+    assert measured["dense"]["median_ms"] > 0 and measured["compressed"]["median_ms"] > 0 and measured["ratio"] > 0
     with torch.no_grad():
         y, y_small = model(x), small(x)
     assert torch.isfinite(y_small).all() and y_small.shape == y.shape
@@ -170,4 +181,3 @@ def test_latency_targeted_decompose_on_cuda_is_measured_and_reported(runtime):
     applied.load_state_dict(small.state_dict())
     with torch.no_grad():
         assert torch.equal(applied(x), y_small)
-

@@ -17,6 +17,16 @@ def _decaying(batch, m, n, kind, dtype=torch.float64, device="cpu"):
     return ((U * s) @ V.mT).to(device=device, dtype=dtype)
 
 
+# torch.linalg.svd on CUDA (cuSOLVER) in float32: orthonormality and singular values to about 2e-5 and 4e-5 of
+# sigma_max on an H100 (torch 2.11), against 1e-5 for rankprune's kernels and LAPACK.
+CUSOLVER_FLOAT32_RTOL = 1e-4
+
+
+def _rtol(A, library: bool) -> float:
+    """The tolerance of ``_check_svd`` for ``A`` on the library (torch.linalg.svd) side of the dispatch or not."""
+    return CUSOLVER_FLOAT32_RTOL if library and A.is_cuda and A.dtype != torch.float64 else 1e-5
+
+
 def _check_svd(A, U, S, V, rtol=1e-5):
     """Shapes, descending S matching the float64 singular values, orthonormal U/V, reconstruction."""
     m, n = A.shape[-2], A.shape[-1]
@@ -60,7 +70,7 @@ def test_svd_dispatches_by_size(seed, device, monkeypatch):
     monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(a[0].shape) or library(*a, **k))
     for m, n in ((limit, limit), (3 * limit, limit), (limit + 1, limit + 1), (limit + 1, 2 * limit + 5)):
         A = torch.randn(2, m, n, device=device)
-        _check_svd(A, *ops.svd(A))
+        _check_svd(A, *ops.svd(A), rtol=_rtol(A, min(m, n) > limit))
         assert len(calls) == (min(m, n) > limit), (m, n, calls)
         calls.clear()
 
@@ -71,7 +81,7 @@ def test_svd_dispatches_by_size(seed, device, monkeypatch):
                                    (2, 64, 64), (2, 40, 9), (2, 150, 40), (2, 40, 150)])
 def test_svd_gaussian(seed, device, shape, svd_route):
     A = torch.randn(*shape, device=device)
-    _check_svd(A, *ops.svd(A))
+    _check_svd(A, *ops.svd(A), rtol=_rtol(A, svd_route == "library"))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -79,7 +89,7 @@ def test_svd_gaussian(seed, device, shape, svd_route):
 @pytest.mark.parametrize("mn", [(24, 24), (80, 20), (20, 80)])
 def test_svd_spectra(seed, device, kind, mn, svd_route):
     A = _decaying((3,), *mn, kind, dtype=torch.float32, device=device)
-    _check_svd(A, *ops.svd(A))
+    _check_svd(A, *ops.svd(A), rtol=_rtol(A, svd_route == "library"))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -89,7 +99,7 @@ def test_svd_rank_deficient(seed, device, mnr, svd_route):
     A = torch.randn(4, m, r, device=device) @ torch.randn(4, r, n, device=device)
     A[0, :, 0] = 0  # an exactly zero column as well
     U, S, V = ops.svd(A)
-    _check_svd(A, U, S, V)
+    _check_svd(A, U, S, V, rtol=_rtol(A, svd_route == "library"))
     if r > 0:
         assert (S[..., r:] <= 1e-5 * S[..., :1]).all()
     else:

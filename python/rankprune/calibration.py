@@ -162,6 +162,14 @@ def input_columns(module: nn.Module, x: Tensor, generator: Optional[torch.Genera
     return patches.permute(0, 3, 1, 2).reshape(keep.shape[0], -1)
 
 
+def column_generator(layer_index: int, batch: int, call: int) -> torch.Generator:
+    """The seeded generator of a layer's column subsample on one call (``input_columns``): passes over the dense
+    and the compressed model draw the same columns. On the CPU whatever the model's device, so that the same
+    columns are drawn on every device and a GPU calibration gives the CPU's plan (a CUDA generator's stream
+    differs); only the indices are drawn there."""
+    return torch.Generator().manual_seed(((layer_index * 1_000_003) + batch) * 64 + call)
+
+
 def _subsample(count: int, size: int, generator: Optional[torch.Generator]) -> Tensor:
     """``size`` distinct indices in ``range(count)``, uniformly at random."""
     device = generator.device if generator is not None else "cpu"

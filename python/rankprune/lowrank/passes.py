@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .._inputs import batch_size, first_samples, progress, raise_non_finite
-from ..calibration import Calibration, SameInputStages, input_columns
+from ..calibration import Calibration, SameInputStages, column_generator, input_columns
 from ..fidelity import output_tensor
 from .cost import Candidate
 from .factoring import lowrank_module
@@ -33,14 +33,8 @@ MAX_COVARIANCE_DIM = 8192
 FLOAT64_PRODUCT_MAX_DIM = 1024
 
 
-def _generator(layer: Candidate, batch: int, call: int, device) -> torch.Generator:
-    """The seeded generator of a layer's column subsample on one call: the statistics and refit passes draw
-    the same columns from the dense and the decomposed model's inputs."""
-    return torch.Generator(device=device).manual_seed(((layer.index * 1_000_003) + batch) * 64 + call)
-
-
 def _columns(layer: Candidate, batch: int, call: int, x: Tensor) -> Tensor:
-    return input_columns(layer.module, x, _generator(layer, batch, call, x.device))
+    return input_columns(layer.module, x, column_generator(layer.index, batch, call))
 
 
 def collect_statistics(engine: Calibration, layers: List[Candidate], keep_dense_rows: bool) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .. import scoring
 from .._inputs import (batch_size, call_model, eval_mode, first_samples, holds_non_finite, model_inputs,
                        raise_non_finite)
-from ..calibration import Calibration, input_columns
+from ..calibration import Calibration, column_generator, input_columns
 from ..fidelity import output_tensor
 from . import _torch_pruning as tpa
 from ._errors import torch_pruning_errors
@@ -136,8 +136,7 @@ def _statistics(engine: Calibration, consumers: Dict[str, nn.Module]) -> Dict[st
 
     def capture(name: str, module: nn.Module):
         def hook(batch: int, call: int, x: Tensor) -> None:
-            generator = torch.Generator(device=x.device).manual_seed(batch * 64 + call)
-            rows = input_columns(module, x, generator).to(torch.float64)
+            rows = input_columns(module, x, column_generator(0, batch, call)).to(torch.float64)
             grams[name].addmm_(rows.T, rows)
         return hook
 
@@ -168,10 +167,10 @@ def _sensitivities(engine: Calibration, consumers: Dict[str, nn.Module], shapes)
         reference = reference.double()
         scale = max(float(reference.square().sum()), 1e-300)
         for index, (name, module) in enumerate(consumers.items()):
-            generator = torch.Generator(device=engine.device).manual_seed(index)
+            generator = torch.Generator().manual_seed(index)  # on the CPU: the same noise on every device
 
             def add_noise(mod, args, output):
-                noise = torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
+                noise = torch.randn(output.shape, generator=generator, dtype=output.dtype).to(output.device)
                 ratio = math.sqrt(PROBE_NOISE * float(output.double().square().sum())
                                   / max(float(noise.double().square().sum()), 1e-300))
                 return output + ratio * noise

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .._inputs import call_model, eval_mode, first_samples, holds_non_finite, raise_non_finite
-from ..calibration import Calibration, SameInputStages, input_columns
+from ..calibration import Calibration, SameInputStages, column_generator, input_columns
 
 # Relative ridge damping of the reconstruction (times the mean diagonal of H^T H), as in the data-aware
 # decomposition: small enough to leave well-conditioned fits exact to ~1e-4, large enough for dead inputs.
@@ -188,13 +188,9 @@ def _consumer(name: str, index: int, dense: nn.Module, pruned: nn.Module, entry:
                      bias.detach().to(torch.float64) if bias is not None else None)
 
 
-def _generator(c: _Consumer, batch: int, call: int, device) -> torch.Generator:
-    """The same sampled positions in the dense and the pruned model's input of a consumer."""
-    return torch.Generator(device=device).manual_seed(((c.index * 1_000_003) + batch) * 64 + call)
-
-
 def _rows(c: _Consumer, module: nn.Module, batch: int, call: int, x: Tensor) -> Tensor:
-    return input_columns(module, x, _generator(c, batch, call, x.device))
+    """The same sampled positions in the dense and the pruned model's input of a consumer."""
+    return input_columns(module, x, column_generator(c.index, batch, call))
 
 
 def _dense_outputs(c: _Consumer, batch: int, call: int, x: Tensor) -> Tensor:
