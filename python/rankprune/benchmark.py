@@ -187,13 +187,16 @@ def environment(device="cpu") -> Dict[str, object]:
         except OSError:
             pass
         name = f"{name} ({torch.get_num_threads()} threads)"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    # RANKPRUNE_COMMIT first: a copy of the tree (a lent GPU machine) may carry a .git whose HEAD is not the code.
+    commit = os.environ.get("RANKPRUNE_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     from . import ops
 
     return {
