@@ -363,6 +363,25 @@ def test_prune_no_recalibrate_reaches_the_library(monkeypatch, tmp_path):
     assert calls[-1]["recalibrate"] is False
 
 
+def test_target_latency_and_runtime_reach_the_library(monkeypatch, tmp_path):
+    calls = _record_calls(monkeypatch, "prune", ({"method": "prune", "criterion": "l1", "recalibrated": True},))
+    common = ["--model", "resnet20", "--width", "0.25", "--num-images", "8", "--batch-size", "4", "--no-progress",
+              "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(["prune", "--target-latency", "0.7", "--runtime", "onnxruntime", "--criterion", "l1", *common]) == 0
+    assert calls[-1]["target_latency"] == 0.7 and calls[-1]["runtime"] == "onnxruntime"
+    assert calls[-1]["target_flops"] is None and calls[-1]["ratio"] is None
+    report = {"layers": {}, "skipped": {}, "total": {"params_dense": 2, "params": 1, "flops_dense": 2, "flops": 1}}
+    calls = _record_calls(monkeypatch, "decompose", ({"method": "decompose", "version": 1, "layers": {}}, report))
+    assert cli.main(["decompose", "--target-latency", "0.5", *common]) == 0
+    assert calls[-1]["target_latency"] == 0.5 and "runtime" not in calls[-1]
+
+
+def test_target_latency_out_of_range_is_a_usage_error(capsys):
+    argv = ["prune", "--model", "resnet20", "--target-latency", "1.5", "--no-progress", "--device", "cpu"]
+    assert cli.main(argv) == 2
+    assert "--target-latency must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
 def test_prune_image_folder_at_the_model_input_size(capsys, tmp_path):
     folder = _image_folder(tmp_path / "images")
     argv = ["prune", "--model", "resnet20", "--width", "0.25", "--ratio", "0.5", "--criterion", "l1", "--data",

@@ -258,6 +258,46 @@ def test_flops_target_warns_when_the_result_is_not_faster(monkeypatch):
     assert "latency" not in quiet
 
 
+def test_prune_target_latency_prunes_least_within_the_predicted_target(fake_timer):
+    # Fake milliseconds are parameter counts, and the layers hold every parameter of tiny_net: the prediction is
+    # exact, so the measured ratio equals the predicted one and meets the target.
+    net = tiny_net()
+    pruned, plan = rankprune.prune(net, X, "l1", target_latency=0.6, progress=False)
+    search = plan["latency_search"]
+    assert plan["target_latency"] == 0.6 and search["runtime"] == "eager"
+    assert search["predicted_ratio"] <= 0.6
+    # the least pruning that meets it: every smaller ratio tried predicts above the target
+    assert all(t["predicted_ratio"] > 0.6 for t in search["tries"] if t["ratio"] < search["ratio"])
+    assert plan["latency"]["ratio"] == pytest.approx(fake_ms(pruned) / fake_ms(net))
+    assert plan["latency"]["ratio"] == pytest.approx(plan["latency"]["predicted_ratio"])
+    assert plan["latency"]["ratio"] <= 0.6 and plan["latency"]["target"] == 0.6 and plan["latency"]["warning"] is None
+    # channel counts rounded to the multiple the measured sweep chose
+    assert isinstance(plan["round_to"], int) and plan["round_to"] >= 1
+    assert all(len(entry["out_channels_kept"]) % plan["round_to"] == 0
+               for entry in plan["layers"].values() if entry.get("out_channels_kept"))
+    assert fake_ms(net) == fake_ms(tiny_net())  # the caller's model is not changed
+
+
+def test_the_cli_names_every_runtime():
+    assert cli.common.RUNTIMES == latency.RUNTIMES  # a copy, so that --help does not import the latency package
+
+
+def test_prune_target_latency_unreachable_names_the_closest(fake_timer):
+    with pytest.raises(ValueError, match=r"target_latency=0.01 cannot be met on runtime 'eager': the closest "
+                                         r"reachable latency is 0\.\d+ of dense \(predicted with max_layer_ratio"):
+        rankprune.prune(tiny_net(), X, "l1", target_latency=0.01, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target_latency=0.5, target_flops=0.5), "give exactly one of ratio"),
+    (dict(target_latency=0.0), r"target_latency must be in \(0, 1\]"),
+    (dict(target_latency=0.5, runtime="cuda_graph"), "runtime='cuda_graph' needs a model on a CUDA"),
+])
+def test_prune_target_latency_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rankprune.prune(tiny_net(), X, "l1", progress=False, **kwargs)
+
+
 def test_verify_names_a_missed_target(fake_timer):
     net = tiny_net()
     small, _, _ = rankprune.decompose(net, ranks={"2": 16}, example_inputs=X, progress=False)

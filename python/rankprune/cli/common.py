@@ -312,6 +312,19 @@ def load_data(args, input_size: int, split: str = "train"):
     return data.batch_loader(dataset, args.batch_size), shape, description
 
 
+RUNTIMES = ("eager", "cuda_graph", "onnxruntime")  # rankprune.latency.RUNTIMES (not imported: --help stays fast)
+
+
+def add_latency_options(parser: argparse.ArgumentParser, goal) -> None:
+    """Add ``--target-latency`` to the ``goal`` group (exclusive with the other targets) and ``--runtime``."""
+    goal.add_argument("--target-latency", type=float,
+                      help="fraction of the dense model's latency to reach, in (0, 1], measured in --runtime on the "
+                           "model's device at batch 1 (see rankprune.latency)")
+    parser.add_argument("--runtime", choices=RUNTIMES,
+                        help="where latency is measured: eager (PyTorch, default), cuda_graph (CUDA only) or "
+                             "onnxruntime (the exported model in ONNX Runtime on the CPU)")
+
+
 def add_eval_option(parser: argparse.ArgumentParser) -> None:
     """Add ``--eval``: the accuracy of the model before and after compression (:func:`accuracy_fn`)."""
     parser.add_argument("--eval", action="store_true",

@@ -1,8 +1,8 @@
 """`rankprune decompose`: replace a model's Conv2d/Linear layers by low-rank pairs (``rankprune.decompose``);
 writes the plan, the weights, a report and optionally an ONNX file."""
 from . import UsageError
-from .common import (accuracy_fn, add_common_options, add_data_options, add_eval_option, add_model_options,
-                     add_onnx_option, check_onnx_path, check_output_dir, default_input_size, load_data, load_model,
+from .common import (accuracy_fn, add_common_options, add_data_options, add_eval_option, add_latency_options,
+                     add_model_options, add_onnx_option, check_onnx_path, check_output_dir, default_input_size, load_data, load_model,
                      resolve_device, seed_everything, write_compressed, write_onnx)
 
 OUT_DEFAULT = "rankprune-decomposed"
@@ -26,6 +26,7 @@ def register(sub) -> None:
     goal.add_argument("--rank-ratio", type=float, help="per layer, this fraction of the full rank, in (0, 1]")
     goal.add_argument("--target-flops", type=float, help="fraction of the model's FLOPs to keep, in (0, 1]")
     goal.add_argument("--target-params", type=float, help="fraction of the model's parameters to keep, in (0, 1]")
+    add_latency_options(p, goal)
     p.add_argument("--scheme", default="channel", choices=("channel", "spatial"),
                    help="convolutions: channel (kxk C->r, then 1x1) or spatial (kx1, then 1xk) (default channel)")
     p.add_argument("--include", action="append", metavar="PATTERN",
@@ -64,7 +65,9 @@ def _decompose_kwargs(args, loader):
               "progress": not args.no_progress}
     from .._inputs import check_fraction
 
-    for name in ("energy", "rank_ratio", "target_flops", "target_params"):
+    if args.runtime is not None:
+        kwargs["runtime"] = args.runtime
+    for name in ("energy", "rank_ratio", "target_flops", "target_params", "target_latency"):
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = check_fraction(f"--{name.replace('_', '-')}", value)

@@ -1,8 +1,9 @@
 """`rankprune prune`: structural channel pruning of a model; writes the plan, pruned weights and a report."""
 import os
 
-from .common import (accuracy_fn, add_common_options, add_data_options, add_eval_option, add_model_options,
-                     add_onnx_option, check_onnx_path, check_output_dir, write_compressed, write_onnx)
+from .common import (accuracy_fn, add_common_options, add_data_options, add_eval_option, add_latency_options,
+                     add_model_options, add_onnx_option, check_onnx_path, check_output_dir, write_compressed,
+                     write_onnx)
 from .score import add_criterion_options, load_model_and_data, make_criterion
 
 OUT_DEFAULT = "rankprune-pruned"
@@ -25,6 +26,7 @@ def register(sub) -> None:
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--ratio", type=float, help="fraction of channels to remove, in [0, 1)")
     goal.add_argument("--target-flops", type=float, help="fraction of the FLOPs to keep, in (0, 1]")
+    add_latency_options(p, goal)
     ranking = p.add_mutually_exclusive_group()
     ranking.add_argument("--global", dest="global_ranking", action="store_const", const=True,
                          help="rank channels of all layers together (default for output_error: allocation by "
@@ -55,8 +57,10 @@ def run(args) -> int:
 
     if args.ratio is not None:
         check_fraction("--ratio", args.ratio, low_open=False, high_open=True)
-    else:
+    elif args.target_flops is not None:
         check_fraction("--target-flops", args.target_flops)
+    else:
+        check_fraction("--target-latency", args.target_latency)
     check_onnx_path(args.onnx)
     model, loader, image_shape, device, dtype = load_model_and_data(args)
     example = torch.zeros(1, *image_shape, device=device, dtype=dtype)
@@ -73,7 +77,7 @@ def run(args) -> int:
         criterion = make_criterion(args)
     pruned, plan = rankprune.prune(
         model, example, criterion, data=loader, ratio=args.ratio, target_flops=args.target_flops,
-        global_ranking=args.global_ranking, round_to=args.round_to, reconstruct=args.reconstruct,
+        target_latency=args.target_latency, runtime=args.runtime, global_ranking=args.global_ranking, round_to=args.round_to, reconstruct=args.reconstruct,
         recalibrate=args.recalibrate, progress=not args.no_progress,
     )
     eval_fn = accuracy_fn(args, device, dtype, image_shape[-1]) if args.eval else None

@@ -1,4 +1,5 @@
-""":func:`prune`: score, prune a copy at a channel ratio or a FLOP target, recalibrate, describe it in a plan."""
+""":func:`prune`: score, prune a copy at a channel ratio, a FLOP target or a latency target, reconstruct,
+recalibrate, describe it in a plan."""
 import copy
 import math
 import warnings
@@ -11,13 +12,14 @@ from .. import scoring
 from .._inputs import call_model, check_data, check_finite_weights, check_fraction, eval_mode, reusable
 from .._inputs import progress as progress_bar
 from ..fidelity import divergence, split_holdout
-from ..latency import latency_settings, verify
+from ..latency import LatencyModel, latency_settings, verify
 from ..plan_format import PLAN_VERSION
 from ..report import count_flops
 from ..training import recalibrate as recalibrate_batchnorm
 from ._by_ratio import prune_by_ratio
 from ._errors import PruningError
 from ._importance import Scores
+from ._latency import ratio_for_latency
 from ._output_error import OutputError
 from ._plan import apply_prune_plan
 from ._reconstruct import DEFAULT_DAMPING, reconstruct as reconstruct_consumers
@@ -39,6 +41,7 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
     data: Optional[Iterable] = None,
     ratio: Optional[float] = None,
     target_flops: Optional[float] = None,
+    target_latency: Optional[float] = None,
     global_ranking: Optional[bool] = None,
     ignored_layers: Optional[Sequence[Union[str, nn.Module]]] = None,
     ignore_output_layer: bool = True,
@@ -72,12 +75,21 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
             one-shot iterator (a generator) is read into a list first, as every verb does.
         ratio: fraction of channels to remove, in [0, 1) (see the module doc).
         target_flops: fraction of the original FLOPs to keep, in (0, 1]; exclusive with ``ratio``.
+        target_latency: fraction of the dense model's latency to reach, in (0, 1], measured in ``runtime`` on
+            the model's device with ``example_inputs`` (their batch size counts); exclusive with ``ratio`` and
+            ``target_flops``. The dense model's layers are timed in context (``rankprune.latency``, cached on
+            disk), the channel ratio is searched on the latency the timings predict for each pruned structure
+            (``pruning._latency``), the model is pruned there and measured end to end against dense
+            (``plan["latency"]``, with a warning when the target is missed; ``plan["latency_search"]`` holds
+            the search). ValueError naming the closest predicted latency when ``max_layer_ratio`` cannot reach
+            it. Channels are removed by the same scores and allocation as for ``target_flops``.
         global_ranking: rank all groups together (a single threshold) instead of pruning each group by
             ``ratio``. Default: True for criteria whose scores compare across layers (``output_error``: the
             allocation then follows measured output error per FLOP saved), else False (uniform ratios).
         ignored_layers: modules or module names never pruned (nor anything tied to their output channels).
         ignore_output_layer: also ignore the layer(s) producing the model output (the classifier).
-        round_to: keep a multiple of this many channels in each pruned group.
+        round_to: keep a multiple of this many channels in each pruned group (default: none, or with
+            ``target_latency`` the multiple a measured sweep of channel counts finds rewarded, ``plan["round_to"]``).
         max_layer_ratio: no group loses more than this fraction of its channels (and at least one stays).
         reconstruct: refit, by least squares on ``data``, every layer whose input channels were removed so that
             its output matches the dense model's (``pruning._reconstruct``; docs/pruning.md says which layers
@@ -104,14 +116,17 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
     """
     if data is not None:
         check_data(data)  # an empty list or loader fails here, not after the pruning
-    ratio, target_flops, max_layer_ratio = _check_arguments(model, ratio, target_flops, max_layer_ratio, round_to)
+    ratio, target_flops, target_latency, max_layer_ratio = _check_arguments(
+        model, ratio, target_flops, target_latency, max_layer_ratio, round_to)
     if isinstance(criterion_or_scores, str) and criterion_or_scores == AUTO:
-        options = dict(ratio=ratio, target_flops=target_flops, ignored_layers=ignored_layers,
+        options = dict(ratio=ratio, target_flops=target_flops, target_latency=target_latency,
+                       ignored_layers=ignored_layers,
                        ignore_output_layer=ignore_output_layer, round_to=round_to, max_layer_ratio=max_layer_ratio,
                        reconstruct=reconstruct, damping=damping, recalibrate=recalibrate, cache_bytes=cache_bytes)
         return _auto(model, example_inputs, data, global_ranking, inplace, progress, options,
                      dict(runtime=runtime, measure_latency=measure_latency))
-    runtime, measure_latency = latency_settings(model, target_flops, None, runtime, measure_latency, example_inputs)
+    runtime, measure_latency = latency_settings(model, target_flops, target_latency, runtime, measure_latency,
+                                                example_inputs)
     dense = copy.deepcopy(model) if measure_latency and inplace else model
     reconstruct = _check_reconstruct(reconstruct, damping, data)
     recalibrate = bool(recalibrate) and data is not None
@@ -128,9 +143,19 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
         base_flops = count_flops(model, example_inputs)
         base_params = sum(p.numel() for p in model.parameters())
         ignored_names = _ignored_names(model, example_inputs, ignored_layers, ignore_output_layer)
-        pruned, kept, flops, ratio = _prune_copy(
-            model, example_inputs, scores, ratio, target_flops, global_ranking, ignored_names, round_to,
-            max_layer_ratio, base_flops, unpruned, progress, normalize=not comparable)
+        latency_model = latency_search = None
+        if target_latency is not None:  # the dense model timed before any change; then the ratio that meets it
+            latency_model = LatencyModel.measure(model, example_inputs, runtime, progress=progress)
+            if round_to is None:
+                round_to = latency_model.channel_multiple([n for n in scores if n in latency_model.layers])
+            search_pruner = _pruner(example_inputs, scores, global_ranking, ignored_names, round_to, max_layer_ratio,
+                                    {}, normalize=not comparable)
+            ratio, latency_search = ratio_for_latency(model, search_pruner, latency_model, target_latency,
+                                                      max_layer_ratio)
+        attempt = _pruner(example_inputs, scores, global_ranking, ignored_names, round_to, max_layer_ratio,
+                          unpruned, normalize=not comparable)
+        pruned, kept, flops, ratio = _prune_copy(model, attempt, ratio, target_flops, base_flops, max_layer_ratio,
+                                                 progress)
     reconstruction = None
     if reconstruct:  # on the copy, against the caller's (still dense) model
         reconstruction = reconstruct_consumers(model, pruned, kept, data, damping=damping, cache_bytes=cache_bytes,
@@ -153,12 +178,19 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
     _warn_unpruned(unpruned)
     _warn_tied(scores, kept)
     plan = {"method": "prune", "version": PLAN_VERSION, "layers": kept, "criterion": criterion_name,
-            "ratio": ratio, "target_flops": target_flops, "global_ranking": bool(global_ranking),
+            "ratio": ratio, "target_flops": target_flops, "target_latency": target_latency,
+            "global_ranking": bool(global_ranking),
             "round_to": round_to, "ignored_layers": ignored_names, "reconstruction": reconstruction,
             "recalibrated": recalibrate, "flops": [base_flops, flops],
             "params": [base_params, sum(p.numel() for p in pruned.parameters())]}
+    if latency_search is not None:
+        latency_search.update(profiling_s=latency_model.profiling_s, layers_measured=latency_model.measured,
+                              layers_cached=latency_model.cached)
+        plan["latency_search"] = latency_search
     if measure_latency:
-        plan["latency"] = verify(dense, pruned, example_inputs, runtime, verb="prune")
+        plan["latency"] = verify(dense, pruned, example_inputs, runtime, target=target_latency, verb="prune")
+        if latency_model is not None:
+            plan["latency"]["predicted_ratio"] = latency_model.predict(pruned) / latency_model.dense_ms
     return pruned, plan
 
 
@@ -200,24 +232,27 @@ def _check_reconstruct(reconstruct: Optional[bool], damping: float, data: Option
 
 
 def _check_arguments(model: nn.Module, ratio: Optional[float], target_flops: Optional[float],
-                     max_layer_ratio: float, round_to: Optional[int]) -> Tuple[Optional[float], Optional[float], float]:
+                     target_latency: Optional[float], max_layer_ratio: float, round_to: Optional[int]
+                     ) -> Tuple[Optional[float], Optional[float], Optional[float], float]:
     """Refuse arguments out of range, a model without convs and non-finite weights before any work; the
     fractions as floats."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if (ratio is None) == (target_flops is None):
-        raise ValueError("give exactly one of ratio (fraction of channels to remove) and target_flops "
-                         "(fraction of FLOPs to keep)")
+    if sum(x is not None for x in (ratio, target_flops, target_latency)) != 1:
+        raise ValueError("give exactly one of ratio (fraction of channels to remove), target_flops (fraction of "
+                         "FLOPs to keep) and target_latency (fraction of the dense latency to reach)")
     if ratio is not None:
         ratio = check_fraction("ratio", ratio, low_open=False, high_open=True)
     if target_flops is not None:
         target_flops = check_fraction("target_flops", target_flops)
+    if target_latency is not None:
+        target_latency = check_fraction("target_latency", target_latency)
     max_layer_ratio = check_fraction("max_layer_ratio", max_layer_ratio, low_open=False, high_open=True)
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
     scoring.conv_layers(model)  # a model without convs is refused here, before any work
     check_finite_weights(model, "prune")  # before any score or data can be blamed for a NaN
-    return ratio, target_flops, max_layer_ratio
+    return ratio, target_flops, target_latency, max_layer_ratio
 
 
 def _scores(model: nn.Module, criterion_or_scores, data: Optional[Iterable], recalibrate: bool,
@@ -291,18 +326,24 @@ def _output_layers(model: nn.Module, example_inputs: Any) -> List[nn.Module]:
     return [called[-1][0]] if called else []
 
 
-def _prune_copy(model: nn.Module, example_inputs: Any, scores: Scores, ratio: Optional[float],
-                target_flops: Optional[float], global_ranking: bool, ignored_names: List[str],
-                round_to: Optional[int], max_layer_ratio: float, base_flops: int, unpruned: Dict[str, str],
-                progress: bool, normalize: bool):
-    """A pruned copy of ``model`` at ``ratio``, or at the ratio that meets ``target_flops``: ``(pruned, kept
-    indices per layer, its FLOPs, the ratio)``. ``normalize``: see ``ScoreImportance``."""
+def _pruner(example_inputs: Any, scores: Scores, global_ranking: bool, ignored_names: List[str],
+            round_to: Optional[int], max_layer_ratio: float, unpruned: Dict[str, str], normalize: bool):
+    """``attempt(ratio, model, dither=False) -> (kept indices per layer, FLOPs)``: prunes ``model`` in place at
+    the channel ratio; the groups it leaves unpruned are named in ``unpruned``. ``normalize``: see
+    ``ScoreImportance``."""
     def attempt(r: float, target: nn.Module, dither: bool = False):
         ignored = [target.get_submodule(n) for n in ignored_names]
         kept = prune_by_ratio(target, example_inputs, scores, r, global_ranking, ignored, round_to,
                               max_layer_ratio, dither, unpruned, normalize)
         return kept, _pruned_flops(target, example_inputs)
 
+    return attempt
+
+
+def _prune_copy(model: nn.Module, attempt, ratio: Optional[float], target_flops: Optional[float],
+                base_flops: int, max_layer_ratio: float, progress: bool):
+    """A pruned copy of ``model`` at ``ratio``, or at the ratio that meets ``target_flops``: ``(pruned, kept
+    indices per layer, its FLOPs, the ratio)``; ``attempt`` from :func:`_pruner`."""
     if ratio is not None:
         pruned = copy.deepcopy(model)
         kept, flops = attempt(ratio, pruned)

@@ -1,0 +1,54 @@
+"""The latency side of ``prune``: the channel ratio that meets a measured latency budget (``target_latency``).
+
+The dense model's layers are timed in ``runtime`` on the model's device (``rankprune.latency.LatencyModel``: in
+context, cached on disk); each tried ratio prunes a copy with the scores already computed, and the latency
+model predicts the copy's time from the measured times of its new channel counts (measured on first use). The
+search keeps the least pruning whose prediction meets the target; ``prune`` then prunes at that ratio for real
+(reconstruction, recalibration) and measures the result end to end against dense."""
+import copy
+from typing import Callable, Dict, List, Tuple
+
+from torch import nn
+
+from ..latency import LatencyModel
+
+# Bisection steps over the channel ratio in [0, max_layer_ratio]: the ratio to within max_layer_ratio / 2**7.
+LATENCY_STEPS = 7
+
+# attempt(ratio, model): prune ``model`` in place at the channel ratio (the pruner of ``prune``).
+Attempt = Callable[[float, nn.Module], object]
+
+
+def ratio_for_latency(model: nn.Module, attempt: Attempt, latency_model: LatencyModel, target_latency: float,
+                      max_layer_ratio: float) -> Tuple[float, Dict[str, object]]:
+    """The smallest channel ratio whose pruned copy of ``model`` the latency model predicts within
+    ``target_latency`` (a fraction of the dense model's measured latency), and the search's record (each
+    try's ratio and predicted fraction, the runtime, the dense milliseconds). ValueError naming the closest
+    predicted latency when even ``max_layer_ratio`` misses the target."""
+    tries: List[Dict[str, float]] = []
+
+    def predicted(ratio: float) -> float:
+        candidate = copy.deepcopy(model)
+        attempt(ratio, candidate)
+        fraction = latency_model.predict(candidate) / latency_model.dense_ms
+        tries.append({"ratio": ratio, "predicted_ratio": fraction})
+        return fraction
+
+    low, high = 0.0, max_layer_ratio
+    closest = predicted(high)
+    if closest > target_latency:
+        raise ValueError(
+            f"target_latency={target_latency} cannot be met on runtime {latency_model.runtime!r}: the closest "
+            f"reachable latency is {closest:.3f} of dense (predicted with max_layer_ratio={max_layer_ratio} of the "
+            f"channels removed, {latency_model.dense_ms:.4g} ms dense measured); raise max_layer_ratio, prune "
+            "fewer ignored_layers, or decompose (rankprune.compress) to reach further")
+    for _ in range(LATENCY_STEPS):
+        middle = 0.5 * (low + high)
+        if predicted(middle) <= target_latency:
+            high = middle
+        else:
+            low = middle
+    record = {"runtime": latency_model.runtime, "device": latency_model.device_name,
+              "dense_ms": latency_model.dense_ms, "tries": tries, "ratio": high,
+              "predicted_ratio": next(t["predicted_ratio"] for t in reversed(tries) if t["ratio"] == high)}
+    return high, record
