@@ -374,6 +374,11 @@ def test_target_latency_and_runtime_reach_the_library(monkeypatch, tmp_path):
     calls = _record_calls(monkeypatch, "decompose", ({"method": "decompose", "version": 1, "layers": {}}, report))
     assert cli.main(["decompose", "--target-latency", "0.5", *common]) == 0
     assert calls[-1]["target_latency"] == 0.5 and "runtime" not in calls[-1]
+    chosen = {"prune_share": 1.0, "pruned_to": 0.6, "budget": "latency", "divergence": 0.1}
+    calls = _record_calls(monkeypatch, "compress", ({"method": "compress", "steps": []},
+                                                    {"candidates": [chosen], "chosen": chosen}))
+    assert cli.main(["compress", "--target-latency", "0.6", "--runtime", "eager", *common]) == 0
+    assert calls[-1]["target_latency"] == 0.6 and calls[-1]["runtime"] == "eager" and "target_flops" not in calls[-1]
 
 
 def test_target_latency_out_of_range_is_a_usage_error(capsys):

@@ -278,6 +278,25 @@ def test_prune_target_latency_prunes_least_within_the_predicted_target(fake_time
     assert fake_ms(net) == fake_ms(tiny_net())  # the caller's model is not changed
 
 
+def test_compress_target_latency_splits_the_latency_budget(fake_timer):
+    pytest.importorskip("torch_pruning")
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 8, 8, 8, generator=g) for _ in range(4)]
+    net = tiny_net()
+    small, plan, report = rankprune.compress(net, X, data=data, target_latency=0.5, progress=False)
+    assert plan["target_latency"] == 0.5 and plan["target_flops"] is None
+    assert all(c["budget"] == "latency" for c in report["candidates"])
+    # fake milliseconds are parameters: each step's prediction is exact, so the product meets the target
+    assert plan["latency"]["ratio"] == pytest.approx(fake_ms(small) / fake_ms(net))
+    assert plan["latency"]["ratio"] <= 0.5 + 1e-9 and plan["latency"]["warning"] is None
+    rebuilt = rankprune.apply_plan(tiny_net(), plan)
+    rebuilt.load_state_dict(small.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(X), small(X))
+    with pytest.raises(ValueError, match="give exactly one of target_flops"):
+        rankprune.compress(net, X, data=data, target_flops=0.5, target_latency=0.5, progress=False)
+
+
 def test_the_cli_names_every_runtime():
     assert cli.common.RUNTIMES == latency.RUNTIMES  # a copy, so that --help does not import the latency package
 

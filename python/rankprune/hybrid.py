@@ -1,4 +1,4 @@
-"""``compress``: channel pruning and low-rank decomposition together, at one FLOPs budget.
+"""``compress``: channel pruning and low-rank decomposition together, at one FLOPs or latency budget.
 
 Pruning removes whole channels (the structure every runtime speeds up); decomposition removes the directions a
 layer's output does not use. Which pays more differs from layer to layer and model to model, so ``compress``
@@ -11,6 +11,11 @@ per FLOP saved; across the two steps the split is chosen by the divergence of ea
 dense model's on held-out calibration batches (``rankprune.fidelity``), and the chosen split is run again on
 all the data. One plan (``{"method": "compress", "steps": [prune plan, decompose plan]}``) rebuilds the
 architecture with ``rankprune.apply_plan``; ``rankprune.to_plain`` / ``export_onnx`` export it as any other.
+
+With ``target_latency`` instead (a fraction of the dense model's measured latency in ``runtime``) the split is
+of the latency's log: ``prune(target_latency=t**share)``, then ``decompose(target_latency=...)`` of the pruned
+model to the rest of the way (relative to the pruned model's predicted latency); a split that cannot reach
+its part (a ``ValueError`` of either step) is recorded as unreachable and left out of the comparison.
 """
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -28,8 +33,8 @@ from .report import count_flops
 PRUNE_SHARES = (0.0, 1 / 3, 2 / 3, 1.0)
 
 
-def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, target_flops: float,
-             shares: Tuple[float, ...] = PRUNE_SHARES, cache_bytes: Optional[int] = None,
+def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, target_flops: Optional[float] = None,
+             target_latency: Optional[float] = None, shares: Tuple[float, ...] = PRUNE_SHARES, cache_bytes: Optional[int] = None,
              runtime: Optional[str] = None, measure_latency: Optional[bool] = None, progress: bool = True) -> Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]:
     """Prune and decompose ``model`` to ``target_flops`` of its FLOPs, the split chosen by measured fidelity
     (module doc).
@@ -39,14 +44,18 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
         example_inputs: one example for FLOP counting and graph tracing (default: the first sample of the first
             calibration batch).
         data: calibration batches (at least 2: the last quarter is held out to compare the splits).
-        target_flops: fraction of the FLOPs to keep, in (0, 1).
-        shares: the splits tried, as the share of ``log(target_flops)`` given to pruning (0: decomposition
-            alone, 1: pruning alone).
+        target_flops: fraction of the FLOPs to keep, in (0, 1].
+        target_latency: instead of ``target_flops``, the fraction of the dense model's latency to reach, in
+            (0, 1], measured in ``runtime`` on ``example_inputs`` (module doc). ValueError when no split
+            reaches it.
+        shares: the splits tried, as the share of ``log(target_flops)`` (or of ``log(target_latency)``) given to
+            pruning (0: decomposition alone, 1: pruning alone).
         cache_bytes: memory each calibration engine may keep (``rankprune.calibration``).
         runtime: where the result's latency is measured against the dense model's (``rankprune.latency``:
             ``"eager"`` by default, ``"cuda_graph"``, ``"onnxruntime"``).
         measure_latency: time the result against the dense model and put it in ``plan["latency"]`` (median,
-            spread, runtime, device, batch), with a warning when it is not faster (None: yes).
+            spread, runtime, device, batch), with a warning when it is not faster or misses ``target_latency``
+            (None: yes).
         progress: progress bars.
 
     Returns:
@@ -57,7 +66,11 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    target_flops = check_fraction("target_flops", target_flops)
+    if (target_flops is None) == (target_latency is None):
+        raise ValueError("give exactly one of target_flops (fraction of FLOPs to keep) and target_latency "
+                         "(fraction of the dense latency to reach)")
+    budget = "flops" if target_flops is not None else "latency"
+    target = check_fraction(f"target_{budget}", target_flops if budget == "flops" else target_latency)
     if not shares or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0
                          for s in shares):
         raise ValueError(f"shares must be fractions in [0, 1], got {shares!r}")
@@ -66,40 +79,51 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
     fit, held = split_holdout(data, "compress")
     if example_inputs is None:
         example_inputs = first_samples(model_inputs(fit[0], model), 1)
-    runtime, measure_latency = latency_settings(model, target_flops, None, runtime, measure_latency, example_inputs)
+    runtime, measure_latency = latency_settings(model, target_flops, target_latency, runtime, measure_latency,
+                                                example_inputs)
+    timing = {} if budget == "flops" else {"runtime": runtime}
 
     def run(share: float, batches) -> Tuple[nn.Module, list]:
-        pruned_to = target_flops ** share
+        pruned_to = target ** share
         steps = []
         current = model
         if share > 0:
-            current, pruned_plan = prune(model, example_inputs, data=batches, target_flops=pruned_to,
-                                         cache_bytes=cache_bytes, measure_latency=False, progress=False)
+            current, pruned_plan = prune(model, example_inputs, data=batches, **{f"target_{budget}": pruned_to},
+                                         cache_bytes=cache_bytes, measure_latency=False, progress=False, **timing)
             steps.append(pruned_plan)
-            pruned_to = pruned_plan["flops"][1] / pruned_plan["flops"][0]
-        if share < 1:
-            rest = min(1.0, target_flops / pruned_to)
-            current, decomposed_plan, _ = decompose(current, data=batches, target_flops=rest,
+            pruned_to = (pruned_plan["flops"][1] / pruned_plan["flops"][0] if budget == "flops"
+                         else pruned_plan["latency_search"]["predicted_ratio"])
+        if share < 1 and target < pruned_to:
+            current, decomposed_plan, _ = decompose(current, data=batches, **{f"target_{budget}": target / pruned_to},
                                                     example_inputs=example_inputs, cache_bytes=cache_bytes,
-                                                    measure_latency=False, progress=False)
+                                                    measure_latency=False, progress=False, **timing)
             steps.append(decomposed_plan)
         return current, steps
 
-    compared = []
+    compared, unreachable = [], []
     for share in progress_bar(sorted(set(float(s) for s in shares)), "compress: comparing splits", progress,
                               unit="split"):
-        candidate, _ = run(share, fit)
-        compared.append({"prune_share": share, "pruned_to": target_flops ** share,
+        try:
+            candidate, _ = run(share, fit)
+        except ValueError as exc:
+            if budget == "flops" or "cannot be met" not in str(exc):
+                raise
+            unreachable.append({"prune_share": share, "error": str(exc)})
+            continue
+        compared.append({"prune_share": share, "pruned_to": target ** share, "budget": budget,
                          "divergence": divergence(model, candidate, held)})
         del candidate
+    if not compared:
+        raise ValueError(f"target_latency={target} cannot be met on runtime {runtime!r} by any split of pruning and "
+                         "decomposition: " + "; ".join(f"share {u['prune_share']:.2f}: {u['error']}" for u in unreachable))
     best = min(compared, key=lambda c: c["divergence"])
     compressed, steps = run(best["prune_share"], fit + held)
     plan = {"method": "compress", "version": PLAN_VERSION, "steps": steps, "target_flops": target_flops,
-            "prune_share": best["prune_share"],
+            "target_latency": target_latency, "prune_share": best["prune_share"],
             "flops": [count_flops(model, example_inputs), count_flops(compressed, example_inputs)]}
     if measure_latency:
-        plan["latency"] = verify(model, compressed, example_inputs, runtime, verb="compress")
-    report = {"candidates": compared, "chosen": best, "held_out_batches": len(held),
+        plan["latency"] = verify(model, compressed, example_inputs, runtime, target=target_latency, verb="compress")
+    report = {"candidates": compared, "unreachable": unreachable, "chosen": best, "held_out_batches": len(held),
               "measure": "mean KL(dense || compressed) of the output logits per held-out sample",
               "steps": [{"method": s["method"], "flops": s.get("flops")} for s in steps]}
     return compressed, plan, report
