@@ -8,13 +8,15 @@ svdvals-type results, float64 LAPACK): the smoke pass and the compute-sanitizer 
 
 Families: svdvals (svdvals / nuclear_norm / feature_energy / feature_rank: warp, block at 64/128/256 threads,
 global-memory path, half precision, channels_last maps, rank epilogue, NaN), svd (direct Jacobi in shared
-and global memory, the QR path, orthonormalize in shared and global memory, svd_lowrank) and lowrank_conv
+and global memory, the QR path, orthonormalize in shared and global memory, svd_lowrank), lowrank_conv
 (the fused kernel at several ranks, dtypes, layouts and geometries, forced with RANKPRUNE_LOWRANK_CONV2D=fused,
-and the cuDNN fallback). One JSON line per case on stdout ({"family", "case", "ok", "err", "tol", "ms"} or
+and the cuDNN fallback) and errors (misuses that must raise from the C++ checks, on CPU tensors and on the
+device: a crash there prints its Python stack, faulthandler being on). One JSON line per case on stdout ({"family", "case", "ok", "err", "tol", "ms"} or
 "error"); the exit code is 1 if any case failed. A CUDA error is sticky for the process, so a case that
 raises one ends the run of its family (the remaining cases are reported as not run).
 """
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -205,7 +207,43 @@ def _conv_cases():
     return cases
 
 
-FAMILIES = {"svdvals": SVDVALS, "svd": SVD, "lowrank_conv": _conv_cases()}
+# ---- errors family --------------------------------------------------------------------------------------
+
+
+def _raises_case(expected, call, on_cpu=False):
+    """A misuse that must raise ``expected`` from the C++ checks, not crash the process: 0.0 when it does."""
+    def run(device, small):
+        try:
+            call(torch.device("cpu") if on_cpu else device)
+        except expected:
+            return 0.0
+        raise AssertionError(f"no {expected.__name__} raised")
+    return run
+
+
+def _orthonormalize_tall_then_wide(device):
+    # the sequence of tests/test_svd.py::test_orthonormalize, whose wide call crashed with a segmentation
+    # fault on an H100 (torch 2.11.0+cu130, 2026-12-05) instead of raising ValueError
+    a = torch.randn(4, 50, 12, device=device)
+    a[3] = 0
+    ops.orthonormalize(a)
+    ops.orthonormalize(torch.randn(3, 5, device=device))
+
+
+# CPU tensors first: if they pass and the device's cases crash, the crash is the device path's, not the
+# build's exception handling. The suspected case is last (a crash ends the process).
+ERRORS = {
+    "energy_rank bad energy (CPU tensor)": (_raises_case(ValueError, lambda d: ops.energy_rank(
+        torch.ones(3, 4, device=d), 1.5), on_cpu=True), 0.0),
+    "orthonormalize wide (CPU tensor)": (_raises_case(ValueError, _orthonormalize_tall_then_wide, on_cpu=True), 0.0),
+    "svdvals 1-d input": (_raises_case(RuntimeError, lambda d: ops.svdvals(torch.ones(5, device=d))), 0.0),
+    "energy_rank bad energy": (_raises_case(ValueError, lambda d: ops.energy_rank(torch.ones(3, 4, device=d), 1.5)),
+                               0.0),
+    "orthonormalize wide": (_raises_case(ValueError, lambda d: ops.orthonormalize(torch.randn(3, 5, device=d))), 0.0),
+    "orthonormalize tall then wide": (_raises_case(ValueError, _orthonormalize_tall_then_wide), 0.0),
+}
+
+FAMILIES = {"svdvals": SVDVALS, "svd": SVD, "lowrank_conv": _conv_cases(), "errors": ERRORS}
 
 
 def run_family(name, device, small):
@@ -232,6 +270,7 @@ def run_family(name, device, small):
 
 
 def main(argv=None):
+    faulthandler.enable()  # a crash in a kernel's host code prints the Python stack into the log
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="all", choices=["all", *FAMILIES])
     p.add_argument("--device", default="cuda")

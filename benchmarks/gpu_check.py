@@ -34,7 +34,7 @@ BENCH = os.path.join(ROOT, "benchmarks")
 WORK = os.path.join(ROOT, "build", "gpu-check")  # build tree, per-process logs and raw benchmark JSON
 DEFAULT_BUDGET_S = 540
 MIN_BUDGET_S = 60
-FAMILIES = ["svdvals", "svd", "lowrank_conv"]
+FAMILIES = ["svdvals", "svd", "lowrank_conv", "errors"]
 SANITIZERS = ["memcheck", "racecheck", "synccheck"]
 # The test files holding CUDA tests (pytest -m cuda selects the tests inside them).
 CUDA_TEST_FILES = ["tests/test_cuda_svdvals_paths.py", "tests/test_cuda_svd_paths.py",

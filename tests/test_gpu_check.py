@@ -91,13 +91,18 @@ def test_case_script_on_cpu():
     listed = subprocess.run([sys.executable, str(cases), "--list"], capture_output=True, text=True, env=ENV)
     assert listed.returncode == 0
     families = {line.split(":")[0] for line in listed.stdout.splitlines()}
-    assert families == {"svdvals", "svd", "lowrank_conv"}
+    assert families == {"svdvals", "svd", "lowrank_conv", "errors"}
     done = subprocess.run([sys.executable, str(cases), "--device", "cpu", "--small", "--family", "svd"],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     results = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(results) == sum(f == "svd" for f in (line.split(":")[0] for line in listed.stdout.splitlines()))
     assert all(r["ok"] and r["err"] <= r["tol"] for r in results)
+    # every misuse of the errors family raises the documented exception on the CPU
+    errors = subprocess.run([sys.executable, str(cases), "--device", "cpu", "--family", "errors"],
+                            capture_output=True, text=True, env=ENV, timeout=120)
+    assert errors.returncode == 0, errors.stdout + errors.stderr
+    assert all(json.loads(line)["ok"] for line in errors.stdout.splitlines())
 
 
 def test_deadline_kills_a_step_and_keeps_its_output(tmp_path):
