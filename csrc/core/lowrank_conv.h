@@ -29,8 +29,8 @@ inline at::Tensor lowrank_conv2d_unfused(const at::Tensor& x, const at::Tensor& 
 }
 
 #ifdef RANKPRUNE_WITH_CUDA
-// CUDA backend: the fused kernel where it covers the shape and is expected to win (a static estimate, or under
-// cudnn.benchmark a timing per shape), else lowrank_conv2d_unfused. Arguments are already checked.
+// CUDA backend: lowrank_conv2d_unfused, or the fused kernel where it covers the shape and is forced or, under
+// cudnn.benchmark, timed faster for the shape. Arguments are already checked.
 at::Tensor lowrank_conv2d_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                                const std::optional<at::Tensor>& bias, const LowrankConvArgs& a);
 #endif
