@@ -163,10 +163,9 @@ def input_columns(module: nn.Module, x: Tensor, generator: Optional[torch.Genera
 
 
 def column_generator(layer_index: int, batch: int, call: int) -> torch.Generator:
-    """The seeded generator of a layer's column subsample on one call (``input_columns``): passes over the dense
-    and the compressed model draw the same columns. On the CPU whatever the model's device, so that the same
-    columns are drawn on every device and a GPU calibration gives the CPU's plan (a CUDA generator's stream
-    differs); only the indices are drawn there."""
+    """The seeded generator of a layer's column subsample on one call (``input_columns``): the dense and the
+    compressed model's passes draw the same columns. On the CPU whatever the model's device (only indices are
+    drawn), so that a GPU calibration draws the CPU's columns and gives the CPU's plan."""
     return torch.Generator().manual_seed(((layer_index * 1_000_003) + batch) * 64 + call)
 
 

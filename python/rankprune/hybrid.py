@@ -62,50 +62,20 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
         ``(compressed model, plan, report)``: the plan for ``rankprune.apply_plan``; the report holds every
         split's divergence, the chosen one, and each step's plan FLOPs.
     """
-    from .pruning import prune  # at call time: rankprune.pruning needs torch-pruning
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if (target_flops is None) == (target_latency is None):
-        raise ValueError("give exactly one of target_flops (fraction of FLOPs to keep) and target_latency "
-                         "(fraction of the dense latency to reach)")
-    budget = "flops" if target_flops is not None else "latency"
-    target = check_fraction(f"target_{budget}", target_flops if budget == "flops" else target_latency)
-    if not shares or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0
-                         for s in shares):
-        raise ValueError(f"shares must be fractions in [0, 1], got {shares!r}")
-    check_finite_weights(model, "compress")
+    budget, target = _check_arguments(model, target_flops, target_latency, shares)
     data = reusable(data)
     fit, held = split_holdout(data, "compress")
     if example_inputs is None:
         example_inputs = first_samples(model_inputs(fit[0], model), 1)
     runtime, measure_latency = latency_settings(model, target_flops, target_latency, runtime, measure_latency,
                                                 example_inputs)
-    timing = {} if budget == "flops" else {"runtime": runtime}
-
-    def run(share: float, batches) -> Tuple[nn.Module, list]:
-        pruned_to = target ** share
-        steps = []
-        current = model
-        if share > 0:
-            current, pruned_plan = prune(model, example_inputs, data=batches, **{f"target_{budget}": pruned_to},
-                                         cache_bytes=cache_bytes, measure_latency=False, progress=False, **timing)
-            steps.append(pruned_plan)
-            pruned_to = (pruned_plan["flops"][1] / pruned_plan["flops"][0] if budget == "flops"
-                         else pruned_plan["latency_search"]["predicted_ratio"])
-        if share < 1 and target < pruned_to:
-            current, decomposed_plan, _ = decompose(current, data=batches, **{f"target_{budget}": target / pruned_to},
-                                                    example_inputs=example_inputs, cache_bytes=cache_bytes,
-                                                    measure_latency=False, progress=False, **timing)
-            steps.append(decomposed_plan)
-        return current, steps
-
+    split = _Split(model, example_inputs, budget, target, runtime, cache_bytes)
     compared, unreachable = [], []
     for share in progress_bar(sorted(set(float(s) for s in shares)), "compress: comparing splits", progress,
                               unit="split"):
         try:
-            candidate, _ = run(share, fit)
-        except ValueError as exc:
+            candidate, _ = split.run(share, fit)
+        except ValueError as exc:  # a latency part that cannot be reached; any other error is the caller's
             if budget == "flops" or "cannot be met" not in str(exc):
                 raise
             unreachable.append({"prune_share": share, "error": str(exc)})
@@ -117,7 +87,7 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
         raise ValueError(f"target_latency={target} cannot be met on runtime {runtime!r} by any split of pruning and "
                          "decomposition: " + "; ".join(f"share {u['prune_share']:.2f}: {u['error']}" for u in unreachable))
     best = min(compared, key=lambda c: c["divergence"])
-    compressed, steps = run(best["prune_share"], fit + held)
+    compressed, steps = split.run(best["prune_share"], fit + held)
     plan = {"method": "compress", "version": PLAN_VERSION, "steps": steps, "target_flops": target_flops,
             "target_latency": target_latency, "prune_share": best["prune_share"],
             "flops": [count_flops(model, example_inputs), count_flops(compressed, example_inputs)]}
@@ -127,3 +97,50 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
               "measure": "mean KL(dense || compressed) of the output logits per held-out sample",
               "steps": [{"method": s["method"], "flops": s.get("flops")} for s in steps]}
     return compressed, plan, report
+
+
+def _check_arguments(model: nn.Module, target_flops: Optional[float], target_latency: Optional[float],
+                     shares: Tuple[float, ...]) -> Tuple[str, float]:
+    """``("flops" | "latency", the target)``, after refusing bad arguments and non-finite weights."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if (target_flops is None) == (target_latency is None):
+        raise ValueError("give exactly one of target_flops (fraction of FLOPs to keep) and target_latency "
+                         "(fraction of the dense latency to reach)")
+    budget = "flops" if target_flops is not None else "latency"
+    target = check_fraction(f"target_{budget}", target_flops if budget == "flops" else target_latency)
+    if not shares or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0
+                         for s in shares):
+        raise ValueError(f"shares must be fractions in [0, 1], got {shares!r}")
+    check_finite_weights(model, "compress")
+    return budget, target
+
+
+class _Split:
+    """One split of the budget: ``prune`` to ``target ** share``, then ``decompose`` of the pruned model for the
+    rest of the way (FLOPs, or latency relative to the pruned model's predicted latency)."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, budget: str, target: float, runtime: str,
+                 cache_bytes: Optional[int]):
+        self.model, self.example_inputs, self.budget, self.target = model, example_inputs, budget, target
+        self.cache_bytes = cache_bytes
+        self.timing = {} if budget == "flops" else {"runtime": runtime}
+
+    def run(self, share: float, batches) -> Tuple[nn.Module, list]:
+        from .pruning import prune  # at call time: rankprune.pruning needs torch-pruning
+
+        pruned_to, steps, current = self.target ** share, [], self.model
+        if share > 0:
+            current, pruned_plan = prune(self.model, self.example_inputs, data=batches,
+                                         **{f"target_{self.budget}": pruned_to}, cache_bytes=self.cache_bytes,
+                                         measure_latency=False, progress=False, **self.timing)
+            steps.append(pruned_plan)
+            pruned_to = (pruned_plan["flops"][1] / pruned_plan["flops"][0] if self.budget == "flops"
+                         else pruned_plan["latency_search"]["predicted_ratio"])
+        if share < 1 and self.target < pruned_to:
+            current, decomposed_plan, _ = decompose(current, data=batches,
+                                                    **{f"target_{self.budget}": self.target / pruned_to},
+                                                    example_inputs=self.example_inputs, cache_bytes=self.cache_bytes,
+                                                    measure_latency=False, progress=False, **self.timing)
+            steps.append(decomposed_plan)
+        return current, steps
