@@ -2,9 +2,9 @@
 model it came from, side by side in one run (issue 22).
 
 For each model (torchvision, random weights, eval mode, 224x224, float32), batch size and runtime, and each
-method of ``METHODS`` (adding one, e.g. ``prune`` once it takes ``target_latency``, is one entry), the method runs
-at ``target_flops`` and at ``target_latency`` for every target (0.5 and 0.7). Runtimes: on the CPU
-(``--device cpu``, the default) ``eager`` (PyTorch) and ``onnxruntime`` (the model exported by
+method of ``METHODS`` (``decompose``: data-free weight SVD; ``prune``: l1 channel pruning, data-free; both by
+default), the method runs at ``target_flops`` and at ``target_latency`` for every target (0.5 and 0.7).
+Runtimes: on the CPU (``--device cpu``, the default) ``eager`` (PyTorch) and ``onnxruntime`` (the model exported by
 ``rankprune.export_onnx`` and run by ONNX Runtime with the same number of intra-op threads); on a GPU
 (``--device cuda``) ``eager`` and ``cuda_graph`` (each call captured into a CUDA graph and replayed: no launch
 overhead); ONNX Runtime is CPU-only here. Each row gives the compressed model's measured latency over dense
@@ -80,9 +80,18 @@ def _decompose(model, x, budget: str, target: float, runtime: str):
                                **{f"target_{budget}": target})
 
 
+def _prune(model, x, budget: str, target: float, runtime: str):
+    # l1, data-free: the weights are random, so a data-aware criterion would measure nothing more here.
+    small, plan = rankprune.prune(model, x, "l1", runtime=runtime, progress=False, **{f"target_{budget}": target})
+    search = plan.get("latency_search") or {}
+    measured = dict(plan["latency"], **{k: search[k] for k in ("profiling_s", "layers_measured", "layers_cached")
+                                        if k in search})
+    return small, plan, {"latency": measured, "total": {"flops": plan["flops"][1], "flops_dense": plan["flops"][0]}}
+
+
 # method -> compress(model, x, budget ("flops" | "latency"), target, runtime) -> (model, plan, report); a
 # report without "latency" is timed against dense here.
-METHODS: Dict[str, Callable] = {"decompose": _decompose}
+METHODS: Dict[str, Callable] = {"decompose": _decompose, "prune": _prune}
 
 
 def run_setting(name: str, batch: int, runtime: str, methods: List[str], targets: Tuple[float, ...],

@@ -67,7 +67,8 @@ BENCHMARKS = [
                          "--repeats", "3", "--no-progress", "--timeout", "150"]),
     # Issue 22's GPU rows: FLOPs- against latency-targeted decompose of ResNet-50 (batch 8), eager and CUDA
     # graphs, the fused kernel against the cuDNN pair in the same rounds.
-    ("latency", 45, ["bench_latency_true.py", "--device", "cuda", "--quick", "--targets", "0.5"]),
+    ("latency", 45, ["bench_latency_true.py", "--device", "cuda", "--quick", "--targets", "0.5", "--methods",
+                     "decompose"]),
 ]
 
 
