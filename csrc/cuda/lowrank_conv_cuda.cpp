@@ -115,9 +115,9 @@ void run_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, 
 //
 // Why no static estimate: the kernel has no split-K and no pipelining (each CTA walks all C*kh*kw / BK K-steps
 // of phase 1 serially), and on an H100 it lost to the cuDNN pair on every ResNet-50 3x3 shape measured
-// (bench_lowrank_conv, bfloat16, batch 8 and 32: 1.5-17x slower, geometric mean 5.3x), including the shallow
-// wide-image layers a former estimate fused (2 waves of pixel tiles, C*kh*kw <= 1152): with it, ResNet-50
-// decomposed to half its FLOPs ran at 1.36x dense under CUDA graphs against 1.08x with the pair
+// (bench_lowrank_conv, bfloat16, batch 8 and 32: 1.6-38x slower, geometric means 5.3x and 10.4x in two runs),
+// including the shallow wide-image layers a former estimate fused (2 waves of pixel tiles, C*kh*kw <= 1152): with
+// it, ResNet-50 decomposed to half its FLOPs ran at 1.36x dense under CUDA graphs against 1.08x with the pair
 // (benchmarks/results, gpu_check of 2026-12-05).
 enum class Path { Fused, Unfused };
 
