@@ -143,6 +143,31 @@ def test_verdict_at_equal_flops_and_latency():
             "the budget" in text)
 
 
+def test_latency_targeted_pruning_competes_at_equal_latency_only():
+    targeted = {**_row(demo.LATENCY_TARGETED, None, 0.89, 0.55, "prune-latency-targeted-0.7"),
+                "target_latency": 0.7, "flops_kept": 0.45}
+    rows = [_row("dense", None, 0.90, 1.0, "baseline"), _row("prune: default", 0.6, 0.88, 0.70),
+            _row("prune: default", 0.4, 0.84, 0.50), targeted]
+    verdict = demo.method_verdict(rows, 2000, "as returned")
+    assert [level["target_flops"] for level in verdict["equal_flops"]["levels"]] == [0.6, 0.4]
+    assert verdict["equal_latency"]["best"] == demo.LATENCY_TARGETED  # 89% within the budget of 0.55x
+    assert ("Latency-targeted pruning (prune(target_latency=t), measured here): t = 0.70: 0.55x the dense latency, "
+            "45% of the FLOPs, 89.0%") in verdict["text"]
+
+
+def test_latency_targets_option(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(demo, "run", lambda config, echo=print: seen.append(config) or {})
+    common = ["demo", "--quick", "--no-progress", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(common + ["--latency-targets", "0.9,0.75"]) == 0
+    assert seen[-1].latency_targets == (0.9, 0.75)
+    assert cli.main(common + ["--latency-targets", "none"]) == 0 and seen[-1].latency_targets == ()
+    assert cli.main(common) == 0 and seen[-1].latency_targets == ()  # --quick has none
+    assert cli.main(common + ["--latency-targets", "fast"]) == 2
+    with pytest.raises(ValueError, match=r"latency_targets must be fractions in \(0, 1\), got 1.5"):
+        demo.DemoConfig(latency_targets=(1.5,)).check()
+
+
 def test_verdict_when_nothing_is_faster_and_chance_level():
     rows = [_row("dense", None, 0.5, 1.0, "baseline"), _row("prune: l1", 0.5, 0.10, 1.00),
             _row("decompose: weight SVD", 0.5, 0.30, 1.05)]

@@ -7,7 +7,9 @@ method gives the best model at the same cost, at equal FLOPs and at equal measur
    target_flops=t)``: reconstruction and BatchNorm recalibration included), ``prune: default`` (the default
    pipeline: ``prune(model, x, data=calib, target_flops=t)``), ``decompose: data-aware`` (``decompose(data=calib,
    target_flops=t)``), ``decompose: weight SVD`` (``decompose(target_flops=t)``) and ``compress`` (the hybrid,
-   ``rankprune.compress``); measure each as the library returns it (with ``finetune_epochs``, fine-tuned);
+   ``rankprune.compress``); then ``prune: latency-targeted`` to each of ``latency_targets`` of the baseline's
+   measured latency (``prune(model, x, data=calib, target_latency=t)``; compared at equal latency only); measure
+   each as the library returns it (with ``finetune_epochs``, fine-tuned);
 3. with ``trp=True``: train the baseline further with Trained Rank Pruning and decompose it at the trained ranks
    (shown, outside the comparison: it trains longer and its FLOPs follow from ``energy``);
 4. time every variant interleaved with the baseline in the same rounds (``rankprune.benchmark.latency``, a
@@ -48,6 +50,7 @@ _CRITERIA = ("l1", "bn_scale", "taylor", "energy")
 _WEIGHT_DECAY = 5e-4  # the usual CIFAR ResNet setting
 DEFAULT_PIPELINE, DATA_AWARE, WEIGHT_SVD, HYBRID, TRP, DENSE = (
     "prune: default", "decompose: data-aware", "decompose: weight SVD", "compress", "trp", "dense")
+LATENCY_TARGETED = "prune: latency-targeted"
 _Z95 = 1.96  # two-sided 95% normal quantile: the noise bands of accuracies
 
 
@@ -66,6 +69,8 @@ class DemoConfig:
     finetune_lr: float = 0.02
     criteria: Sequence[str] = _CRITERIA
     flops: Sequence[float] = (0.6, 0.4)
+    # prune(data=..., target_latency=t) beside them: about the latencies the FLOPs levels give on a CPU at batch 1
+    latency_targets: Sequence[float] = (0.8, 0.7)
     compress: bool = True
     energy: float = 0.9
     trp: bool = False
@@ -85,8 +90,8 @@ class DemoConfig:
     def quick(cls, **overrides) -> "DemoConfig":
         """Within a minute on 2 CPU cores: fewer images and epochs, one criterion, one FLOPs level."""
         # baseline training was half of a measured --quick run at 1000 images x 3 epochs: 800 x 2 here
-        settings = dict(train_size=800, test_size=500, epochs=2, criteria=("l1",), flops=(0.5,), trp_epochs=1,
-                        calibration_batches=2, latency_repeats=10, latency_rounds=3)
+        settings = dict(train_size=800, test_size=500, epochs=2, criteria=("l1",), flops=(0.5,), latency_targets=(),
+                        trp_epochs=1, calibration_batches=2, latency_repeats=10, latency_rounds=3)
         settings.update(overrides)
         return cls(**settings)
 
@@ -104,9 +109,10 @@ class DemoConfig:
             raise ValueError(f"width must be in (0, 4], got {self.width}")
         if not self.flops:
             raise ValueError("flops must name at least one level")
-        for level in self.flops:
-            if not 0 < level < 1:
-                raise ValueError(f"flops must be fractions in (0, 1), got {level}")
+        for name in ("flops", "latency_targets"):
+            for level in getattr(self, name):
+                if not 0 < level < 1:
+                    raise ValueError(f"{name} must be fractions in (0, 1), got {level}")
         if not 0 < self.energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
         if self.compress and self.calibration_batches < 2:
@@ -212,6 +218,8 @@ def run(config: DemoConfig, echo: Callable[[str], None] = print) -> Dict[str, ob
     baseline = _train_baseline(session)
     for level in config.flops:
         _compress_to(session, baseline, level)
+    for target in config.latency_targets:
+        _prune_to_latency(session, baseline, target)
     trp_ranks = _trp_variant(session, baseline) if config.trp else {}
     with session.stages(f"latency: {config.latency_rounds} interleaved rounds"):
         _measure_latency(session)
@@ -268,6 +276,26 @@ def _compress_to(session: _Session, baseline: nn.Module, level: float) -> None:
             # compress's chosen split: at 1 it pruned alone (then it is the default pruning's model)
             split = {"prune_share": plan["prune_share"]} if method == HYBRID else {}
             session.add(variant_name(method, level), method, model, plan, target_flops=level, **split)
+
+
+def _prune_to_latency(session: _Session, baseline: nn.Module, target: float) -> None:
+    """The default pruning to ``target`` of the baseline's latency, measured as the demo measures every variant
+    (eager, its batch size); a target this machine cannot reach is said in one line and left out."""
+    from .pruning import prune  # at call time: channel pruning needs torch-pruning
+
+    config = session.config
+    x = session.example.expand(config.latency_batch_size, *session.example.shape[1:]).contiguous()
+    with session.stages(f"{LATENCY_TARGETED} to {target:.0%} of the dense latency"):
+        try:
+            model, plan = prune(baseline, (x,), data=session.calibration, target_latency=target, runtime="eager",
+                                measure_latency=False, progress=config.progress)
+        except ValueError as exc:
+            if "cannot be met" not in str(exc):
+                raise
+            session.echo(f"    {LATENCY_TARGETED} to {target:.0%}: left out: {exc}")
+            return
+        session.add(variant_name(LATENCY_TARGETED, target), LATENCY_TARGETED, model, plan, target_flops=None,
+                    target_latency=target)
 
 
 def _trp_variant(session: _Session, baseline: nn.Module) -> Dict[str, int]:
@@ -388,7 +416,7 @@ def method_verdict(rows: List[Dict[str, object]], test_size: int, stage: str) ->
     below 1. Each method then enters with its most accurate variant within the budget."""
     compared = [r for r in rows if r["method"] not in (DENSE, TRP)]
     threshold = 100 * chance_threshold(test_size)
-    levels = sorted({r["target_flops"] for r in compared}, reverse=True)
+    levels = sorted({r["target_flops"] for r in compared if r.get("target_flops") is not None}, reverse=True)
     at_flops = [{"target_flops": level, **_margin(_best_per_method(
         [r for r in compared if r["target_flops"] == level]), test_size)} for level in levels]
     wins: Dict[str, int] = {}
@@ -437,6 +465,12 @@ def method_verdict(rows: List[Dict[str, object]], test_size: int, stage: str) ->
                          "above 1x): " + ", ".join(f"{m} (fastest median {ratio:.2f}x)"
                                                    for m, ratio in at_latency["not_faster"].items())
                          + ": their FLOPs savings do not turn into time here.")
+    targeted = [r for r in compared if r["method"] == LATENCY_TARGETED]
+    if targeted:
+        sentences.append("Latency-targeted pruning (prune(target_latency=t), measured here): " + ", ".join(
+            f"t = {r['target_latency']:.2f}: {r['latency_ratio']['median']:.2f}x the dense latency, "
+            f"{r['flops_kept']:.0%} of the FLOPs, {100 * r['accuracy']:.1f}%" for r in targeted
+            if "latency_ratio" in r) + ".")
     splits = [r for r in compared if "prune_share" in r]
     if splits:
         sentences.append("The hybrid compress chose " + "; ".join(

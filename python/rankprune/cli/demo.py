@@ -34,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, help="training batch size (default 100)")
     p.add_argument("--flops", help="comma-separated fractions of the FLOPs every method keeps, each in (0, 1) "
                                    "(default 0.6,0.4; --quick 0.5)")
+    p.add_argument("--latency-targets",
+                   help="comma-separated fractions of the dense latency the latency-targeted pruning meets, each "
+                        "in (0, 1), or 'none' (default 0.8,0.7; --quick none)")
     p.add_argument("--criteria", help="comma-separated pruning criteria compared besides the default pipeline "
                                       "(rankprune.scoring names; default l1,bn_scale,taylor,energy; --quick l1)")
     p.add_argument("--no-compress", action="store_true", help="leave the hybrid (rankprune.compress) out")
@@ -62,11 +65,15 @@ def run(args) -> int:
                                                 "train_size", "test_size", "batch_size", "energy", "latency_repeats",
                                                 "latency_rounds", "calibration_batches")
                  if getattr(args, k) is not None}
-    try:
-        if args.flops is not None:
-            overrides["flops"] = tuple(float(r) for r in args.flops.split(","))
-    except ValueError:
-        raise UsageError(f"--flops: expected comma-separated numbers, got {args.flops!r}") from None
+    for name in ("flops", "latency_targets"):
+        text = getattr(args, name)
+        if text is None:
+            continue
+        try:
+            overrides[name] = () if text.strip() == "none" else tuple(float(r) for r in text.split(","))
+        except ValueError:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
     if args.criteria is not None:
         overrides["criteria"] = tuple(c.strip() for c in args.criteria.split(",") if c.strip())
     device = resolve_device(args.device)
