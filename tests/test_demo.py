@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rankprune
-from rankprune import cli, demo, models, plots, report
+from rankprune import cli, demo, demo_verdict, models, plots, report
 
 TINY = ["--quick", "--train-size", "200", "--test-size", "100", "--epochs", "1", "--trp-epochs", "1",
         "--latency-repeats", "2", "--latency-rounds", "3", "--no-progress", "--device", "cpu"]
@@ -125,7 +125,7 @@ def test_verdict_at_equal_flops_and_latency():
     high, low = flops["levels"]
     assert (high["target_flops"], high["best"], high["runner_up"]) == (0.6, "prune: default", "compress")
     assert high["margin"] == pytest.approx(1.0)
-    assert high["noise"] == pytest.approx(100 * demo.accuracy_noise(0.88, 2000))
+    assert high["noise"] == pytest.approx(100 * demo_verdict.accuracy_noise(0.88, 2000))
     assert low["best"] == "decompose: data-aware"
     # data-aware decomposition never runs faster; the budget is compress's fastest variant (0.60x), within which
     # pruning's 0.60 level (0.70x) does not fit but its 0.4 level (0.50x) does
