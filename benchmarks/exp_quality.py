@@ -224,15 +224,15 @@ class Unit:
                                                            commit=commit))]
         self.log(f"baseline {self.base_stats['flops'] / 1e6:.2f} MFLOPs, "
                  f"{self.base_stats['params'] / 1e3:.1f} k params")
-        for family in [f for f in families if f != "hybrid"]:  # hybrid rows run with the prune family
+        for family in families:
             path = self.family_path(family)
             if (args.resume or args.saved_only) and os.path.isfile(path):
                 with open(path) as f:
                     done = json.load(f)
                 self.log(f"{family}: {len(done)} runs read back from {path} (commit {done[0]['commit']})")
             else:
-                done = [dict(r, commit=commit) for r in (self.pruning(base) if family == "prune"
-                                                         else self.decomposition(base))]
+                run_family = {"prune": self.pruning, "decompose": self.decomposition, "hybrid": self.hybrid}[family]
+                done = [dict(r, commit=commit) for r in run_family(base)]
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "w") as f:
                     json.dump(done, f)
@@ -246,9 +246,8 @@ class Unit:
         the family runs (so a change to them is never read back)."""
         args = self.args
         what = {"setting": dataclasses.asdict(self.s), "seed": self.seed, "family": family,
-                "levels": args.prune_flops if family == "prune" else args.decompose_flops,
+                "levels": args.decompose_flops if family == "decompose" else args.prune_flops,
                 "criteria": args.criteria if family == "prune" else None,
-                "hybrid": "hybrid" in args.families if family == "prune" else None,
                 "training": [BATCH_SIZE, LR, FINETUNE_LR, WEIGHT_DECAY], "source": _source_digest(family)}
         digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
         return os.path.join(args.cache, "units", f"{self.s.model}-s{self.seed}-{family}-{digest}.json")
@@ -286,13 +285,17 @@ class Unit:
             pruned, ratio = torch_pruning_default(base, self.example, target)
             rows.append(self.measure(pruned, self.row("prune", TP_METHOD, target, ratio=ratio,
                                                       prune_s=time.perf_counter() - t0)))
-            if "hybrid" in self.args.families:
-                t0 = time.perf_counter()
-                model, plan, rep = rankprune.compress(base, ex, data=self.calibration, target_flops=target,
-                                                      progress=False)
-                rows.append(self.measure(model, self.row("hybrid", HYBRID, target, prune_s=time.perf_counter() - t0,
-                                                         prune_share=plan["prune_share"],
-                                                         candidates=rep["candidates"])))
+        return rows
+
+    def hybrid(self, base: nn.Module) -> List[dict]:
+        """``rankprune.compress`` at the pruning levels."""
+        rows = []
+        for target in self.args.prune_flops:
+            t0 = time.perf_counter()
+            model, plan, rep = rankprune.compress(base, (self.example,), data=self.calibration, target_flops=target,
+                                                  progress=False)
+            rows.append(self.measure(model, self.row("hybrid", HYBRID, target, prune_s=time.perf_counter() - t0,
+                                                     prune_share=plan["prune_share"], candidates=rep["candidates"])))
         return rows
 
     def decomposition(self, base: nn.Module) -> List[dict]:
@@ -373,8 +376,9 @@ def torch_pruning_default(model: nn.Module, example: torch.Tensor, target: float
 
 # The library modules each family's numbers depend on (besides the models, the data and this script).
 _SOURCES = {"prune": ("pruning", "scoring.py", "training.py", "_inputs.py", "ops/_svdvals.py", "ops/_library.py",
-                      "calibration.py", "fidelity.py", "hybrid.py", "lowrank", "nn.py"),
+                      "calibration.py", "fidelity.py", "latency", "benchmark.py", "nn.py"),
             "decompose": ("lowrank", "calibration.py", "_inputs.py", "nn.py", "training.py", "ops")}
+_SOURCES["hybrid"] = tuple(sorted(set(_SOURCES["prune"] + _SOURCES["decompose"]))) + ("hybrid.py",)
 
 
 def _source_digest(family: str) -> str:
@@ -704,8 +708,7 @@ def parse(argv):
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, among {', '.join(MODELS)}")
     p.add_argument("--seeds", help="comma-separated seeds for every model (default: per model, see MODELS)")
     p.add_argument("--families", default="prune,decompose,hybrid",
-                   help="prune, decompose, hybrid (rankprune.compress at the pruning levels; needs prune) "
-                        "(default all three)")
+                   help="prune, decompose, hybrid (rankprune.compress at the pruning levels) (default all three)")
     p.add_argument("--criteria", default=",".join(CRITERIA), help="rankprune criteria (default all six)")
     p.add_argument("--prune-flops", help="fractions of FLOPs kept by pruning (default 0.8,0.6,0.4; --quick 0.6)")
     p.add_argument("--decompose-flops", help="fractions of FLOPs kept by decomposition (default 0.8,0.6,0.5; "
@@ -715,7 +718,7 @@ def parse(argv):
                         "process with torch's default threads")
     p.add_argument("--baselines-only", action="store_true", help="train and cache the baselines, then stop")
     p.add_argument("--resume", action="store_true",
-                   help="read back the families of runs (pruning, decomposition of one model and seed) that an "
+                   help="read back the families of runs (pruning, decomposition, hybrid of one model and seed) that an "
                         "earlier run with the same settings finished (kept under --cache/units; each run records "
                         "its commit) instead of running them again")
     p.add_argument("--saved-only", action="store_true",
@@ -738,8 +741,6 @@ def parse(argv):
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
     if set(args.families) - {"prune", "decompose", "hybrid"}:
         p.error(f"--families: expected prune, decompose and/or hybrid, got {args.families}")
-    if "hybrid" in args.families and "prune" not in args.families:
-        p.error("--families: hybrid runs with the prune family (at its levels): name prune too")
     args.criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
     args.prune_flops = _floats(args.prune_flops) if args.prune_flops else ([0.6] if args.quick else list(PRUNE_FLOPS))
     args.decompose_flops = (_floats(args.decompose_flops) if args.decompose_flops

@@ -65,6 +65,29 @@ def test_split_holdout_keeps_the_last_quarter_of_the_batches_or_of_the_samples()
         fidelity.split_holdout([torch.zeros(1, 3, 12, 12)], "verb")
 
 
+def test_divergences_pair_up_per_sample_and_average_to_the_divergence():
+    torch.manual_seed(0)
+    a, b = nn.Linear(5, 3).double(), nn.Linear(5, 3).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    values = fidelity.divergences(a, b, [x[:2], x[2:]])
+    p, q = torch.log_softmax(a(x), -1), torch.log_softmax(b(x), -1)
+    assert torch.allclose(values, (p.exp() * (p - q)).sum(-1).detach(), rtol=1e-12, atol=0)
+    assert math.isclose(fidelity.divergence(a, b, [x[:2], x[2:]]), float(values.mean()), rel_tol=1e-12)
+
+
+def test_select_keeps_the_reference_unless_a_candidate_is_closer_beyond_the_noise():
+    reference = torch.tensor([1.0, 3.0, 1.0, 3.0] * 25, dtype=torch.float64)  # mean 2, paired differences below
+    noisy = reference + torch.tensor([-1.0, 0.8] * 50, dtype=torch.float64)  # mean 1.9: SE of the difference 0.09
+    clear = reference - 0.5 + torch.tensor([0.01, -0.01] * 50, dtype=torch.float64)  # mean 1.5, SE 0.001
+    assert not fidelity.clearly_closer(noisy, reference) and fidelity.clearly_closer(clear, reference)
+    assert fidelity.select([reference, noisy], 0) == (0, [False, False])
+    assert fidelity.select([reference, noisy, clear], 0) == (2, [False, False, True])
+    # of several clearly closer candidates the lowest mean; the reference itself is never "closer"
+    clearer = clear - 0.25
+    assert fidelity.select([clear, reference, clearer], 1) == (2, [True, False, True])
+    assert fidelity.select([reference], 0) == (0, [False])
+
+
 def test_auto_compares_its_candidates_and_returns_the_closest_one_run_on_all_the_data():
     model, data = tiny(), calibration()
     before = copy.deepcopy(model.state_dict())
@@ -73,7 +96,9 @@ def test_auto_compares_its_candidates_and_returns_the_closest_one_run_on_all_the
     compared = plan["auto"]["candidates"]
     assert [(c["criterion"], c["global_ranking"]) for c in compared] == list(
         rankprune.pruning._prune.AUTO_CANDIDATES)
-    best = min(compared, key=lambda c: c["divergence"])
+    closer = [c for c in compared if c["clearly_closer"]]
+    best = min(closer, key=lambda c: c["divergence"]) if closer else compared[0]  # the default is the reference
+    assert not compared[0]["clearly_closer"]
     assert plan["criterion"] == plan["auto"]["chosen"] == best["criterion"]
     assert plan["global_ranking"] == best["global_ranking"] and plan["auto"]["held_out_batches"] == 1
     assert abs(plan["flops"][1] / plan["flops"][0] - 0.6) < 0.06
@@ -90,7 +115,9 @@ def test_compress_chooses_a_split_and_its_plan_rebuilds_the_model(tmp_path):
     compressed, plan, report = rankprune.compress(model, data=data, target_flops=0.5, shares=(0.0, 0.5, 1.0),
                                                   progress=False)
     assert [c["prune_share"] for c in report["candidates"]] == [0.0, 0.5, 1.0]
-    assert report["chosen"] == min(report["candidates"], key=lambda c: c["divergence"])
+    closer = [c for c in report["candidates"] if c["clearly_closer"]]
+    assert report["reference"] == 1.0 and not report["candidates"][-1]["clearly_closer"]
+    assert report["chosen"] == (min(closer, key=lambda c: c["divergence"]) if closer else report["candidates"][-1])
     assert plan["prune_share"] == report["chosen"]["prune_share"]
     methods = {0.0: ["decompose"], 0.5: ["prune", "decompose"], 1.0: ["prune"]}[plan["prune_share"]]
     assert [s["method"] for s in plan["steps"]] == methods

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .. import scoring
 from .._inputs import call_model, check_data, check_finite_weights, check_fraction, eval_mode, reusable
 from .._inputs import progress as progress_bar
-from ..fidelity import divergence, split_holdout
+from ..fidelity import SIGNIFICANCE_Z, divergences, select, split_holdout
 from ..latency import LatencyModel, latency_settings, verify
 from ..plan_format import PLAN_VERSION
 from ..report import count_flops
@@ -67,8 +67,9 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
             ``data`` (the best pipeline measured, docs/pruning.md), ``DATA_FREE_CRITERION`` without.
             ``"auto"`` prunes with each pipeline of ``AUTO_CANDIDATES`` on the first three quarters of the
             calibration batches, compares them on the last quarter by the divergence of the outputs from the
-            dense model's (``rankprune.fidelity``: KL of the logits, label-free), and returns the best one run
-            again on all the data; ``plan["auto"]`` holds the comparison.
+            dense model's (``rankprune.fidelity``: KL of the logits, label-free), and returns the default
+            pipeline (the first) unless another is clearly closer (``fidelity.select``: beyond the noise of
+            the held-out samples), run again on all the data; ``plan["auto"]`` holds the comparison.
         data: calibration batches (a list or DataLoader; see :func:`rankprune.recalibrate` for the batch
             forms): scored by data-driven criteria (energy, hrank, taylor), then, with ``recalibrate``, used
             to re-estimate the BatchNorm statistics of the pruned model. Iterated twice in that case, so a
@@ -203,18 +204,24 @@ def _auto(model: nn.Module, example_inputs: Any, data: Optional[Iterable], globa
     if global_ranking is not None:
         raise ValueError('criterion="auto" chooses global_ranking with the criterion: leave global_ranking unset')
     fit, held = split_holdout(data, "prune")
-    compared = []
+    compared, per_sample = [], []
     for criterion, ranking in progress_bar(AUTO_CANDIDATES, "prune: comparing pipelines", progress, unit="pipeline"):
         pruned, _ = prune(model, example_inputs, criterion, data=fit, global_ranking=ranking, progress=False,
                           measure_latency=False, **options)
+        per_sample.append(divergences(model, pruned, held))
         compared.append({"criterion": criterion, "global_ranking": ranking,
-                         "divergence": divergence(model, pruned, held)})
+                         "divergence": float(per_sample[-1].mean())})
         del pruned
-    best = min(compared, key=lambda c: c["divergence"])
+    chosen, closer = select(per_sample, 0)  # the default pipeline is the reference
+    for c, flag in zip(compared, closer):
+        c["clearly_closer"] = flag
+    best = compared[chosen]
     pruned, plan = prune(model, example_inputs, best["criterion"], data=fit + held,
                          global_ranking=best["global_ranking"], inplace=inplace, progress=progress, **options, **timing)
     plan["auto"] = {"candidates": compared, "chosen": best["criterion"], "held_out_batches": len(held),
-                    "measure": "mean KL(dense || pruned) of the output logits per held-out sample"}
+                    "measure": "mean KL(dense || pruned) of the output logits per held-out sample",
+                    "rule": f"the first (the default pipeline) unless another is lower by more than "
+                            f"{SIGNIFICANCE_Z:g} standard errors of the paired difference"}
     return pruned, plan
 
 
