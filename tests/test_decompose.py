@@ -394,12 +394,18 @@ def test_data_aware_bad_input(seed):
         rankprune.decompose(model, energy=0.9, data=[bad], progress=False)
     with pytest.raises(TypeError, match="iterable of calibration batches"):
         rankprune.decompose(model, energy=0.9, data=torch.randn(2, 3, 16, 16), progress=False)
-    # dead input features without damping: the covariance is singular, the layer cannot be factored
-    low = nn.Sequential(nn.Linear(6, 6))
-    dead = torch.randn(20, 6)
+    # dead input features without damping: the covariance is singular. A layer with more outputs than inputs
+    # needs its Cholesky and cannot be factored; one with at most as many outputs as inputs is projected (no
+    # inverse) and, with 2 live inputs, reproduces its outputs exactly at rank 2.
+    dead = torch.randn(20, 6, dtype=torch.float64)
     dead[:, 2:] = 0
+    tall = nn.Sequential(nn.Linear(6, 12)).double()
     with pytest.raises(ValueError, match="'0' is not positive definite"):
-        rankprune.decompose(low, ranks={"0": 2}, data=[dead], damping=0.0, progress=False)
+        rankprune.decompose(tall, ranks={"0": 2}, data=[dead], damping=0.0, progress=False)
+    square = nn.Sequential(nn.Linear(6, 6)).double()
+    factored, _, _ = rankprune.decompose(square, ranks={"0": 2}, data=[dead], damping=0.0, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(factored(dead), square(dead), rtol=0, atol=1e-12)
     for arg, value in (("min_rank", 0), ("min_rank", 1.5), ("rank_multiple", 0), ("damping", -1.0)):
         with pytest.raises(ValueError, match=arg):
             rankprune.decompose(model, energy=0.9, **{arg: value})
@@ -575,19 +581,22 @@ def test_measured_sensitivity_weighs_the_allocation(seed):
 def test_small_ranks_of_large_layers_use_the_randomized_svd(with_data, seed, monkeypatch):
     # rank 16 of a 300 x 512 weight: ops.svd_lowrank (not the full ops.svd), within 3% of the optimal error
     # (a slowly decaying spectrum, sigma_17/sigma_16 = 0.977: over 20 seeds the randomized factors were
-    # 0.6-1.2% above the optimum, so 1% was a coin toss)
+    # 0.6-1.2% above the optimum, so 1% was a coin toss). With data the layer has more outputs (512) than
+    # inputs (300): its whitened weight W L is factored (a layer with fewer outputs is projected exactly, see
+    # test_data_aware_layers_with_fewer_outputs_are_projected_to_the_optimum).
     calls = []
     svd_lowrank = rankprune.ops.svd_lowrank
     monkeypatch.setattr(rankprune.ops, "svd_lowrank", lambda *a, **k: calls.append(a[0].shape) or svd_lowrank(*a, **k))
-    model = nn.Sequential(nn.Linear(512, 300))
+    inputs, outputs = (300, 512) if with_data else (512, 300)
+    model = nn.Sequential(nn.Linear(inputs, outputs))
     with torch.no_grad():
         decay = torch.logspace(0, -3, 300)
-        u, _ = torch.linalg.qr(torch.randn(300, 300))
-        v, _ = torch.linalg.qr(torch.randn(512, 300))
+        u, _ = torch.linalg.qr(torch.randn(outputs, 300))
+        v, _ = torch.linalg.qr(torch.randn(inputs, 300))
         model[0].weight.copy_((u * decay) @ v.T)
-    data = [torch.randn(64, 512) for _ in range(12)] if with_data else None
+    data = [torch.randn(64, inputs) for _ in range(12)] if with_data else None
     new, _, report = rankprune.decompose(model, ranks={"0": 16}, data=data, progress=False)
-    assert calls == [(300, 512)]
+    assert calls == [(outputs, inputs)]
     W = model[0].weight.detach().double()
     residual = W - new[0].dense_weight().detach().double()
     if with_data:
@@ -599,6 +608,29 @@ def test_small_ranks_of_large_layers_use_the_randomized_svd(with_data, seed, mon
         s2 = torch.linalg.svdvals(W) ** 2
         exact = float(s2[:16].sum() / s2.sum())  # the randomized values can only underestimate it
         assert 0.97 * exact <= report["layers"]["0"]["energy_kept"] <= exact * (1 + 1e-9)
+
+
+def test_data_aware_layers_with_fewer_outputs_are_projected_to_the_optimum(seed, monkeypatch):
+    # A 3x3 conv of 8 input channels (d = 72 inputs) with 48 outputs (n <= d). The projection
+    # U_r U_r^T W (U: eigenvectors of W C W^T) is the optimal rank-r weight for the output error on the data:
+    # compared with the float64 reference (the SVD of W L, L the Cholesky of the damped covariance), with no
+    # Cholesky of the 72 x 72 covariance taken.
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", None)  # the projected path never calls it
+    conv = nn.Conv2d(8, 48, 3, padding=1).double()
+    data = [torch.randn(6, 8, 10, 10, dtype=torch.float64) * torch.linspace(0.1, 2, 8).view(1, 8, 1, 1)
+            for _ in range(3)]
+    model = nn.Sequential(conv)
+    new, _, report = rankprune.decompose(model, ranks={"0": 12}, data=data, damping=1e-4, progress=False)
+    X = torch.cat([nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 72) for x in data]).T
+    C = X @ X.T
+    L = torch.linalg.cholesky(C + 1e-4 * float(C.diagonal().mean()) * torch.eye(72, dtype=torch.float64))
+    W = conv.weight.detach().reshape(48, 72)
+    residual = W - new[0].dense_weight().detach().reshape(48, 72)
+    optimal = float(rankprune.ops.lowrank_error_reference(W @ L, 12))
+    assert float((residual @ L).norm()) == pytest.approx(optimal, rel=1e-9)
+    entry = report["layers"]["0"]
+    assert entry["output_error"] == pytest.approx(float((residual @ X).norm() ** 2), rel=1e-9)
+    assert entry["output_energy"] == pytest.approx(float((W @ X).norm() ** 2), rel=1e-12)
 
 
 @pytest.mark.parametrize("conv, shape", [

@@ -144,7 +144,8 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
     when not measured); ``energy_kept`` is ``1 - `` the normalised discarded energy above;
     ``rel_error`` is the layer's relative output error on ``example_inputs``. FLOPs and ``rel_error`` are None
     without example inputs. ``report["calibration"]`` gives the seconds, batches and peak memory of each phase
-    (``statistics``, ``factorization``, ``sensitivity``, ``refit`` or ``replace``, ``recalibration``) and, with
+    (``statistics``, ``factorization``, ``sensitivity``, ``refit`` (stage passes), ``refit factorization``,
+    ``replace``, ``recalibration``) and, with
     data, the cache budget, the number of batches and samples and notes (see :mod:`rankprune.calibration`).
 
     Raises ValueError for non-finite weights (named) before any data are run, for NaN or Inf in the calibration
@@ -194,9 +195,8 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
                                      else ("params", target_params, float(params_dense)))
             chosen = allocate(candidates, kind, fraction * total, total, min_flop_saving,
                               "target_flops" if kind == "flops" else "target_params")
-    with clock.phase("refit" if engine is not None and asymmetric else "replace"):
-        planned, report_layers = _replace_all(model, candidates, chosen, engine, asymmetric, damping,
-                                              min_flop_saving, skipped, weight_only)
+    planned, report_layers = _replace_all(model, candidates, chosen, engine, clock, asymmetric, damping,
+                                          min_flop_saving, skipped, weight_only)
     if latency_model is not None:
         skipped.update({name: NOT_FASTER for name in not_faster(candidates, latency_model, chosen)})
     for layer in candidates:  # drop the recorded activations and statistics
@@ -309,12 +309,13 @@ def _factor_all(layers: List[Candidate], ranks, rank_ratio, min_rank, rank_multi
 
 
 def _replace_all(model: nn.Module, layers: List[Candidate], chosen: Dict[str, int], engine: Optional[Calibration],
-                 asymmetric: bool, damping: float, min_flop_saving: float, skipped: Dict[str, str],
+                 clock: PhaseClock, asymmetric: bool, damping: float, min_flop_saving: float, skipped: Dict[str, str],
                  weight_only: Dict[str, str]) -> Tuple[Dict[str, dict], Dict[str, dict]]:
     """Replace the layers that get a FLOP-saving rank, stage by stage in execution order; with ``asymmetric``
     and data, each data-aware layer after the first decomposed one is refitted first on the inputs it gets in
     the partly decomposed model (one stage pass per stage). Returns the plan and report entries, in the
-    candidates' order."""
+    candidates' order. Phases: ``refit`` (the stage passes), ``refit factorization`` and ``replace`` (building
+    the modules and their report entries)."""
     replaced: Dict[str, nn.Module] = {}  # name -> dense module of every layer replaced so far
     planned, reported = {}, {}
     stages: Dict[int, List[Candidate]] = {}
@@ -330,24 +331,35 @@ def _replace_all(model: nn.Module, layers: List[Candidate], chosen: Dict[str, in
         refits = {}
         refit = [l for l in stage if engine is not None and asymmetric and l.data_aware and replaced]
         if refit:
-            stats = refit_stage(engine, refit, replaced, lambda name, m: set_submodule(model, name, m),
-                                f"refit stage {number}/{len(stages)}")
-            refits = {l.name: refit_factors(l, stats[l.name].inputs, stats[l.name].outputs_cross, damping,
-                                            chosen[l.name]) for l in refit}
-        for layer in stage:
-            rank = chosen[layer.name]
-            factors, fit_damping = refits.get(layer.name, (None, None))
-            if factors is not None:
-                layer.factors = factors
-            else:
-                fit_damping = damping if layer.data_aware else None
-            new = replace(model, layer, rank, layer.module.training)
-            replaced[layer.name] = layer.module
-            if engine is not None:
-                engine.substitute(layer.module, new)
-                drop_dense_rows(engine, layer)
-            planned[layer.name] = plan_entry(layer, rank)
-            reported[layer.name] = report_entry(layer, rank, new, factors is not None, fit_damping,
-                                                weight_only.get(layer.name))
+            with clock.phase("refit"):
+                stats = refit_stage(engine, refit, replaced, lambda name, m: set_submodule(model, name, m),
+                                    f"refit stage {number}/{len(stages)}")
+            with clock.phase("refit factorization"):
+                refits = {l.name: refit_factors(l, stats[l.name].inputs, stats[l.name].outputs_cross, damping,
+                                                chosen[l.name]) for l in refit}
+        with clock.phase("replace"):
+            _replace_stage(model, stage, chosen, refits, engine, damping, replaced, planned, reported, weight_only)
     order = [l.name for l in layers]
     return ({n: planned[n] for n in order if n in planned}, {n: reported[n] for n in order if n in reported})
+
+
+def _replace_stage(model: nn.Module, stage: List[Candidate], chosen: Dict[str, int], refits: dict,
+                   engine: Optional[Calibration], damping: float, replaced: Dict[str, nn.Module], planned: dict,
+                   reported: dict, weight_only: Dict[str, str]) -> None:
+    """Build and put in place the modules of one stage (refitted factors where ``refits`` has them), recording
+    each in ``planned`` and ``reported`` and its dense module in ``replaced``."""
+    for layer in stage:
+        rank = chosen[layer.name]
+        factors, fit_damping = refits.get(layer.name, (None, None))
+        if factors is not None:
+            layer.factors = factors
+        else:
+            fit_damping = damping if layer.data_aware else None
+        new = replace(model, layer, rank, layer.module.training)
+        replaced[layer.name] = layer.module
+        if engine is not None:
+            engine.substitute(layer.module, new)
+            drop_dense_rows(engine, layer)
+        planned[layer.name] = plan_entry(layer, rank)
+        reported[layer.name] = report_entry(layer, rank, new, factors is not None, fit_damping,
+                                            weight_only.get(layer.name))

@@ -31,6 +31,9 @@ MAX_COVARIANCE_DIM = 8192
 # rounding (about 1e-7 * sqrt(rows) of an entry) stays far below the default damping (1e-4 of the mean
 # diagonal); smaller layers, which cost little, keep float64 products (exact enough for damping=0 fits).
 FLOAT64_PRODUCT_MAX_DIM = 1024
+# Inputs per block of a blocked Gram product (``_accumulate_gram``): smaller blocks skip more of the product but
+# run below the GEMM's peak.
+GRAM_BLOCK = 1024
 
 
 def _columns(layer: Candidate, batch: int, call: int, x: Tensor) -> Tensor:
@@ -54,7 +57,7 @@ def collect_statistics(engine: Calibration, layers: List[Candidate], keep_dense_
                 order[0] += 1
                 stages.assign(layer, x)
             rows = _columns(layer, batch, call, x)
-            _accumulate(layer.covariance, rows, rows)
+            _accumulate_gram(layer.covariance, rows)
             layer.samples += rows.shape[0]
             if keep_dense_rows:
                 _keep_dense_rows(engine, layer, batch, call, rows)
@@ -84,6 +87,25 @@ def _accumulate(total: Tensor, a: Tensor, b: Tensor) -> None:
         total.addmm_(a.T.to(torch.float64), b.to(torch.float64))
     else:
         total += (a.T @ b.to(a.dtype)).to(torch.float64)
+
+
+def _accumulate_gram(total: Tensor, a: Tensor) -> None:
+    """``total += a^T a``. From ``GRAM_BLOCK`` inputs on, only the blocks on and above the diagonal are multiplied
+    (each off-diagonal one added twice, transposed), which saves up to half of the product (torch has no
+    symmetric rank-k update): 5 blocks of a 4608-input layer cost 15/25 of the full product."""
+    d = a.shape[1]
+    if d < GRAM_BLOCK:
+        _accumulate(total, a, a)
+        return
+    a = a if a.dtype == torch.float64 or d >= FLOAT64_PRODUCT_MAX_DIM else a.to(torch.float64)
+    edges = [round(i * d / math.ceil(d / GRAM_BLOCK)) for i in range(math.ceil(d / GRAM_BLOCK) + 1)]
+    blocks = list(zip(edges[:-1], edges[1:]))
+    for i, (r0, r1) in enumerate(blocks):
+        for c0, c1 in blocks[i:]:
+            product = (a[:, r0:r1].mT @ a[:, c0:c1]).to(torch.float64)
+            total[r0:r1, c0:c1] += product
+            if c0 != r0:
+                total[c0:c1, r0:r1] += product.mT
 
 
 def _keep_dense_rows(engine: Calibration, layer: Candidate, batch: int, call: int, rows: Tensor) -> None:
@@ -175,7 +197,7 @@ class _RefitStatistics:
         y = layer.dense_rows[(batch, call)] if layer.dense_rows is not None else self.dense.pop((batch, call))
         if not layer.dense_rows_are_outputs:
             y = y.to(torch.float64) @ self.weight.T
-        _accumulate(self.inputs, h, h)
+        _accumulate_gram(self.inputs, h)
         _accumulate(self.outputs_cross, h, y)
 
 
