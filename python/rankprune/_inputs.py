@@ -180,6 +180,17 @@ def eval_mode(model: nn.Module, no_grad: bool = True) -> Iterator[nn.Module]:
             m.training = flag
 
 
+@contextlib.contextmanager
+def removed_after(handles: Sequence[Any]) -> Iterator[None]:
+    """Remove the hook ``handles`` (``register_forward_hook`` and the like) when the block ends, also on an
+    error, so that no hook outlives the call that installed it."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def check_finite_weights(model: nn.Module, verb: str, overwritten: Sequence[nn.Module] = ()) -> None:
     """Raise ValueError naming the first parameter or buffer of ``model`` that holds NaN or Inf: weights are
     checked before calibration data are blamed for non-finite activations. The buffers of the modules in
@@ -230,11 +241,8 @@ def _first_non_finite_module(model: nn.Module, inputs: Any) -> Optional[str]:
 
     handles = [m.register_forward_pre_hook(before) for m in names]
     handles += [m.register_forward_hook(after) for m in names]
-    try:
+    with removed_after(handles):
         call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
     return found[0] if found else None
 
 

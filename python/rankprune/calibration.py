@@ -41,8 +41,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from ._inputs import (batch_size, call_model, distributed_world, eval_mode, model_device_dtype, model_inputs,
-                      progress, reusable)
+from ._inputs import (batch_size, call_model, distributed_world, eval_mode, model_device_dtype, model_inputs, progress,
+                      removed_after, reusable)
 from .nn import _explicit_padding
 
 # Calibration columns (im2col patches / tokens) kept per batch and layer call: a covariance costs d^2 per
@@ -396,7 +396,7 @@ class Calibration:
         structure = [m for m in self.model.modules() if m is not self.model]
         handles = [m.register_forward_pre_hook(before) for m in structure]
         handles += [m.register_forward_hook(after) for m in structure]
-        try:
+        with removed_after(handles):
             with self._captures(captures, stop=()) as counter:
                 for index, inputs in self._progress(desc):
                     output = self._forward(index, inputs, counter, train)
@@ -405,9 +405,6 @@ class Calibration:
                     for h in handles:  # the structure is that of the first batch
                         h.remove()
             self.traced = True
-        finally:
-            for h in handles:
-                h.remove()
 
     def substitute(self, old: nn.Module, new: nn.Module) -> None:
         """``new`` has taken ``old``'s place in the model (e.g. a low-rank layer for a dense one): it inherits
@@ -497,11 +494,8 @@ class Calibration:
                 raise _StageDone
 
         handles = [m.register_forward_pre_hook(hook) for m in captures]
-        try:
+        with removed_after(handles):
             yield counter
-        finally:
-            for h in handles:
-                h.remove()
 
     # ------------------------------------------------------------------------------------ frontier cache
     def _frontier(self, start: float) -> List[nn.Module]:
@@ -572,10 +566,9 @@ class Calibration:
                 patched.append((module, module.__dict__.get("forward")))
                 module.forward = serve
         try:
-            yield recording
+            with removed_after(handles):
+                yield recording
         finally:
-            for h in handles:
-                h.remove()
             for module, previous in patched:
                 del module.forward
                 if previous is not None:  # an instance-level forward of the caller's (e.g. accelerate's hooks)

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._inputs import (batch_size, call_model, check_finite_weights, distributed_world, eval_mode, first_samples,
-                      iter_batches, model_device_dtype, model_inputs, raise_non_finite, to_device)
+                      iter_batches, model_device_dtype, model_inputs, raise_non_finite, removed_after, to_device)
 from ._inputs import progress as progress_bar
 
 Scores = Dict[str, Tensor]
@@ -143,13 +143,10 @@ def find_taps(model: nn.Module, example_inputs: Any, convs: Dict[str, nn.Conv2d]
     watched = set(convs.values()) | {m for m in model.modules() if isinstance(m, _NORMS + _ACTIVATIONS)}
     handles = [m.register_forward_hook(hook) for m in watched]
     handles += [m.register_forward_pre_hook(activation_pre_hook) for m in watched if isinstance(m, _ACTIVATIONS)]
-    try:
+    with removed_after(handles):
         # with autograd, so that an addition between a module and an activation shows in the graph
         with torch.enable_grad():
             call_model(model, _requiring_grad(example_inputs))
-    finally:
-        for h in handles:
-            h.remove()
     residual_activation = _residual_activations(activation_inputs, producers)
 
     def consumer(module: nn.Module, kinds) -> Optional[nn.Module]:
@@ -302,7 +299,7 @@ class FeatureMapCriterion(Criterion):
                                    for name, c in convs.items()}
         count = torch.zeros(1, dtype=torch.float64, device=device)
         handles = []
-        try:
+        with removed_after(handles):
             with eval_mode(model):
                 for batch in _calibration_batches(data, self.max_batches, self.name, self.progress):
                     inputs = model_inputs(batch, model)
@@ -312,9 +309,6 @@ class FeatureMapCriterion(Criterion):
                                    for name, tap in taps.items()]
                     call_model(model, inputs)
                     count += batch_size(inputs)
-        finally:
-            for h in handles:
-                h.remove()
         return _check_finite(self, model, data, _finish(sums, count, bool(handles), self.distributed))
 
     def _hook(self, acc: Tensor, tap: _Tap):
@@ -467,7 +461,7 @@ class Taylor(Criterion):
         handles = [conv.register_forward_hook(make_hook(sums[name])) for name, conv in convs.items()]
         seen = 0
         try:
-            with eval_mode(model, no_grad=False):
+            with removed_after(handles), eval_mode(model, no_grad=False):
                 for batch in _calibration_batches(data, self.max_batches, self.name, self.progress):
                     seen += 1
                     if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
@@ -478,9 +472,7 @@ class Taylor(Criterion):
                     with torch.enable_grad():
                         self.loss_fn(call_model(model, inputs), labels).backward()
                     count += batch_size(inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        finally:  # the caller's gradients, also on an error
             for p, g in saved_grads.items():
                 p.grad = g
         return _check_finite(self, model, data, _finish(sums, count, seen > 0, self.distributed))

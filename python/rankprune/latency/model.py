@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._inputs import batch_size, call_model, eval_mode
+from .._inputs import batch_size, call_model, eval_mode, removed_after
 from ..benchmark import environment
 from ..nn import LowRankConv2d, LowRankLinear, _explicit_padding, check_decomposable_conv
 from . import cache
@@ -332,12 +332,9 @@ def record_shapes(model: nn.Module, example_inputs, names: Optional[Iterable[str
                 shapes[name] = LayerShape(name, module, tuple(args[0].shape), args[0].dtype)
 
         handles.append(module.register_forward_pre_hook(hook))
-    try:
+    with removed_after(handles):
         with eval_mode(model):
             call_model(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
     return shapes
 
 
@@ -371,7 +368,7 @@ def in_context_ms(model: nn.Module, example_inputs, layers: Mapping[str, LayerSh
     for name in layers:
         handles.append(modules[name].register_forward_pre_hook(lambda m, a, name=name: before(m, a, name)))
         handles.append(modules[name].register_forward_hook(lambda m, a, o, name=name: after(m, a, o, name)))
-    try:
+    with removed_after(handles):
         with eval_mode(model), torch.inference_mode():
             for _ in range(CONTEXT_PASSES):
                 spent.update({name: 0.0 for name in spent})
@@ -382,9 +379,6 @@ def in_context_ms(model: nn.Module, example_inputs, layers: Mapping[str, LayerSh
                 elapsed = time.perf_counter() - start
                 if elapsed < best_pass:
                     best_pass, best_share = elapsed, sum(spent.values()) / elapsed
-    finally:
-        for h in handles:
-            h.remove()
     return dense_ms * best_share
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .._inputs import call_model, eval_mode, holds_non_finite, raise_non_finite
+from .._inputs import call_model, eval_mode, holds_non_finite, raise_non_finite, removed_after
 from .cost import Candidate
 
 
@@ -22,12 +22,9 @@ def run_example(model: nn.Module, example_inputs, layers: Dict[str, Candidate], 
                 layer.outputs.append(output.detach())
 
             handles.append(layer.module.register_forward_hook(hook))
-    try:
+    with removed_after(handles):
         with eval_mode(model), FlopCounterMode(display=False) as counter:
             output = call_model(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
     if holds_non_finite(output):  # [[inputs]]: one batch whose first item is the inputs, whatever their form
         raise_non_finite(model, [[example_inputs]], "decompose", "the model's output", where="example_inputs")
     return output, counter.get_total_flops()

@@ -9,7 +9,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .._inputs import call_model, eval_mode
+from .._inputs import call_model, eval_mode, removed_after
 from ..nn import check_decomposable_conv
 from .cost import Candidate, layer_kind
 
@@ -96,12 +96,9 @@ def weights_read_outside(model: nn.Module, names: Sequence[str], example_inputs)
     for name, module in modules.items():
         handles.append(module.register_forward_pre_hook(enter(name)))
         handles.append(module.register_forward_hook(leave))
-    try:
+    with removed_after(handles):
         with eval_mode(model), reads:
             call_model(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
     return [name for name in names if name in reads.outside]
 
 

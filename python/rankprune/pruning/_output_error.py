@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import scoring
 from .._inputs import (batch_size, call_model, eval_mode, first_samples, holds_non_finite, model_inputs,
-                       raise_non_finite)
+                       raise_non_finite, removed_after)
 from ..calibration import Calibration, column_generator, input_columns
 from ..fidelity import output_tensor
 from . import _torch_pruning as tpa
@@ -120,12 +120,9 @@ def _output_shapes(model: nn.Module, example) -> Dict[str, Tuple[int, ...]]:
 
     handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
+    with removed_after(handles):
         with eval_mode(model):
             call_model(model, example)
-    finally:
-        for h in handles:
-            h.remove()
     return shapes
 
 
@@ -175,11 +172,8 @@ def _sensitivities(engine: Calibration, consumers: Dict[str, nn.Module], shapes)
                                   / max(float(noise.double().square().sum()), 1e-300))
                 return output + ratio * noise
 
-            handle = module.register_forward_hook(add_noise)
-            try:
+            with removed_after([module.register_forward_hook(add_noise)]):
                 changed = output_tensor(runner.outputs_from(module, "sensitivity")[0]).double()
-            finally:
-                handle.remove()
             measured[name] = float((changed - reference).square().sum()) / scale / PROBE_NOISE
     values = torch.tensor([measured[n] for n in consumers], dtype=torch.float64)
     engine.all_reduce([values])

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import scoring
-from .._inputs import call_model, check_data, check_finite_weights, check_fraction, eval_mode, reusable
+from .._inputs import call_model, check_data, check_finite_weights, check_fraction, eval_mode, removed_after, reusable
 from .._inputs import progress as progress_bar
 from ..fidelity import SIGNIFICANCE_Z, divergences, select, split_holdout
 from ..latency import LatencyModel, latency_settings, verify
@@ -319,12 +319,9 @@ def _output_layers(model: nn.Module, example_inputs: Any) -> List[nn.Module]:
     called: List[Tuple[nn.Module, Tensor]] = []
     handles = [m.register_forward_hook(lambda m, i, o: called.append((m, o)))
                for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
+    with removed_after(handles):
         with torch.no_grad():
             out = call_model(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
     outs = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else [out]
     ids = {id(t) for t in outs if isinstance(t, Tensor)}
     direct = [m for m, o in called if id(o) in ids]

@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._inputs import call_model, eval_mode, first_samples, holds_non_finite, raise_non_finite
+from .._inputs import call_model, eval_mode, first_samples, holds_non_finite, raise_non_finite, removed_after
 from ..calibration import Calibration, SameInputStages, column_generator, input_columns
 
 # Relative ridge damping of the reconstruction (times the mean diagonal of H^T H), as in the data-aware
@@ -334,11 +334,8 @@ def _batchnorm_after(pruned: nn.Module, engine: Calibration, consumers: List[_Co
     handles = [m.register_forward_hook(output_hook) for m in wanted]
     handles += [m.register_forward_pre_hook(batchnorm_hook) for m in pruned.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    try:
+    with removed_after(handles):
         first = next(iter(engine.batches()))[1]
         with eval_mode(pruned):
             call_model(pruned, first_samples(first, 1))
-    finally:
-        for h in handles:
-            h.remove()
     return found
