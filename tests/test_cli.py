@@ -381,6 +381,18 @@ def test_target_latency_and_runtime_reach_the_library(monkeypatch, tmp_path):
     assert calls[-1]["target_latency"] == 0.6 and calls[-1]["runtime"] == "eager" and "target_flops" not in calls[-1]
 
 
+def test_compress_table_marks_the_reference_the_clearly_closer_splits_and_the_chosen_one():
+    from rankprune.cli.compress import render_splits
+
+    alone = {"prune_share": 1.0, "pruned_to": 0.4, "divergence": 0.02, "clearly_closer": False}
+    mixed = {"prune_share": 0.5, "pruned_to": 0.63, "divergence": 0.01, "clearly_closer": True}
+    noisy = {"prune_share": 0.0, "pruned_to": 1.0, "divergence": 0.019, "clearly_closer": False}
+    table = render_splits({"candidates": [noisy, mixed, alone], "chosen": mixed, "reference": 1.0})
+    rows = [line for line in table.splitlines() if line.startswith("| 0.") or line.startswith("| 1.")]
+    assert rows[0].rstrip(" |").endswith("0.019") and rows[1].endswith("clearly closer, chosen |")
+    assert rows[2].endswith("reference |")
+
+
 def test_target_latency_out_of_range_is_a_usage_error(capsys):
     argv = ["prune", "--model", "resnet20", "--target-latency", "1.5", "--no-progress", "--device", "cpu"]
     assert cli.main(argv) == 2

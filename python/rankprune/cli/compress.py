@@ -32,11 +32,17 @@ def register(sub) -> None:
 
 
 def render_splits(rep) -> str:
-    """Markdown: the splits compared (share of the budget given to pruning, divergence), the chosen one marked."""
+    """Markdown: the splits compared (share of the budget given to pruning, divergence), the reference (pruning
+    alone), the splits clearly closer than it and the chosen one marked."""
     from rankprune import report
 
-    rows = [[f"{c['prune_share']:.2f}", f"{c['pruned_to']:.1%}", f"{c['divergence']:.4g}",
-             "chosen" if c == rep["chosen"] else ""] for c in rep["candidates"]]
+    def marks(c) -> str:
+        said = ["reference"] if c["prune_share"] == rep.get("reference") else []
+        said += ["clearly closer"] if c.get("clearly_closer") else []
+        return ", ".join(said + (["chosen"] if c == rep["chosen"] else []))
+
+    rows = [[f"{c['prune_share']:.2f}", f"{c['pruned_to']:.1%}", f"{c['divergence']:.4g}", marks(c)]
+            for c in rep["candidates"]]
     budget = "latency" if rep["candidates"] and rep["candidates"][0].get("budget") == "latency" else "FLOPs"
     return report.markdown_table(rows, ["pruning share of log(target)", f"pruned to ({budget})",
                                         "divergence on held-out images", ""])
