@@ -14,6 +14,7 @@ from torch import nn
 
 import rankprune
 from rankprune import cli, latency
+from rankprune.cli import common as cli_common
 from rankprune.benchmark import Timing
 from rankprune.latency import DENSE, LatencyModel, Variant, best_multiple
 from rankprune.latency import model as latency_model_module
@@ -298,7 +299,7 @@ def test_compress_target_latency_splits_the_latency_budget(fake_timer):
 
 
 def test_the_cli_names_every_runtime():
-    assert cli.common.RUNTIMES == latency.RUNTIMES  # a copy, so that --help does not import the latency package
+    assert cli_common.RUNTIMES == latency.RUNTIMES  # a copy, so that --help does not import the latency package
 
 
 def test_prune_target_latency_unreachable_names_the_closest(fake_timer):
