@@ -653,3 +653,19 @@ def test_calibration_patches_are_unfold_rows_at_the_sampled_positions(conv, shap
         keep = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(3))[:calibration.MAX_SAMPLES_PER_BATCH]
         rows = rows[keep]
     assert torch.equal(got, rows)
+
+
+@pytest.mark.parametrize("dtype, d, tolerance", [(torch.float64, 2500, 1e-13), (torch.float32, 2500, 1e-6),
+                                                 (torch.float64, 300, 1e-13)])
+def test_blocked_gram_products_equal_the_float64_reference(dtype, d, tolerance, seed):
+    # off-diagonal blocks are multiplied once and mirrored; the diagonal blocks are GEMMs, symmetric only up to
+    # rounding (Cholesky reads one triangle, projected_factors symmetrises its n x n product)
+    from rankprune.lowrank import passes
+
+    rows = torch.randn(700, d, dtype=dtype) * torch.logspace(-3, 1, d, dtype=dtype)  # graded columns
+    rows[:, 5] = 0  # a dead input
+    total = torch.eye(d, dtype=torch.float64)  # accumulated onto what is there
+    passes._accumulate_gram(total, rows)
+    reference = rows.double().T @ rows.double() + torch.eye(d, dtype=torch.float64)
+    assert bool((total[5] == reference[5]).all())
+    assert float((total - reference).abs().max()) <= tolerance * float(reference.abs().max())
