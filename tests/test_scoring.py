@@ -171,6 +171,18 @@ def test_taylor_scores_and_keeps_grads():
         scoring.score(net, [torch.randn(2, 3, 5, 5)], "taylor", progress=False)
 
 
+@pytest.mark.parametrize("criterion", ["energy", "hrank", "taylor"])
+def test_scoring_leaves_no_hook_behind(criterion):
+    # a hook left on a conv would keep adding to a finished score and break a later pruning of the model
+    net = small_net()
+    scoring.score(net, batches(), criterion, progress=False)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    with pytest.raises(ValueError):
+        scoring.score(net, [(torch.full((2, 3, 5, 5), float("nan")), torch.zeros(2, dtype=torch.long))], criterion,
+                      progress=False)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+
+
 def test_restores_training_mode():
     net = small_net().train()
     scoring.score(net, batches(), "energy", progress=False)

@@ -305,8 +305,8 @@ class FeatureMapCriterion(Criterion):
                     inputs = model_inputs(batch, model)
                     if not handles:  # first batch: find the taps on its first sample, then hook them
                         taps = find_taps(model, first_samples(inputs, 1), convs, self.tap, self.residual_output)
-                        handles = [tap.host.register_forward_hook(self._hook(sums[name], tap))
-                                   for name, tap in taps.items()]
+                        handles.extend(tap.host.register_forward_hook(self._hook(sums[name], tap))
+                                       for name, tap in taps.items())
                     call_model(model, inputs)
                     count += batch_size(inputs)
         return _check_finite(self, model, data, _finish(sums, count, bool(handles), self.distributed))
