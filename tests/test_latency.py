@@ -298,6 +298,22 @@ def test_compress_target_latency_splits_the_latency_budget(fake_timer):
         rankprune.compress(net, X, data=data, target_flops=0.5, target_latency=0.5, progress=False)
 
 
+def test_prediction_of_a_pruned_model_takes_the_rest_of_the_pass_down_with_the_layers_inputs(fake_timer):
+    # the fake timer makes the layers' times exact; 10 ms more of dense time are the rest of the pass (BatchNorm,
+    # activations): pruning conv 0 to 16 outputs halves conv 2's input, so the rest shrinks with the elements
+    # the layers read: (8*64 + 16*64 + 32) of (8*64 + 32*64 + 32) per sample
+    lm = LatencyModel.measure(tiny_net(), X, progress=False)
+    lm.dense_ms += 10.0
+    pruned = tiny_net()
+    pruned[0], pruned[2] = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+    saving = sum(fake_ms(a) - fake_ms(b) for a, b in ((tiny_net()[0], pruned[0]), (tiny_net()[2], pruned[2])))
+    fraction = (8 * 64 + 16 * 64 + 32) / (8 * 64 + 32 * 64 + 32)
+    assert lm.predict(pruned) == pytest.approx(lm.dense_ms - saving - 10.0 * (1 - fraction), rel=1e-12)
+    decomposed = rankprune.decompose(tiny_net(), ranks={"2": 4}, progress=False)[0]  # inputs unchanged
+    assert lm.predict(decomposed) == pytest.approx(
+        lm.dense_ms - (fake_ms(tiny_net()[2]) - fake_ms(decomposed[2])), rel=1e-12)
+
+
 def test_the_cli_names_every_runtime():
     assert cli_common.RUNTIMES == latency.RUNTIMES  # a copy, so that --help does not import the latency package
 
