@@ -104,6 +104,8 @@ MEMORY_NOTE = ("peak MiB: ru_maxrss after the call (peak reset just before it vi
                "model, the calibration data and a warm-up forward")
 BEYOND = ("beyond factorizations = the same with each call's factoring phases (report[\"calibration\"]: "
           "factorization, refit factorization) taken out")
+GROWTH = ("extra growth = the extra seconds over those at the smallest image count (linear: the ratio of image "
+          "counts, in parentheses)")
 GPU_MEMORY_NOTE = ("peak GPU MiB: torch.cuda.max_memory_allocated over the call (peak stats reset just before it; "
                    "decompose's own resets inside the call folded in) minus torch.cuda.memory_allocated just "
                    "before it, in a fresh process per measurement: what the call adds on top of the model, the "
@@ -412,17 +414,15 @@ def markdown(rows: List[Dict[str, object]], config: Dict[str, object]) -> str:
                    f"warm-up forward on each input shape), random weights, random inputs in batches of "
                    f"{config['batch_size']}, on the GPU ({config.get('gpu') or 'cuda'}; model and data on the "
                    "device, timed regions bracketed by torch.cuda.synchronize()); extra passes = (data-aware - "
-                   f"data-free) / forward pass (target <= {TARGET_EXTRA_PASSES:g}), in wall seconds; {BEYOND}; extra growth "
-                   "= the extra seconds over those at the smallest image count (linear: the ratio of image counts, "
-                   f"in parentheses). {GPU_MEMORY_NOTE}.")
+                   f"data-free) / forward pass (target <= {TARGET_EXTRA_PASSES:g}), in wall seconds; {BEYOND}; "
+                   f"{GROWTH}. {GPU_MEMORY_NOTE}.")
     else:
         setting = (f"`decompose(data=calib, target_flops={config['target_flops']})` against the data-free call and "
                    f"one forward pass over the calibration data (median of {config['repeats']}), random weights, "
                    f"random inputs in batches of {config['batch_size']}, {config['threads']} CPU threads; extra "
                    f"passes = (data-aware - data-free) / forward pass (target <= {TARGET_EXTRA_PASSES:g}), in wall "
-                   f"seconds, and in CPU seconds of the measuring process (less sensitive to other load); {BEYOND}; extra "
-                   "growth = the extra seconds over those at the smallest image count (linear: the ratio of image "
-                   f"counts, in parentheses). {MEMORY_NOTE}.")
+                   "seconds, and in CPU seconds of the measuring process (less sensitive to other load); "
+                   f"{BEYOND}; {GROWTH}. {MEMORY_NOTE}.")
     notes = [f"- {r['model']}: {r['note']}" for r in rows if r.get("note")]
     for r in rows:
         calibration = r.get("runs", {}).get("data-aware", {}).get("calibration")

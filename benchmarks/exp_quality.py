@@ -718,9 +718,9 @@ def parse(argv):
                         "process with torch's default threads")
     p.add_argument("--baselines-only", action="store_true", help="train and cache the baselines, then stop")
     p.add_argument("--resume", action="store_true",
-                   help="read back the families of runs (pruning, decomposition, hybrid of one model and seed) that an "
-                        "earlier run with the same settings finished (kept under --cache/units; each run records "
-                        "its commit) instead of running them again")
+                   help="read back the families of runs (pruning, decomposition, hybrid of one model and seed) "
+                        "that an earlier run with the same settings finished (kept under --cache/units; each run "
+                        "records its commit) instead of running them again")
     p.add_argument("--saved-only", action="store_true",
                    help="like --resume, but run nothing: a (model, seed) whose families are not all saved is left "
                         "out (and named in the output)")

@@ -13,8 +13,9 @@ all the data. Pruning alone is the reference: another split is chosen only where
 lower by more than ``fidelity.SIGNIFICANCE_Z`` standard errors of the paired per-sample difference (then the
 lowest such). Pruned layers stay plain convolutions, which every runtime runs at least as fast per FLOP as a
 low-rank pair, and a split chosen on a difference within the noise of the held-out samples did not hold on
-test data (exp_quality, concatnet at 40%: decomposition chosen by a 7% lower KL, 2.4 points less accurate). One plan (``{"method": "compress", "steps": [prune plan, decompose plan]}``) rebuilds the
-architecture with ``rankprune.apply_plan``; ``rankprune.to_plain`` / ``export_onnx`` export it as any other.
+test data (exp_quality, concatnet at 40%: decomposition chosen by a 7% lower KL, 2.4 points less accurate).
+One plan (``{"method": "compress", "steps": [prune plan, decompose plan]}``) rebuilds the architecture with
+``rankprune.apply_plan``; ``rankprune.to_plain`` / ``export_onnx`` export it as any other.
 
 With ``target_latency`` instead (a fraction of the dense model's measured latency in ``runtime``) the split is
 of the latency's log: ``prune(target_latency=t**share)``, then ``decompose(target_latency=...)`` of the pruned

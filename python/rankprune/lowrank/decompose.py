@@ -145,8 +145,8 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
     ``rel_error`` is the layer's relative output error on ``example_inputs``. FLOPs and ``rel_error`` are None
     without example inputs. ``report["calibration"]`` gives the seconds, batches and peak memory of each phase
     (``statistics``, ``factorization``, ``sensitivity``, ``refit`` (stage passes), ``refit factorization``,
-    ``replace``, ``recalibration``) and, with
-    data, the cache budget, the number of batches and samples and notes (see :mod:`rankprune.calibration`).
+    ``replace``, ``recalibration``) and, with data, the cache budget, the number of batches and samples and
+    notes (see :mod:`rankprune.calibration`).
 
     Raises ValueError for non-finite weights (named) before any data are run, for NaN or Inf in the calibration
     data or the activations (naming the batch that holds it, or the first module whose output does), and for

@@ -81,9 +81,14 @@ def collect_statistics(engine: Calibration, layers: List[Candidate], keep_dense_
             layer.covariance = None
 
 
+def _product_dtype(a: Tensor) -> torch.dtype:
+    """The dtype ``a``'s products are formed in (see ``FLOAT64_PRODUCT_MAX_DIM``)."""
+    return torch.float64 if a.shape[1] < FLOAT64_PRODUCT_MAX_DIM else a.dtype
+
+
 def _accumulate(total: Tensor, a: Tensor, b: Tensor) -> None:
-    """``total += a^T b`` (float64 ``total``; see ``FLOAT64_PRODUCT_MAX_DIM`` for the product's dtype)."""
-    if a.shape[1] < FLOAT64_PRODUCT_MAX_DIM or a.dtype == torch.float64:
+    """``total += a^T b`` (float64 ``total``; the product in ``_product_dtype(a)``)."""
+    if _product_dtype(a) == torch.float64:
         total.addmm_(a.T.to(torch.float64), b.to(torch.float64))
     else:
         total += (a.T @ b.to(a.dtype)).to(torch.float64)
@@ -97,7 +102,7 @@ def _accumulate_gram(total: Tensor, a: Tensor) -> None:
     if d < GRAM_BLOCK:
         _accumulate(total, a, a)
         return
-    a = a if a.dtype == torch.float64 or d >= FLOAT64_PRODUCT_MAX_DIM else a.to(torch.float64)
+    a = a.to(_product_dtype(a))
     edges = [round(i * d / math.ceil(d / GRAM_BLOCK)) for i in range(math.ceil(d / GRAM_BLOCK) + 1)]
     blocks = list(zip(edges[:-1], edges[1:]))
     for i, (r0, r1) in enumerate(blocks):
