@@ -88,6 +88,25 @@ def test_select_keeps_the_reference_unless_a_candidate_is_closer_beyond_the_nois
     assert fidelity.select([reference], 0) == (0, [False])
 
 
+def test_a_mean_lowered_by_a_few_samples_is_not_clearly_closer():
+    reference = torch.ones(100, dtype=torch.float64)
+    # 10 samples at 0, 90 slightly further: mean lower by 0.082, 2.7 standard errors, but closer on 10 of 100
+    lopsided = torch.cat([torch.zeros(10), torch.full((90,), 1.02)]).double()
+    difference = reference - lopsided
+    assert difference.mean() > 2 * difference.std() / 10  # the mean test alone would take it
+    assert not fidelity.clearly_closer(lopsided, reference)
+    assert fidelity.select([reference, lopsided], 0) == (0, [False, False])
+    # closer on 61 of 100 samples (sign test: 61 - 39 > 2 * sqrt(100)) and lower in mean: clearly closer; on 60
+    # of 100 (60 - 40 = 20) not yet
+    most = torch.cat([torch.full((61,), 0.9), torch.full((39,), 1.01)]).double()
+    assert fidelity.clearly_closer(most, reference)
+    assert not fidelity.clearly_closer(torch.cat([torch.full((60,), 0.9), torch.full((40,), 1.01)]).double(), reference)
+    # a sign test needs 5 units at z = 2: 4 of 4 closer is not enough, 5 of 5 is; ties count for neither
+    assert not fidelity.clearly_closer(torch.tensor([0.5, 0.6, 0.5, 0.6]).double(), torch.ones(4).double())
+    assert fidelity.clearly_closer(torch.tensor([0.5, 0.6, 0.5, 0.6, 0.5]).double(), torch.ones(5).double())
+    assert fidelity.clearly_closer(torch.tensor([0.5, 0.6, 0.5, 0.6, 0.5, 1, 1, 1]).double(), torch.ones(8).double())
+
+
 def test_auto_compares_its_candidates_and_returns_the_closest_one_run_on_all_the_data():
     model, data = tiny(), calibration()
     before = copy.deepcopy(model.state_dict())

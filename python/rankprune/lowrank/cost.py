@@ -49,6 +49,8 @@ class Candidate:
     # data-aware: the float64 input covariance X X^T (None: weight SVD) and the number of columns in it
     covariance: Optional[Tensor] = None
     samples: int = 0
+    # data-aware: tr(W C W^T), the dense layer's output energy on the calibration inputs (set with the factors)
+    output_energy: Optional[float] = None
     order: float = math.inf  # position of its first call in a calibration pass
     # measured: relative squared change of the model's output per unit of the layer's normalised discarded
     # energy (1: not measured); weighs the layer's errors in the budget allocation

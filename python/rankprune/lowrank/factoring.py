@@ -91,8 +91,10 @@ def whitened_factors(layer: Candidate, damping: float, rank: Optional[int] = Non
     ``factor``)."""
     if inputs is None:
         weight = layer.matrix().to(torch.float64)
+        weighted = weight @ layer.covariance
+        layer.output_energy = float((weighted * weight).sum())
         if weight.shape[0] <= weight.shape[1]:
-            return projected_factors(weight, layer.covariance, damping)
+            return projected_factors(weight, weighted, layer.covariance, damping)
         L = cholesky(layer.covariance, damping, layer.name)
         target = weight @ L
     else:
@@ -106,17 +108,17 @@ def whitened_factors(layer: Candidate, damping: float, rank: Optional[int] = Non
     return U, S, torch.linalg.solve_triangular(L.mT, V, upper=True)
 
 
-def projected_factors(weight: Tensor, C: Tensor, damping: float) -> Tuple[Tensor, Tensor, Tensor]:
+def projected_factors(weight: Tensor, weighted: Tensor, C: Tensor, damping: float) -> Tuple[Tensor, Tensor, Tensor]:
     """The symmetric whitened factors of a float64 ``weight`` ``[n, d]`` with ``n <= d``, without a Cholesky of
     the ``d x d`` covariance: with ``W L = U S V_L^T``, the best rank-r weight ``(W L)_r L^{-1}`` is
     ``U_r U_r^T W``, and ``U``, ``S^2`` are the eigenvectors and eigenvalues of ``W L L^T W^T = W C W^T +
-    damping * mean(diag C) * W W^T`` (``n x n``). Returns ``(U, S, V = W^T U / S)`` (zero columns where ``S``
-    is numerically zero: those directions carry no output). Costs ``n d^2`` instead of the Cholesky's
-    ``d^3 / 3`` plus two ``n d^2`` products; an all-zero ``C`` (inputs that are always zero) gives the weight
-    SVD, as ``cholesky`` does."""
+    damping * mean(diag C) * W W^T`` (``n x n``; ``weighted = W C``, formed by the caller). Returns ``(U, S, V =
+    W^T U / S)`` (zero columns where ``S`` is numerically zero: those directions carry no output). Costs the
+    ``n d^2`` of ``W C`` instead of the Cholesky's ``d^3 / 3`` plus two ``n d^2`` products; an all-zero ``C``
+    (inputs that are always zero) gives the weight SVD, as ``cholesky`` does."""
     scale = float(C.diagonal().mean())
     gram = weight @ weight.mT
-    M = (weight @ C) @ weight.mT + (damping * scale) * gram if scale > 0 else gram
+    M = weighted @ weight.mT + (damping * scale) * gram if scale > 0 else gram
     values, U = torch.linalg.eigh((M + M.mT) / 2)  # symmetrised: the products round each triangle differently
     values, U = values.flip(-1).clamp_min(0), U.flip(-1)
     S = values.sqrt()
@@ -143,17 +145,17 @@ def refit_factors(layer: Candidate, inputs: Tensor, outputs_cross: Tensor, dampi
 
 
 def calibration_error(layer: Candidate, rank: int) -> Tuple[float, float]:
-    """``(||(W - W_r) X||_F^2, ||W X||_F^2)`` on the calibration inputs (float64, from the covariance ``C``).
-    With ``W_r = A B^T`` (``A = U_r S_r``, ``B = V_r``) the error is ``tr(W C W^T) - 2 tr(A^T W C B) +
-    tr(A^T A B^T C B)``: one ``n d^2`` product and ``d^2 r`` more instead of two ``n d^2`` ones."""
+    """``(||(W - W_r) X||_F^2, ||W X||_F^2)`` on the calibration inputs (float64, from the covariance ``C``) of a
+    layer whose symmetric factors were computed (``whitened_factors`` records ``||W X||_F^2 = tr(W C W^T)``).
+    With ``W_r = A B^T`` (``A = U_r S_r``, ``B = V_r``, the factors in place, refitted or not) the error is
+    ``tr(W C W^T) - 2 tr(A^T W (C B)) + tr(A^T A B^T (C B))``: ``d^2 r + n d r``, no ``n d^2`` product."""
     U, S, V = layer.factors
     W = layer.matrix().to(torch.float64)
     A, B = U[:, :rank] * S[:rank], V[:, :rank]
-    WC = W @ layer.covariance
-    energy = float((WC * W).sum())
-    quadratic = float(((A.mT @ A) * (B.mT @ (layer.covariance @ B))).sum())
-    error = energy - 2 * float(((WC @ B) * A).sum()) + quadratic
-    return max(error, 0.0), energy
+    CB = layer.covariance @ B
+    quadratic = float(((A.mT @ A) * (B.mT @ CB)).sum())
+    error = layer.output_energy - 2 * float(((W @ CB) * A).sum()) + quadratic
+    return max(error, 0.0), layer.output_energy
 
 
 def lowrank_module(layer: Candidate, rank: int) -> nn.Module:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .. import scoring
 from .._inputs import call_model, check_data, check_finite_weights, check_fraction, eval_mode, removed_after, reusable
 from .._inputs import progress as progress_bar
-from ..fidelity import SIGNIFICANCE_Z, divergences, select, split_holdout
+from ..fidelity import RULE, divergences, select, split_holdout
 from ..latency import LatencyModel, latency_settings, verify
 from ..plan_format import PLAN_VERSION
 from ..report import count_flops
@@ -220,8 +220,7 @@ def _auto(model: nn.Module, example_inputs: Any, data: Optional[Iterable], globa
                          global_ranking=best["global_ranking"], inplace=inplace, progress=progress, **options, **timing)
     plan["auto"] = {"candidates": compared, "chosen": best["criterion"], "held_out_batches": len(held),
                     "measure": "mean KL(dense || pruned) of the output logits per held-out sample",
-                    "rule": f"the first (the default pipeline) unless another is lower by more than "
-                            f"{SIGNIFICANCE_Z:g} standard errors of the paired difference"}
+                    "reference": compared[0]["criterion"], "rule": RULE}
     return pruned, plan
 
 
