@@ -131,6 +131,68 @@ def test_cache_serves_finished_modules_and_changes_nothing(seed):
     assert any("recomputed" in note for note in report["calibration"]["notes"])
 
 
+class WritesIntoOutputs(nn.Module):
+    """``a``'s output written in place right after it (a write the recording pass sees) or only after ``b``
+    ran (a write a pass that stops at ``b`` never sees); ``b``'s output never written."""
+
+    def __init__(self, late: bool):
+        super().__init__()
+        self.late = late
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if not self.late:
+            y.mul_(2)
+        z = self.b(y)
+        if self.late:
+            y.add_(1)
+        return self.c(z + y)
+
+
+def _captured_inputs(engine, module, desc):
+    seen = {}
+    engine.stage_pass({module: lambda b, c, x: seen.setdefault(b, x)}, desc)
+    return seen
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_cache_survives_writes_into_served_outputs(late):
+    torch.manual_seed(0)
+    model = WritesIntoOutputs(late).double().eval()
+    data = [torch.randn(2, 3, 5, 5, dtype=torch.float64) for _ in range(2)]
+    with torch.no_grad():
+        expected = []
+        for x in data:
+            y = model.a(x) * (1 if late else 2)
+            expected.append(model.b(y) + (y + 1 if late else y))
+        expected_a = [model.a(x) for x in data]
+    engine = Calibration(model, data, progress=False)
+    engine.trace({}, "trace")
+    _captured_inputs(engine, model.b, "b")  # records a's outputs (the pass stops at b: a late write is not seen)
+    for attempt in range(3):  # serves a (and then b); a late write lands in a served tensor on the first of these
+        seen = _captured_inputs(engine, model.c, f"c {attempt}")
+        for b, x in enumerate(data):
+            torch.testing.assert_close(seen[b], expected[b], rtol=0, atol=1e-12)
+    # a's outputs are written into: from now on it is served copies, and its cache holds a's outputs as they were
+    assert engine.cached[model.a].written and engine.cached[model.a].complete
+    for b in range(len(data)):
+        torch.testing.assert_close(engine.cached[model.a].per_batch[b][0], expected_a[b], rtol=0, atol=0)
+
+
+def test_outputs_nothing_writes_into_are_served_without_a_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1)).double().eval()
+    data = [torch.randn(2, 3, 5, 5, dtype=torch.float64) for _ in range(2)]
+    engine = Calibration(model, data, progress=False)
+    engine.trace({}, "trace")
+    _captured_inputs(engine, model[2], "record")
+    seen = _captured_inputs(engine, model[2], "serve")
+    cached = engine.cached[model[1]]
+    assert not cached.written
+    assert all(seen[b].data_ptr() == cached.per_batch[b][0].data_ptr() for b in range(len(data)))
+
+
 def test_budget_too_small_for_the_dense_inputs_recomputes_them(seed):
     data = _data()
     x = torch.cat([b[0] for b in data])

@@ -26,8 +26,11 @@ Assumptions, checked where they can be: the model calls its modules in the same 
 data-dependent control flow between modules), the data yields the same batches in the same order on every
 pass (checked: a shuffling loader or an iterator that stops early raises a clear error; a one-shot
 iterator is read into a list once), and a module's output depends only on its inputs (eval mode, no
-randomness). Outputs served from the cache are copies, so in-place operations downstream (``ReLU(inplace=
-True)``, ``out += identity``) never corrupt it.
+randomness). In-place operations downstream (``ReLU(inplace=True)``, ``out += identity``) never corrupt the
+cache: the model gets a copy of each output being recorded, and a module whose outputs it writes into (the
+tensors' version counters, checked after every batch) is served copies; the others are served the cached
+tensors themselves. A write into a served tensor (one the recording pass did not see) marks that cache for
+recording again.
 """
 import collections
 import contextlib
@@ -84,11 +87,15 @@ class _Phase:
 
 @dataclass
 class _CachedOutputs:
-    """The outputs of one module on every batch, per call, and their size."""
+    """The outputs of one module on every batch, per call, and their size. ``written``: the model writes in
+    place into this module's outputs (seen on the pass that recorded them), so each serve hands out a copy;
+    otherwise the cached tensors themselves are served, which saves a copy of every served output per batch
+    (the copies cost about as much as a forward pass of ResNet-18 over a data-aware decomposition)."""
 
     per_batch: Dict[int, List[Any]] = field(default_factory=dict)
     nbytes: int = 0
     complete: bool = False
+    written: bool = False
 
 
 def _tensor_bytes(value: Any) -> int:
@@ -152,13 +159,17 @@ def input_columns(module: nn.Module, x: Tensor, generator: Optional[torch.Genera
         patches = nn.functional.unfold(x, module.kernel_size, module.dilation, (ph, pw), module.stride)  # [B, d, L]
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
     # Only the sampled patches, gathered from the padded input: im2col of the whole batch costs more than the
-    # covariance itself.
+    # covariance itself. Channels last, each tap of a patch is one contiguous row (1.1-1.8x faster than
+    # indexing the channels-first input, measured on 1 CPU thread).
     keep = _subsample(count, max_rows, generator).to(x.device)
     image, pixel = keep // (out_h * out_w), keep % (out_h * out_w)
     rows_at = (pixel // out_w)[:, None] * sh + torch.arange(kh, device=x.device) * dh  # [n, kh]
     cols_at = (pixel % out_w)[:, None] * sw + torch.arange(kw, device=x.device) * dw  # [n, kw]
-    padded = nn.functional.pad(x, (pw, pw, ph, ph))
-    patches = padded[image[:, None, None], :, rows_at[:, :, None], cols_at[:, None, :]]  # [n, kh, kw, C]
+    channels, padded_h, padded_w = x.shape[1], height + 2 * ph, width + 2 * pw
+    padded = x.new_zeros(batch, padded_h, padded_w, channels)
+    padded[:, ph:ph + height, pw:pw + width] = x.permute(0, 2, 3, 1)
+    at = (image[:, None, None] * padded_h + rows_at[:, :, None]) * padded_w + cols_at[:, None, :]  # [n, kh, kw]
+    patches = padded.view(-1, channels).index_select(0, at.reshape(-1)).view(keep.shape[0], kh, kw, channels)
     return patches.permute(0, 3, 1, 2).reshape(keep.shape[0], -1)
 
 
@@ -296,6 +307,8 @@ class Calibration:
         self._current_batch = 0
         self._served_calls: Dict[nn.Module, int] = {}
         self._uncached = False  # inside forward_uncached: no cache is served or recorded
+        # (module, tensor, its version when handed to the model, served itself?) of the current batch
+        self._handed: List[Tuple[nn.Module, Tensor, int, bool]] = []
         self._budget_noted = False
 
     # ------------------------------------------------------------------------------------------ accounting
@@ -473,8 +486,34 @@ class Calibration:
                 output = call_model(self.model, inputs)
             except _StageDone:
                 pass
+            finally:
+                if not self._uncached:
+                    self._check_writes()
         self.clock.batch_done()
         return output
+
+    def _hand_out(self, module: nn.Module, value: Any, served: bool) -> Any:
+        """``value`` (a module's cached output, or the copy of one being recorded) handed to the model, its
+        tensors' versions noted for ``_check_writes``."""
+        for t in pytree.tree_leaves(value):
+            if isinstance(t, Tensor):
+                if t.is_inference():  # no version counter to watch: always copied
+                    self.cached[module].written = True
+                else:
+                    self._handed.append((module, t, t._version, served))
+        return value
+
+    def _check_writes(self) -> None:
+        """After a batch: a module whose output the model wrote into is served as copies from now on. Where that
+        output was the cached tensor itself (a write the recording pass did not see, e.g. after the point where
+        it stopped), this batch ran as an uncached forward would, but the cache no longer holds the module's
+        output: it is recorded again on the next pass that keeps it."""
+        handed, self._handed = self._handed, []
+        for module, t, version, served in handed:
+            if t._version != version:
+                entry = self.cached[module]
+                entry.written = True
+                entry.complete = entry.complete and not served
 
     @contextlib.contextmanager
     def _captures(self, captures: Dict[nn.Module, Capture], stop: Tuple[nn.Module, ...], uncached: bool = False):
@@ -537,14 +576,16 @@ class Calibration:
 
     @contextlib.contextmanager
     def _serving(self, keep: List[nn.Module]):
-        """Modules in ``keep`` with a complete cache return their cached outputs (copies) without running;
-        the others record their outputs on this pass. Yields the modules being recorded."""
+        """Modules in ``keep`` with a complete cache return their cached outputs without running (copies where
+        the model writes into them, see ``_CachedOutputs``); the others record their outputs on this pass.
+        Yields the modules being recorded."""
         recording = [m for m in keep if m not in self.cached or not self.cached[m].complete]
         calls = self._served_calls
         handles, patched = [], []
         for module in keep:
             if module in recording:
-                self.cached[module] = _CachedOutputs()
+                previous = self.cached.get(module)
+                self.cached[module] = _CachedOutputs(written=previous is not None and previous.written)
 
                 def record(mod, args, output):
                     if self._uncached:
@@ -552,7 +593,7 @@ class Calibration:
                     entry = self.cached[mod]
                     entry.per_batch.setdefault(self._current_batch, []).append(output)
                     entry.nbytes += _tensor_bytes(output)
-                    return _copy(output)
+                    return self._hand_out(mod, _copy(output), served=False)
 
                 handles.append(module.register_forward_hook(record))
             else:
@@ -561,7 +602,9 @@ class Calibration:
                         return type(_module).forward(_module, *args, **kwargs)
                     call = calls.get(_module, 0)
                     calls[_module] = call + 1
-                    return _copy(self.cached[_module].per_batch[self._current_batch][call])
+                    entry = self.cached[_module]
+                    value = entry.per_batch[self._current_batch][call]
+                    return _copy(value) if entry.written else self._hand_out(_module, value, served=True)
 
                 patched.append((module, module.__dict__.get("forward")))
                 module.forward = serve

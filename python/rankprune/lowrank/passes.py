@@ -73,9 +73,10 @@ def collect_statistics(engine: Calibration, layers: List[Candidate], keep_dense_
             engine.all_reduce([counts])
             for layer, count in zip(layers, counts.tolist()):
                 layer.samples = int(count)
-    # A NaN or Inf input leaves its layer's float64 covariance non-finite: one check after the pass, then the
-    # diagnosis names where it first appears (the weights were checked before any data ran).
-    bad = [layer for layer in layers if not bool(torch.isfinite(layer.covariance).all())]
+    # A NaN or Inf input leaves its layer's float64 covariance non-finite, its diagonal (the sums of squares of
+    # each input) among the first: one check of the diagonals after the pass, then the diagnosis names where it
+    # first appears (the weights were checked before any data ran).
+    bad = [layer for layer in layers if not bool(torch.isfinite(layer.covariance.diagonal()).all())]
     if bad:
         raise_non_finite(engine.model, engine.data, "decompose", f"the input covariance of layer {bad[0].name!r}")
     for layer in layers:
