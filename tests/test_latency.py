@@ -457,3 +457,34 @@ def test_in_context_time_of_the_layers_is_measured_by_hooks():
     lm = LatencyModel.measure(net, X, progress=False)
     assert 0 < lm.context_ms < 1e3 and lm.context_scale > 0
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+def test_output_error_with_a_latency_model_scores_per_measured_millisecond(fake_timer):
+    # Fake milliseconds are parameter counts / 1000: per FLOP, tiny_net's classifier is 65x slower than its
+    # convolutions. Each layer's FLOPs are weighted by its time per FLOP over the median layer's (conv0's here),
+    # so a group's scores are its per-FLOP scores times (its FLOPs per channel / its weighted FLOPs per channel).
+    from rankprune.pruning._output_error import OutputError, _time_per_flop
+
+    net = tiny_net()
+    lm = latency.LatencyModel.measure(net, X, "eager", progress=False)
+    shapes = {"0": (32, 8, 8), "2": (32, 8, 8), "6": (10,)}
+    flops = {"0": 9 * 64 * 8 * 32, "2": 9 * 64 * 32 * 32, "6": 32 * 10}
+    per_flop = {name: fake_ms(net.get_submodule(name)) / flops[name] for name in flops}
+    weights = _time_per_flop(lm, net, shapes)
+    assert {name: weights[name] for name in flops} == pytest.approx(
+        {name: value / per_flop["0"] for name, value in per_flop.items()}, rel=1e-12)
+    assert weights["not timed"] == 1.0
+    data = [torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    by_flops = OutputError(progress=False).scores(net, data)
+    by_ms = OutputError(progress=False, latency_model=lm).scores(net, data)
+    # conv0's channels cost 9*64*8 FLOPs in conv0 and 9*64*32 in conv2 (its consumer); conv2's 9*64*32 in
+    # conv2 and 10 in the classifier
+    channel = {"0": {"0": 9 * 64 * 8, "2": 9 * 64 * 32}, "2": {"2": 9 * 64 * 32, "6": 10}}
+    for name, costs in channel.items():
+        scale = sum(costs.values()) / sum(weights[layer] * cost for layer, cost in costs.items())
+        torch.testing.assert_close(by_ms[name], by_flops[name] * scale, rtol=1e-9, atol=0)
+    pruned, plan = rankprune.prune(net, X, data=data, target_latency=0.7, progress=False)
+    assert plan["criterion"] == "output_error"
+    assert plan["latency_search"]["allocation"] == "output error per measured millisecond saved"
+    assert rankprune.prune(net, X, "l1", target_latency=0.7, progress=False)[1]["latency_search"][
+        "allocation"] == "the scores of l1"

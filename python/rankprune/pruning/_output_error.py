@@ -17,10 +17,17 @@ FLOPs (its producers' output and its consumers' input share), the scores of diff
 measured output error per FLOP saved. Each channel is scored as if removed alone (no interaction between
 removed channels of one layer); the reconstruction then refits the layers for the set actually removed.
 
+With a latency model (``prune(target_latency=...)`` builds one), a channel's cost is the measured time it
+saves instead of its FLOPs: each layer's FLOPs weighted by that layer's measured milliseconds per FLOP in
+context (``rankprune.latency``), so the allocation follows output error per millisecond saved and cuts first
+where a FLOP costs the most time (memory-bound layers: depthwise convolutions, large feature maps).
+
 Layers fed only by consumers that cannot be scored (grouped convs, modules other than Conv2d/Linear, more
 than ``MAX_INPUT_DIM`` inputs, the model's output layer) get no score, so their groups are not pruned.
 """
+import collections
 import math
+import statistics
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -44,13 +51,16 @@ PROBE_IMAGES = 32
 
 
 class OutputError(scoring.Criterion):
-    """Scores ``{conv: [out_channels]}`` by output error per FLOP (module doc); comparable across layers.
+    """Scores ``{conv: [out_channels]}`` by output error per FLOP, or per millisecond saved (module doc);
+    comparable across layers.
 
     Args:
         damping: ridge damping of each consumer's input Gram, relative to its mean diagonal.
         progress: show progress bars.
         cache_bytes: memory the calibration engine may keep (``rankprune.calibration``).
         layers: names of the convs to score (default: all).
+        latency_model: a ``rankprune.latency.LatencyModel`` of the model: costs in measured milliseconds
+            instead of FLOPs (module doc).
     """
 
     name = "output_error"
@@ -58,9 +68,10 @@ class OutputError(scoring.Criterion):
     comparable = True
 
     def __init__(self, damping: float = DEFAULT_DAMPING, progress: bool = True, cache_bytes: Optional[int] = None,
-                 layers=None):
+                 layers=None, latency_model=None):
         super().__init__(layers)
         self.damping, self.progress, self.cache_bytes = damping, progress, cache_bytes
+        self.latency_model = latency_model
 
     def scores(self, model: nn.Module, data: Optional[Iterable] = None) -> scoring.Scores:
         engine = Calibration(model, data, cache_bytes=self.cache_bytes, progress=self.progress, name="output_error")
@@ -74,9 +85,10 @@ class OutputError(scoring.Criterion):
         grams = _statistics(engine, consumers)
         sensitivity = _sensitivities(engine, consumers, shapes)
         wanted = set(scoring.conv_layers(model, self.layers))
+        weights = _time_per_flop(self.latency_model, model, shapes)
         scores: Dict[str, Tensor] = {}
         for group in groups:
-            flops = _group_flops(group, graph, names, shapes)
+            flops = _group_flops(group, graph, names, shapes, weights)
             per_flop = _group_scores(group, graph, names, consumers, grams, sensitivity, self.damping, flops)
             if per_flop is None:
                 continue
@@ -276,9 +288,37 @@ def _group_scores(group, graph, names, consumers: Dict[str, nn.Module], grams: D
     return scores
 
 
-def _group_flops(group, graph, names, shapes: Dict[str, Tuple[int, ...]]) -> Tensor:
+def _layer_flops(module: nn.Module, out_shape: Tuple[int, ...]) -> int:
+    """Multiply-adds of one call of a Conv2d or Linear with output shape ``out_shape`` (per example)."""
+    if isinstance(module, nn.Conv2d):
+        taps = module.kernel_size[0] * module.kernel_size[1]
+        return taps * math.prod(out_shape[1:]) * (module.in_channels // module.groups) * module.out_channels
+    return math.prod(out_shape[:-1]) * module.in_features * module.out_features
+
+
+def _time_per_flop(latency_model, model: nn.Module, shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, float]:
+    """``{layer: weight}`` turning a layer's FLOPs into its cost: 1 for every layer without a latency model;
+    with one, the layer's measured milliseconds in context per FLOP over the median layer's (so costs stay in
+    FLOPs of the median layer), and 1 for a layer it did not time (neither favoured nor spared)."""
+    weights = collections.defaultdict(lambda: 1.0)
+    if latency_model is None:
+        return weights
+    per_flop = {}
+    for name, layer in latency_model.layers.items():
+        if name in shapes:
+            flops = _layer_flops(model.get_submodule(name), shapes[name]) * layer.calls
+            if flops > 0:
+                per_flop[name] = latency_model.layer_time(name) / flops
+    median = statistics.median(per_flop.values()) if per_flop else 0.0
+    if median > 0:
+        weights.update({name: value / median for name, value in per_flop.items()})
+    return weights
+
+
+def _group_flops(group, graph, names, shapes: Dict[str, Tuple[int, ...]], weights: Dict[str, float]) -> Tensor:
     """Per root channel of ``group``: the multiply-adds per example it costs in the convs and Linear layers of
-    the group (a producer's output channel, a consumer's input channel; a depthwise conv once)."""
+    the group (a producer's output channel, a consumer's input channel; a depthwise conv once), each layer's
+    weighted by ``weights[name]`` (``_time_per_flop``)."""
     flops = torch.zeros(len(group[0].idxs), dtype=torch.float64)
     for item in group.items:
         module = item.dep.target.module
@@ -300,5 +340,6 @@ def _group_flops(group, graph, names, shapes: Dict[str, Tuple[int, ...]]) -> Ten
                                        else module.out_channels // module.groups)
         else:
             cost = positions * (module.in_features if is_out else module.out_features)
-        flops.index_add_(0, torch.as_tensor(root), torch.full((len(root),), float(cost), dtype=torch.float64))
+        cost = float(cost) * weights[name]
+        flops.index_add_(0, torch.as_tensor(root), torch.full((len(root),), cost, dtype=torch.float64))
     return flops

@@ -83,7 +83,9 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
             (``pruning._latency``), the model is pruned there and measured end to end against dense
             (``plan["latency"]``, with a warning when the target is missed; ``plan["latency_search"]`` holds
             the search). ValueError naming the closest predicted latency when ``max_layer_ratio`` cannot reach
-            it. Channels are removed by the same scores and allocation as for ``target_flops``.
+            it. ``output_error`` (the default with data) then allocates by output error per measured
+            millisecond saved instead of per FLOP (each layer's FLOPs weighted by its measured time per FLOP);
+            other criteria keep their scores and allocation.
         global_ranking: rank all groups together (a single threshold) instead of pruning each group by
             ``ratio``. Default: True for criteria whose scores compare across layers (``output_error``: the
             allocation then follows measured output error per FLOP saved), else False (uniform ratios).
@@ -135,7 +137,12 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
         data = reusable(data)
     if criterion_or_scores is None:
         criterion_or_scores = DEFAULT_CRITERION if data is not None else DATA_FREE_CRITERION
-    criterion_name, scores, data, comparable = _scores(model, criterion_or_scores, data, recalibrate, progress)
+    latency_model = None
+    if target_latency is not None:  # the dense model timed before any change (and, for output_error, scoring)
+        with eval_mode(model):
+            latency_model = LatencyModel.measure(model, example_inputs, runtime, progress=progress)
+    criterion_name, scores, data, comparable = _scores(model, criterion_or_scores, data, recalibrate, progress,
+                                                       latency_model)
     if global_ranking is None:
         global_ranking = comparable
     flags = {name: m.training for name, m in model.named_modules()}
@@ -144,9 +151,8 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
         base_flops = count_flops(model, example_inputs)
         base_params = sum(p.numel() for p in model.parameters())
         ignored_names = _ignored_names(model, example_inputs, ignored_layers, ignore_output_layer)
-        latency_model = latency_search = None
-        if target_latency is not None:  # the dense model timed before any change; then the ratio that meets it
-            latency_model = LatencyModel.measure(model, example_inputs, runtime, progress=progress)
+        latency_search = None
+        if latency_model is not None:  # the ratio that meets the latency target
             if round_to is None:
                 round_to = latency_model.channel_multiple([n for n in scores if n in latency_model.layers])
             search_pruner = _pruner(example_inputs, scores, global_ranking, ignored_names, round_to, max_layer_ratio,
@@ -186,7 +192,10 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
             "params": [base_params, sum(p.numel() for p in pruned.parameters())]}
     if latency_search is not None:
         latency_search.update(profiling_s=latency_model.profiling_s, layers_measured=latency_model.measured,
-                              layers_cached=latency_model.cached)
+                              layers_cached=latency_model.cached,
+                              allocation=("output error per measured millisecond saved"
+                                          if criterion_name == OutputError.name and isinstance(criterion_or_scores, str)
+                                          else f"the scores of {criterion_name}"))
         plan["latency_search"] = latency_search
     if measure_latency:
         plan["latency"] = verify(dense, pruned, example_inputs, runtime, target=target_latency, verb="prune")
@@ -262,11 +271,12 @@ def _check_arguments(model: nn.Module, ratio: Optional[float], target_flops: Opt
 
 
 def _scores(model: nn.Module, criterion_or_scores, data: Optional[Iterable], recalibrate: bool,
-            progress: bool) -> Tuple[str, Scores, Optional[Iterable], bool]:
+            progress: bool, latency_model: Optional[LatencyModel]) -> Tuple[str, Scores, Optional[Iterable], bool]:
     """The criterion's name (``"scores"`` for precomputed scores), the checked scores of ``model``, ``data``
     (read into a list if it is a one-shot iterator that is both scored and recalibrated on), and whether the
-    scores compare across layers (a criterion's ``comparable``)."""
-    crit = None if isinstance(criterion_or_scores, dict) else _criterion(criterion_or_scores)
+    scores compare across layers (a criterion's ``comparable``). ``output_error`` named with a latency model
+    scores per millisecond saved."""
+    crit = None if isinstance(criterion_or_scores, dict) else _criterion(criterion_or_scores, latency_model)
     if crit is None:
         return "scores", scoring.check_scores(model, criterion_or_scores), data, False
     if recalibrate and crit.needs_data:
@@ -277,10 +287,12 @@ def _scores(model: nn.Module, criterion_or_scores, data: Optional[Iterable], rec
     return crit.name, scoring.check_scores(model, crit.scores(model, data)), data, comparable
 
 
-def _criterion(criterion: Union[str, scoring.Criterion]) -> scoring.Criterion:
-    """A criterion by name: ``scoring``'s, or pruning's own ``output_error``."""
+def _criterion(criterion: Union[str, scoring.Criterion], latency_model: Optional[LatencyModel] = None
+               ) -> scoring.Criterion:
+    """A criterion by name: ``scoring``'s, or pruning's own ``output_error`` (costs in the milliseconds of
+    ``latency_model`` when given)."""
     if isinstance(criterion, str) and criterion == OutputError.name:
-        return OutputError()
+        return OutputError(latency_model=latency_model)
     if isinstance(criterion, str) and criterion not in scoring.CRITERIA:
         names = sorted([*scoring.CRITERIA, OutputError.name, AUTO])
         raise ValueError(f"unknown criterion {criterion!r}: expected one of {names}")
