@@ -63,12 +63,13 @@ def gram_svd(matrix: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 def cholesky(C: Tensor, damping: float, name: str) -> Tensor:
     """Lower ``L`` with ``L L^T = C + damping * mean(diag C) * I`` (the damping raised tenfold until the
     factorisation succeeds: dead inputs make C singular); the identity for an all-zero C."""
-    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
     scale = float(C.diagonal().mean())
     if not scale > 0:  # the layer only ever saw zeros: every rank gives the same (zero) output error
-        return eye
+        return torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
     for attempt in range(8):
-        L, info = torch.linalg.cholesky_ex(C + (damping * 10 ** attempt) * scale * eye)
+        damped = C.clone()  # the damping added on the diagonal only: no d x d identity formed and added
+        damped.diagonal().add_((damping * 10 ** attempt) * scale)
+        L, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             return L
     raise ValueError(f"decompose: the input covariance of layer {name!r} is not positive definite even with "
