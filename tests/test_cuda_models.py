@@ -181,3 +181,24 @@ def test_latency_targeted_decompose_on_cuda_is_measured_and_reported(runtime):
     applied.load_state_dict(small.state_dict())
     with torch.no_grad():
         assert torch.equal(applied(x), y_small)
+
+
+def test_latency_targeted_prune_on_cuda_allocates_per_measured_millisecond():
+    pytest.importorskip("torch_pruning")
+    data = on_cuda(calibration())
+    x = data[0][:8]
+    model = net().cuda()
+    target = 0.8
+    with warnings.catch_warnings():  # a missed target warns (timings vary on a shared GPU): checked below
+        warnings.simplefilter("ignore")
+        try:
+            pruned, plan = rankprune.prune(model, x, data=data, target_latency=target, progress=False)
+        except ValueError as exc:  # this GPU cannot reach the target: the error names what it can reach
+            reachable = re.search(r"closest reachable latency is ([\d.]+) of dense", str(exc))
+            assert reachable, exc
+            target = min(1.0, float(reachable[1]) + 0.02)
+            pruned, plan = rankprune.prune(model, x, data=data, target_latency=target, progress=False)
+    assert_on_cuda(pruned)
+    assert plan["criterion"] == "output_error"
+    assert plan["latency_search"]["allocation"] == "output error per measured millisecond saved"
+    assert plan["latency"]["runtime"] == "eager" and plan["latency"]["ratio"] > 0
