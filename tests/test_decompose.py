@@ -644,15 +644,15 @@ def test_data_aware_layers_with_fewer_outputs_are_projected_to_the_optimum(seed,
 def test_calibration_patches_are_unfold_rows_at_the_sampled_positions(conv, shape):
     # Above MAX_SAMPLES_PER_BATCH patches only the sampled ones are gathered: they must be exactly im2col's rows
     # at those positions, in its (channel, kernel row, kernel column) order.
-    from rankprune import calibration
+    from rankprune import columns
     from rankprune.nn import _explicit_padding
 
     x = torch.randn(*shape)
-    got = calibration.input_columns(conv, x, torch.Generator().manual_seed(3))
+    got = columns.input_columns(conv, x, torch.Generator().manual_seed(3))
     patches = nn.functional.unfold(x, conv.kernel_size, conv.dilation, _explicit_padding(conv), conv.stride)
     rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    if rows.shape[0] > calibration.MAX_SAMPLES_PER_BATCH:
-        keep = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(3))[:calibration.MAX_SAMPLES_PER_BATCH]
+    if rows.shape[0] > columns.MAX_SAMPLES_PER_BATCH:
+        keep = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(3))[:columns.MAX_SAMPLES_PER_BATCH]
         rows = rows[keep]
     assert torch.equal(got, rows)
 

@@ -18,7 +18,7 @@ Without calibration data each layer's weight matrix ``W`` is truncated by its ow
 ``||W - W_r||_F``). With ``data`` the factors minimise the error of the layer's *output* on the calibration
 inputs (see docs/lowrank.md).
 """
-from ..calibration import MAX_SAMPLES_PER_BATCH
+from ..columns import MAX_SAMPLES_PER_BATCH
 from .allocation import DEFAULT_MIN_RANK
 from .decompose import decompose
 from .factoring import (DEFAULT_DAMPING, LOWRANK_SVD_MAX_FRACTION, LOWRANK_SVD_MIN_DIM, MAX_REFIT_GROWTH,

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .._inputs import batch_size, first_samples, progress, raise_non_finite
-from ..calibration import Calibration, SameInputStages, column_generator, input_columns
+from ..calibration import Calibration, SameInputStages
+from ..columns import column_generator, input_columns
 from ..fidelity import output_tensor
 from .cost import Candidate
 from .factoring import lowrank_module

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from .. import scoring
 from .._inputs import (batch_size, call_model, eval_mode, first_samples, holds_non_finite, model_inputs,
                        raise_non_finite, removed_after)
-from ..calibration import Calibration, column_generator, input_columns
+from ..calibration import Calibration
+from ..columns import column_generator, input_columns
 from ..fidelity import output_tensor
 from . import _torch_pruning as tpa
 from ._errors import torch_pruning_errors

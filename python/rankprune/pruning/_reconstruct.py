@@ -5,7 +5,7 @@ fitted to inputs it no longer gets. Each such *consumer* is refitted so that its
 inputs matches the dense model's output at the same layer (He et al. 2017; ThiNet):
 
 - **Targets.** One pass of the dense model (the caller's, untouched) over the calibration data keeps, for
-  every consumer, its dense output ``Y = W X + b`` at sampled positions (``calibration.input_columns``: im2col
+  every consumer, its dense output ``Y = W X + b`` at sampled positions (``columns.input_columns``: im2col
   patches of a conv, feature rows of a Linear); what does not fit the engine's cache budget is recomputed per
   stage through the dense model.
 - **Inputs.** The pruned model runs through the calibration engine in stages, in execution order: each
@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from .._inputs import call_model, eval_mode, first_samples, holds_non_finite, raise_non_finite, removed_after
-from ..calibration import Calibration, SameInputStages, column_generator, input_columns
+from ..calibration import Calibration, SameInputStages
+from ..columns import column_generator, input_columns
 
 # Relative ridge damping of the reconstruction (times the mean diagonal of H^T H), as in the data-aware
 # decomposition: small enough to leave well-conditioned fits exact to ~1e-4, large enough for dead inputs.
