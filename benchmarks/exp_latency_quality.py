@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import exp_quality  # noqa: E402  (the baselines, data and settings of the quality experiment)
 import rankprune  # noqa: E402
 from rankprune.benchmark import environment, write_results  # noqa: E402
-from rankprune.latency.runtimes import interleaved, make_timer, runtime_threads  # noqa: E402
+from rankprune.latency.runtimes import interleaved, make_timer, pooled, round_ratios, runtime_threads  # noqa: E402
 from rankprune.report import count_flops  # noqa: E402
 from rankprune.training import evaluate  # noqa: E402
 
@@ -65,9 +65,9 @@ def timed_together(models: Dict[str, torch.nn.Module], example) -> Dict[str, Dic
     rounds = interleaved(timers, ROUNDS, REPEATS)
     out = {}
     for name, timings in rounds.items():
-        ratios = sorted(t.median_ms / d.median_ms for t, d in zip(timings, rounds["dense"]))
-        out[name] = {"ratio": statistics.median(ratios), "p10": ratios[len(ratios) // 10],
-                     "p90": ratios[-1 - len(ratios) // 10], "ms": statistics.median(t.median_ms for t in timings)}
+        spread = round_ratios(rounds["dense"], timings)
+        out[name] = {"ratio": spread["ratio"], "p10": spread["ratio_p10"], "p90": spread["ratio_p90"],
+                     "ms": pooled(timings).median_ms}
     return out
 
 
@@ -118,8 +118,6 @@ def run_unit(model_name: str, seed: int, args) -> List[dict]:
             rows.append(row)
             print(line(row), flush=True)
     return rows
-
-
 
 
 def line(row: dict) -> str:

@@ -125,6 +125,14 @@ def _quantile(sorted_values: List[float], q: float) -> float:
     return statistics.quantiles(sorted_values, n=10, method="inclusive")[round(q * 10) - 1]
 
 
+def round_ratios(dense: List[Timing], other: List[Timing]) -> Dict[str, float]:
+    """``{"ratio", "ratio_p10", "ratio_p90"}``: the median over rounds of ``other``'s time over ``dense``'s in the
+    same round (``interleaved``), with its 10th and 90th percentiles."""
+    ratios = sorted(o.median_ms / d.median_ms for d, o in zip(dense, other))
+    return {"ratio": statistics.median(ratios), "ratio_p10": _quantile(ratios, 0.1),
+            "ratio_p90": _quantile(ratios, 0.9)}
+
+
 def compare(dense: nn.Module, compressed: nn.Module, example_inputs, runtime: str = "eager", *,
             threads: Optional[int] = None, rounds: int = DEFAULT_ROUNDS, repeats: int = 5) -> Dict[str, object]:
     """Measured end-to-end latency of ``compressed`` against ``dense`` on ``example_inputs``: ``rounds`` rounds
@@ -140,7 +148,6 @@ def compare(dense: nn.Module, compressed: nn.Module, example_inputs, runtime: st
     timers = {"dense": make_timer(dense, example_inputs, runtime, device, threads),
               "compressed": make_timer(compressed, example_inputs, runtime, device, threads)}
     results = interleaved(timers, rounds, repeats)
-    ratios = sorted(c.median_ms / d.median_ms for d, c in zip(results["dense"], results["compressed"]))
     return {
         "runtime": runtime,
         "device": environment(device)["device"],
@@ -148,9 +155,7 @@ def compare(dense: nn.Module, compressed: nn.Module, example_inputs, runtime: st
         "threads": threads,
         "dense": pooled(results["dense"]).as_dict(),
         "compressed": pooled(results["compressed"]).as_dict(),
-        "ratio": statistics.median(ratios),
-        "ratio_p10": _quantile(ratios, 0.1),
-        "ratio_p90": _quantile(ratios, 0.9),
+        **round_ratios(results["dense"], results["compressed"]),
         "rounds": rounds,
     }
 
