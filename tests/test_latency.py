@@ -279,6 +279,121 @@ def test_prune_target_latency_prunes_least_within_the_predicted_target(fake_time
     assert fake_ms(net) == fake_ms(tiny_net())  # the caller's model is not changed
 
 
+class _Structure(nn.Module):
+    """A built structure whose measured ratio to dense is known: ``measured`` (a fake compare reads it)."""
+
+    def __init__(self, measured: float):
+        super().__init__()
+        self.measured = measured
+
+
+@pytest.fixture
+def fake_compare(monkeypatch):
+    def compare(dense, candidate, example_inputs, runtime, threads=None, rounds=5):
+        return {"ratio": candidate.measured, "ratio_p10": candidate.measured, "ratio_p90": candidate.measured}
+
+    monkeypatch.setattr(runtimes, "compare", compare)
+
+
+def biased_build(measured_of_goal):
+    """build(goal) for meet_measured: the structure for ``goal`` measures ``measured_of_goal(goal)``; the
+    decision is the goal itself (a new structure per goal)."""
+    return lambda goal: (_Structure(measured_of_goal(goal)), round(goal, 9), {"predicted_ratio": goal})
+
+
+@pytest.mark.parametrize("bias, goals, chosen", [
+    (1.0, [0.5], 0),  # the prediction is right: measured once, within the window
+    (1.1, [0.5, 0.5 / 1.1], 1),  # predicted 10% fast: one corrected goal lands on the target
+    (0.7, [0.5, 0.5 / 0.7], 1),  # predicted 30% slow (over-compressed): the goal is relaxed to the target
+])
+def test_meet_measured_corrects_the_goal_by_the_measured_error(fake_compare, bias, goals, chosen):
+    decision, tries = runtimes.meet_measured(biased_build(lambda g: bias * g), nn.Identity(), X, "eager", 0.5)
+    assert [t["goal"] for t in tries] == pytest.approx(goals)
+    assert [t.get("chosen", False) for t in tries] == [i == chosen for i in range(len(goals))]
+    assert decision == pytest.approx(goals[chosen]) and tries[chosen]["measured_ratio"] == pytest.approx(0.5)
+
+
+def test_meet_measured_keeps_the_least_compressed_within_and_else_the_fastest(fake_compare):
+    # an overhead the prediction misses: measured = goal + 0.1 never reaches 0.5 in 3 tries, the fastest is kept
+    decision, tries = runtimes.meet_measured(biased_build(lambda g: g + 0.1), nn.Identity(), X, "eager", 0.5)
+    assert len(tries) == runtimes.MEASURED_TRIES
+    assert [t["measured_ratio"] for t in tries] == sorted((t["measured_ratio"] for t in tries), reverse=True)
+    assert tries[-1].get("chosen") and decision == pytest.approx(tries[-1]["goal"])
+    # jumps around the window: 0.40 (too fast), then 0.55 (missed), then 0.42: the least compressed within wins
+    measured = iter([0.40, 0.55, 0.42])
+    decision, tries = runtimes.meet_measured(biased_build(lambda g: next(measured)), nn.Identity(), X, "eager", 0.5)
+    assert [t["measured_ratio"] for t in tries] == [0.40, 0.55, 0.42]
+    assert [t.get("chosen", False) for t in tries] == [False, False, True]
+
+
+def test_meet_measured_stops_on_a_structure_already_measured(fake_compare):
+    built = []
+
+    def build(goal):
+        built.append(goal)
+        return _Structure(0.6), "the only structure", {}
+
+    decision, tries = runtimes.meet_measured(build, nn.Identity(), X, "eager", 0.5)
+    assert len(built) == 2 and len(tries) == 1 and tries[0]["chosen"] and decision == "the only structure"
+
+
+def test_meet_measured_unreachable_goals(fake_compare):
+    def never(goal):
+        raise ValueError(f"target_latency={goal} cannot be met\nsecond line")
+
+    with pytest.raises(ValueError, match="target_latency=0.5 cannot be met"):
+        runtimes.meet_measured(never, nn.Identity(), X, "eager", 0.5)
+    goals = iter([True, False])
+
+    def first_only(goal):
+        if next(goals):
+            return _Structure(0.6), "first", {}
+        raise ValueError(f"target_latency={goal:.3f} cannot be met\nsecond line")
+
+    decision, tries = runtimes.meet_measured(first_only, nn.Identity(), X, "eager", 0.5)
+    assert decision == "first" and tries[0]["chosen"]
+    assert tries[1] == {"goal": pytest.approx(0.5 * 0.5 / 0.6), "unreachable": "target_latency=0.417 cannot be met"}
+
+
+def test_prune_target_latency_closes_the_loop_on_measurements(fake_timer, monkeypatch):
+    # End to end the model costs a fixed 0.2 fake ms more than the layers (what the prediction cannot see), so
+    # the structure predicted at the target measures slower than it; the corrected goals prune further.
+    make_layer_timer = runtimes.make_timer
+
+    def make_timer(module, inputs, runtime, device, threads):
+        if not isinstance(module, nn.Sequential):
+            return make_layer_timer(module, inputs, runtime, device, threads)
+        ms = fake_ms(module) + 0.2 * fake_ms(tiny_net())
+        return lambda warmup, repeats: Timing(median_ms=ms, p10_ms=ms, p90_ms=ms, repeats=repeats)
+
+    monkeypatch.setattr(runtimes, "make_timer", make_timer)
+    net = tiny_net()
+    with pytest.warns(UserWarning, match=r"prune: target_latency=0.7 missed by 0.008"):  # 3 tries: 0.708x the closest
+        pruned, plan = rankprune.prune(net, X, "l1", target_latency=0.7, progress=False)
+    tries = plan["latency_search"]["measured_tries"]
+    assert tries[0]["goal"] == 0.7 and tries[0]["measured_ratio"] > 0.7
+    assert tries[1]["goal"] == pytest.approx(0.7 * 0.7 / tries[0]["measured_ratio"])
+    chosen = [t for t in tries if t.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["ratio"] == plan["ratio"] == plan["latency_search"]["ratio"]
+    assert chosen[0]["measured_ratio"] == min(t["measured_ratio"] for t in tries if "measured_ratio" in t)
+    # the model returned is the structure measured: its final measurement is the chosen try's
+    assert plan["latency"]["ratio"] == pytest.approx(chosen[0]["measured_ratio"])
+    _, quiet = rankprune.prune(net, X, "l1", target_latency=0.7, measure_latency=False, progress=False)
+    assert "measured_tries" not in quiet["latency_search"] and "latency" not in quiet
+
+
+def test_decompose_target_latency_closes_the_loop_on_measurements(fake_timer):
+    net = tiny_net()
+    small, plan, report = rankprune.decompose(net, target_latency=0.6, example_inputs=X, min_rank=1, progress=False)
+    search = report["latency_search"]
+    assert plan["latency_search"] is search and search["runtime"] == "eager"
+    chosen = [t for t in search["measured_tries"] if t.get("chosen")]
+    # fake times are exact: the measured structure is the model returned, and within the target
+    assert len(chosen) == 1 and chosen[0]["measured_ratio"] == pytest.approx(report["latency"]["ratio"])
+    assert report["latency"]["ratio"] <= 0.6
+    assert chosen[0]["layers_decomposed"] == len(plan["layers"])
+
+
 def test_compress_target_latency_splits_the_latency_budget(fake_timer):
     pytest.importorskip("torch_pruning")
     g = torch.Generator().manual_seed(0)

@@ -177,15 +177,19 @@ def _numpy_inputs(session, args) -> Dict[str, Any]:
     return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
 
 
-def onnx_session(path: str, threads: Optional[int] = None):
+def onnx_session(path: str, threads: Optional[int] = None, spinning: bool = True):
     """An ONNX Runtime CPU ``InferenceSession`` for ``path`` using ``threads`` intra-op threads (default:
-    ``torch.get_num_threads()``, so that timings next to PyTorch use the same cores). Needs onnxruntime."""
+    ``torch.get_num_threads()``, so that timings next to PyTorch use the same cores). ``spinning=False`` makes
+    its idle threads block instead of spin-waiting (ONNX Runtime's default; see
+    ``rankprune.latency.runtimes`` for why timings turn it off). Needs onnxruntime."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise ImportError("running an ONNX file needs onnxruntime (pip install onnxruntime)") from exc
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 

@@ -192,7 +192,7 @@ def _onnx_row(name: str, net: nn.Module, x: torch.Tensor, stats: Dict[str, objec
         path = os.path.join(folder, "model.onnx")
         try:
             export_onnx(net, (x,), path, verbose=False)
-            session = onnx_session(path)
+            session = onnx_session(path, spinning=False)  # as the latency model times (latency.runtimes)
         except ImportError as exc:
             raise UsageError(f"--onnx: {exc}") from None
     feeds = {session.get_inputs()[0].name: x.numpy()}

@@ -6,7 +6,8 @@
   ``"onnxruntime"``: ONNX Runtime on the CPU), cached on disk; it predicts a compressed model's latency and
   picks the rank / channel multiples the hardware rewards from measured sweeps.
 - :func:`compare` and :func:`verify`: the measured end-to-end latency of a compressed model against dense
-  (interleaved rounds, median and spread); ``verify`` warns when the model is not faster or misses a target.
+  (interleaved rounds, median and spread); ``verify`` warns when the model is not faster or misses a target;
+  :func:`meet_measured` closes the loop of a latency target on measurements of the structures built for it.
 - :func:`clear_cache` (also ``rankprune bench clear-cache``), :func:`cache_dir` (``$RANKPRUNE_CACHE_DIR/latency``,
   default ``~/.cache/rankprune/latency``).
 
@@ -14,7 +15,7 @@ See docs/latency.md.
 """
 from .cache import CACHE_ENV, cache_dir, clear_cache
 from .model import DENSE, LatencyModel, Variant, best_multiple
-from .runtimes import RUNTIMES, check_runtime, compare, latency_settings, verify
+from .runtimes import RUNTIMES, check_runtime, compare, latency_settings, meet_measured, verify
 
-__all__ = ["LatencyModel", "Variant", "DENSE", "best_multiple", "compare", "verify", "check_runtime", "latency_settings", "RUNTIMES",
+__all__ = ["LatencyModel", "Variant", "DENSE", "best_multiple", "compare", "verify", "meet_measured", "check_runtime", "latency_settings", "RUNTIMES",
            "clear_cache", "cache_dir", "CACHE_ENV"]

@@ -283,6 +283,20 @@ class LatencyModel:
         rest_ms = max(self.dense_ms - self.context_ms, 0.0)
         return self.dense_ms - saving - rest_ms * (1.0 - self._input_fraction(variants))
 
+    def shaped(self, model: nn.Module, variants: Mapping[str, Variant]) -> nn.Module:
+        """A copy of ``model`` (the measured model, or one with the same layer names) in eval mode, each named
+        layer replaced by its variant's module with random weights (time does not depend on them): the
+        structure of a decomposition, to time before building it for real. Rank variants only: fewer channels
+        in one layer would not fit its neighbours."""
+        if any(v.rank is None for v in variants.values()):
+            raise ValueError("shaped: only rank variants (low-rank pairs) can replace a layer alone")
+        twin = copy.deepcopy(model)
+        for name, variant in variants.items():
+            layer = self.layers[name]
+            module, _ = variant_module(layer.module, variant, layer.input_shape)
+            twin.set_submodule(name, module.to(device=self.device, dtype=layer.dtype))
+        return twin.eval()
+
     def _input_fraction(self, variants: Mapping[str, Variant]) -> float:
         """The layers' input elements per pass with ``variants`` over the dense model's (pruned input channels
         read fewer)."""

@@ -1,10 +1,11 @@
-"""The latency side of ``decompose``: ranks under a measured latency budget (``target_latency``) and the measured
-end-to-end check of the result against the dense model (``report["latency"]``)."""
-from typing import Dict, List, Optional
+"""The latency side of ``decompose``: ranks under a measured latency budget (``target_latency``), closed on
+end-to-end measurements of the structures they give, and the measured check of the result against the dense
+model (``report["latency"]``)."""
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
-from ..latency import LatencyModel, Variant, verify
+from ..latency import LatencyModel, Variant, meet_measured, verify
 from .allocation import allocate_latency, monotone_in_rank, rank_grid
 from .cost import Candidate
 
@@ -26,6 +27,29 @@ def latency_ranks(layers: List[Candidate], latency_model: LatencyModel, target_l
                       **monotone_in_rank({r: latency_model.layer_time(l.name, Variant(rank=r, scheme=l.scheme))
                                           for r in grids[l.name]})} for l in timed}
     return allocate_latency(timed, times, target_latency, latency_model.dense_ms, latency_model.runtime)
+
+
+def measured_latency_ranks(layers: List[Candidate], latency_model: LatencyModel, target_latency: float,
+                           min_flop_saving: float, dense: Optional[nn.Module], example_inputs
+                           ) -> Tuple[Dict[str, int], Optional[Dict[str, object]]]:
+    """:func:`latency_ranks`, closed on measurements when ``dense`` (the dense model) is given: the structure of
+    each allocation (``LatencyModel.shaped``) is timed end to end against ``dense`` and the allocation redone on
+    a goal corrected by the measured error (``rankprune.latency.meet_measured``). Returns the ranks and, when
+    measured, the search's record (runtime, device, dense milliseconds, ``measured_tries``)."""
+    if dense is None:
+        return latency_ranks(layers, latency_model, target_latency, min_flop_saving), None
+    schemes = {l.name: l.scheme for l in layers}
+
+    def build(goal: float):
+        ranks = latency_ranks(layers, latency_model, goal, min_flop_saving)
+        twin = latency_model.shaped(dense, {name: Variant(rank=r, scheme=schemes[name]) for name, r in ranks.items()})
+        return twin, ranks, {"layers_decomposed": len(ranks),
+                             "predicted_ratio": latency_model.predict(twin) / latency_model.dense_ms}
+
+    ranks, tries = meet_measured(build, dense, example_inputs, latency_model.runtime, target_latency,
+                                 threads=latency_model.threads)
+    return ranks, {"runtime": latency_model.runtime, "device": latency_model.device_name,
+                   "dense_ms": latency_model.dense_ms, "measured_tries": tries}
 
 
 def not_faster(layers: List[Candidate], latency_model: LatencyModel, chosen: Dict[str, int]) -> List[str]:

@@ -3,14 +3,16 @@
 The dense model's layers are timed in ``runtime`` on the model's device (``rankprune.latency.LatencyModel``: in
 context, cached on disk); each tried ratio prunes a copy with the scores already computed, and the latency
 model predicts the copy's time from the measured times of its new channel counts (measured on first use). The
-search keeps the least pruning whose prediction meets the target; ``prune`` then prunes at that ratio for real
-(reconstruction, recalibration) and measures the result end to end against dense."""
+search keeps the least pruning whose prediction meets the target. With measurement on, the copy pruned at that
+ratio is timed end to end against dense and the search redone on a corrected goal where it missed
+(``rankprune.latency.meet_measured``); ``prune`` then prunes at the chosen ratio for real (reconstruction,
+recalibration) and measures the result against dense."""
 import copy
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from torch import nn
 
-from ..latency import LatencyModel
+from ..latency import LatencyModel, meet_measured
 
 # Bisection steps over the channel ratio in [0, max_layer_ratio]: the ratio to within max_layer_ratio / 2**7.
 LATENCY_STEPS = 7
@@ -52,3 +54,25 @@ def ratio_for_latency(model: nn.Module, attempt: Attempt, latency_model: Latency
               "dense_ms": latency_model.dense_ms, "tries": tries, "ratio": high,
               "predicted_ratio": next(t["predicted_ratio"] for t in reversed(tries) if t["ratio"] == high)}
     return high, record
+
+
+def measured_ratio_for_latency(model: nn.Module, example_inputs: Any, attempt: Attempt, latency_model: LatencyModel,
+                               target_latency: float, max_layer_ratio: float, measure: bool
+                               ) -> Tuple[float, Dict[str, object]]:
+    """:func:`ratio_for_latency` on the prediction, then, when ``measure``, closed on measurements of the pruned
+    copies (``meet_measured``, ``model`` the dense reference): the chosen ratio and the search's record, with
+    ``"measured_tries"`` (each goal, ratio, predicted and measured fraction) when measured."""
+    searches: Dict[float, Dict[str, object]] = {}
+
+    def build(goal: float):
+        ratio, record = ratio_for_latency(model, attempt, latency_model, goal, max_layer_ratio)
+        searches.setdefault(ratio, record)
+        candidate = copy.deepcopy(model)
+        attempt(ratio, candidate)
+        return candidate, ratio, {"ratio": ratio, "predicted_ratio": record["predicted_ratio"]}
+
+    if not measure:
+        return ratio_for_latency(model, attempt, latency_model, target_latency, max_layer_ratio)
+    ratio, tries = meet_measured(build, model, example_inputs, latency_model.runtime, target_latency,
+                                 threads=latency_model.threads)
+    return ratio, {**searches[ratio], "measured_tries": tries}

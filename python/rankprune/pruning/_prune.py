@@ -19,7 +19,7 @@ from ..training import recalibrate as recalibrate_batchnorm
 from ._by_ratio import prune_by_ratio
 from ._errors import PruningError
 from ._importance import Scores
-from ._latency import ratio_for_latency
+from ._latency import measured_ratio_for_latency
 from ._output_error import OutputError
 from ._plan import apply_prune_plan
 from ._reconstruct import DEFAULT_DAMPING, reconstruct as reconstruct_consumers
@@ -80,9 +80,12 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
             the model's device with ``example_inputs`` (their batch size counts); exclusive with ``ratio`` and
             ``target_flops``. The dense model's layers are timed in context (``rankprune.latency``, cached on
             disk), the channel ratio is searched on the latency the timings predict for each pruned structure
-            (``pruning._latency``), the model is pruned there and measured end to end against dense
-            (``plan["latency"]``, with a warning when the target is missed; ``plan["latency_search"]`` holds
-            the search). ValueError naming the closest predicted latency when ``max_layer_ratio`` cannot reach
+            (``pruning._latency``); unless ``measure_latency=False``, the copy pruned at that ratio is timed
+            end to end against dense and, where it missed the target (or beat it by more than 5%), the search
+            is redone on a goal corrected by the measured error (at most 3 structures measured,
+            ``rankprune.latency.meet_measured``). The model is pruned at the chosen ratio and measured end to
+            end against dense (``plan["latency"]``, with a warning when the target is missed;
+            ``plan["latency_search"]`` holds the search and its ``measured_tries``). ValueError naming the closest predicted latency when ``max_layer_ratio`` cannot reach
             it. ``output_error`` (the default with data) then allocates by output error per measured
             millisecond saved instead of per FLOP (each layer's FLOPs weighted by its measured time per FLOP);
             other criteria keep their scores and allocation.
@@ -109,7 +112,8 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
             (default; the model's device), ``"cuda_graph"`` or ``"onnxruntime"`` (``rankprune.latency``).
         measure_latency: time the pruned model against the dense one on ``example_inputs`` and put the
             result (median, spread, runtime, device, batch) in ``plan["latency"]``, with a warning when it
-            is not faster (None: whenever ``target_flops`` or ``runtime`` is given).
+            is not faster (None: whenever ``target_flops``, ``target_latency`` or ``runtime`` is given);
+            False also leaves a latency target on the prediction alone.
         inplace: prune ``model`` itself (else ``model`` is left as it was: weights, buffers, flags). A copy is
             pruned first either way, so a refusal (``PruningError``) leaves ``model`` as it was.
         progress: progress bars (scoring, FLOP-target search).
@@ -157,8 +161,8 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
                 round_to = latency_model.channel_multiple([n for n in scores if n in latency_model.layers])
             search_pruner = _pruner(example_inputs, scores, global_ranking, ignored_names, round_to, max_layer_ratio,
                                     {}, normalize=not comparable)
-            ratio, latency_search = ratio_for_latency(model, search_pruner, latency_model, target_latency,
-                                                      max_layer_ratio)
+            ratio, latency_search = measured_ratio_for_latency(model, example_inputs, search_pruner, latency_model,
+                                                               target_latency, max_layer_ratio, measure_latency)
         attempt = _pruner(example_inputs, scores, global_ranking, ignored_names, round_to, max_layer_ratio,
                           unpruned, normalize=not comparable)
         pruned, kept, flops, ratio = _prune_copy(model, attempt, ratio, target_flops, base_flops, max_layer_ratio,
