@@ -13,6 +13,9 @@ FLOPs kept, the output error on the example inputs, the latency model's predicte
 (``prediction_error``: predicted / measured - 1; FLOPs-targeted rows are predicted by a latency model built for
 the row's setting, latency-targeted ones by the model decompose allocated with) and, for latency-targeted rows,
 the seconds spent profiling (the first target of a setting profiles with an empty cache, the second reads it).
+Latency-targeted rows come out of the methods' closed loop (``rankprune.latency.meet_measured``: the structure
+built for the predicted target is timed against dense and the search redone on a corrected goal); each row
+keeps its ``measured_tries``.
 
 On CUDA each row also times the compressed model with its low-rank convolutions forced onto each path of
 ``rankprune.ops.lowrank_conv2d``, interleaved with dense and the default path in one more set of rounds:
@@ -133,6 +136,8 @@ def run_setting(name: str, batch: int, runtime: str, methods: List[str], targets
                     "profiling_s": measured.get("profiling_s"), "layers_measured": measured.get("layers_measured"),
                     "layers_cached": measured.get("layers_cached"), "seconds": seconds,
                     "warning": measured.get("warning"),
+                    # the closed loop of a latency target: each structure's goal, predicted and measured ratio
+                    "measured_tries": (plan.get("latency_search") or {}).get("measured_tries"),
                     "load_average": os.getloadavg()[0],  # other processes on the machine, after the row
                 })
                 if x.device.type == "cuda":
@@ -234,6 +239,8 @@ def path_ratios(dense, small, x, runtime: str, rounds: int = DEFAULT_ROUNDS, rep
 
 def _line(row: dict) -> str:
     profiled = f", profiled {row['profiling_s']:.0f} s" if row["profiling_s"] is not None else ""
+    if row.get("measured_tries"):
+        profiled += f", {len(row['measured_tries'])} measured tries"
     return (f"{row['model']} b{row['batch']} {row['runtime']} {row['method']} {row['budget']}={row['target']}: "
             f"{row['ratio']:.3f}x dense ({row['ratio_p10']:.3f}-{row['ratio_p90']:.3f}), predicted "
             f"{row['predicted_ratio']:.3f}x, FLOPs {row['flops_ratio']:.3f}{profiled}, {row['seconds']:.0f} s, "
