@@ -301,29 +301,42 @@ def biased_build(measured_of_goal):
     return lambda goal: (_Structure(measured_of_goal(goal)), round(goal, 9), {"predicted_ratio": goal})
 
 
+AIM = (1 - runtimes.TARGET_WINDOW / 2) * 0.5  # the middle of the window below a target of 0.5
+
+
 @pytest.mark.parametrize("bias, goals, chosen", [
     (1.0, [0.5], 0),  # the prediction is right: measured once, within the window
-    (1.1, [0.5, 0.5 / 1.1], 1),  # predicted 10% fast: one corrected goal lands on the target
-    (0.7, [0.5, 0.5 / 0.7], 1),  # predicted 30% slow (over-compressed): the goal is relaxed to the target
+    (1.1, [0.5, AIM / 1.1], 1),  # predicted 10% fast: one corrected goal lands on the aim
+    (0.7, [0.5, AIM / 0.7], 1),  # predicted 30% slow (over-compressed): the goal is relaxed to the aim
 ])
 def test_meet_measured_corrects_the_goal_by_the_measured_error(fake_compare, bias, goals, chosen):
     decision, tries = runtimes.meet_measured(biased_build(lambda g: bias * g), nn.Identity(), X, "eager", 0.5)
     assert [t["goal"] for t in tries] == pytest.approx(goals)
     assert [t.get("chosen", False) for t in tries] == [i == chosen for i in range(len(goals))]
-    assert decision == pytest.approx(goals[chosen]) and tries[chosen]["measured_ratio"] == pytest.approx(0.5)
+    assert decision == pytest.approx(goals[chosen])
+    assert (1 - runtimes.TARGET_WINDOW) * 0.5 <= tries[chosen]["measured_ratio"] <= 0.5
 
 
-def test_meet_measured_keeps_the_least_compressed_within_and_else_the_fastest(fake_compare):
-    # an overhead the prediction misses: measured = goal + 0.1 never reaches 0.5 in 3 tries, the fastest is kept
-    decision, tries = runtimes.meet_measured(biased_build(lambda g: g + 0.1), nn.Identity(), X, "eager", 0.5)
+def test_meet_measured_keeps_the_fastest_when_none_is_within(fake_compare):
+    # an overhead the prediction misses: measured = goal + 0.3 never reaches the window, the fastest is kept
+    decision, tries = runtimes.meet_measured(biased_build(lambda g: g + 0.3), nn.Identity(), X, "eager", 0.5)
     assert len(tries) == runtimes.MEASURED_TRIES
     assert [t["measured_ratio"] for t in tries] == sorted((t["measured_ratio"] for t in tries), reverse=True)
     assert tries[-1].get("chosen") and decision == pytest.approx(tries[-1]["goal"])
-    # jumps around the window: 0.40 (too fast), then 0.55 (missed), then 0.42: the least compressed within wins
-    measured = iter([0.40, 0.55, 0.42])
+
+
+def test_meet_measured_interpolates_once_bracketed_and_keeps_the_least_compressed_within(fake_compare):
+    # a step function of the goal: 0.40 (too fast), 0.55 (missed), then 0.42 and 0.53 between them
+    measured = iter([0.40, 0.55, 0.42, 0.53])
     decision, tries = runtimes.meet_measured(biased_build(lambda g: next(measured)), nn.Identity(), X, "eager", 0.5)
-    assert [t["measured_ratio"] for t in tries] == [0.40, 0.55, 0.42]
-    assert [t.get("chosen", False) for t in tries] == [False, False, True]
+    goals = [t["goal"] for t in tries]
+    assert goals[1] == pytest.approx(0.5 * AIM / 0.40)  # all below: scaled
+    # bracketed by (0.5, 0.40) and (goals[1], 0.55): the interpolation at the aim
+    assert goals[2] == pytest.approx(0.5 + (AIM - 0.40) * (goals[1] - 0.5) / (0.55 - 0.40))
+    # the closest below is now (goals[2], 0.42)
+    assert goals[3] == pytest.approx(goals[2] + (AIM - 0.42) * (goals[1] - goals[2]) / (0.55 - 0.42))
+    assert [t.get("chosen", False) for t in tries] == [False, False, True, False]  # 0.42: least compressed within
+    assert decision == pytest.approx(goals[2])
 
 
 def test_meet_measured_stops_on_a_structure_already_measured(fake_compare):
@@ -352,7 +365,8 @@ def test_meet_measured_unreachable_goals(fake_compare):
 
     decision, tries = runtimes.meet_measured(first_only, nn.Identity(), X, "eager", 0.5)
     assert decision == "first" and tries[0]["chosen"]
-    assert tries[1] == {"goal": pytest.approx(0.5 * 0.5 / 0.6), "unreachable": "target_latency=0.417 cannot be met"}
+    assert tries[1] == {"goal": pytest.approx(0.5 * AIM / 0.6),
+                        "unreachable": f"target_latency={0.5 * AIM / 0.6:.3f} cannot be met"}
 
 
 def test_prune_target_latency_closes_the_loop_on_measurements(fake_timer, monkeypatch):
@@ -368,16 +382,17 @@ def test_prune_target_latency_closes_the_loop_on_measurements(fake_timer, monkey
 
     monkeypatch.setattr(runtimes, "make_timer", make_timer)
     net = tiny_net()
-    with pytest.warns(UserWarning, match=r"prune: target_latency=0.7 missed by 0.008"):  # 3 tries: 0.708x the closest
-        pruned, plan = rankprune.prune(net, X, "l1", target_latency=0.7, progress=False)
+    pruned, plan = rankprune.prune(net, X, "l1", target_latency=0.7, progress=False)
     tries = plan["latency_search"]["measured_tries"]
-    assert tries[0]["goal"] == 0.7 and tries[0]["measured_ratio"] > 0.7
-    assert tries[1]["goal"] == pytest.approx(0.7 * 0.7 / tries[0]["measured_ratio"])
+    assert tries[0]["goal"] == 0.7 and tries[0]["predicted_ratio"] <= 0.7 < tries[0]["measured_ratio"]
+    aim = (1 - runtimes.TARGET_WINDOW / 2) * 0.7
+    assert tries[1]["goal"] == pytest.approx(0.7 * aim / tries[0]["measured_ratio"])
     chosen = [t for t in tries if t.get("chosen")]
     assert len(chosen) == 1 and chosen[0]["ratio"] == plan["ratio"] == plan["latency_search"]["ratio"]
-    assert chosen[0]["measured_ratio"] == min(t["measured_ratio"] for t in tries if "measured_ratio" in t)
-    # the model returned is the structure measured: its final measurement is the chosen try's
+    assert (1 - runtimes.TARGET_WINDOW) * 0.7 <= chosen[0]["measured_ratio"] <= 0.7
+    # the model returned is the structure measured: its final measurement is the chosen try's, within the target
     assert plan["latency"]["ratio"] == pytest.approx(chosen[0]["measured_ratio"])
+    assert plan["latency"]["warning"] is None
     _, quiet = rankprune.prune(net, X, "l1", target_latency=0.7, measure_latency=False, progress=False)
     assert "measured_tries" not in quiet["latency_search"] and "latency" not in quiet
 

@@ -194,9 +194,10 @@ def verify(dense: nn.Module, compressed: nn.Module, example_inputs, runtime: str
     return measured
 
 
-# The closed loop of a latency target (``meet_measured``): structures built and measured end to end at most, a
-# measured ratio within this fraction below the target ends it, and the rounds of each measurement.
-MEASURED_TRIES = 3
+# The closed loop of a latency target (``meet_measured``): structures built and measured end to end at most, the
+# window below the target that ends it (a model more compressed than that gives away accuracy), and the rounds
+# of each measurement.
+MEASURED_TRIES = 4
 TARGET_WINDOW = 0.05
 LOOP_ROUNDS = 5
 
@@ -208,11 +209,12 @@ Build = Callable[[float], Tuple[nn.Module, object, Dict[str, object]]]
 def meet_measured(build: Build, dense: nn.Module, example_inputs, runtime: str, target: float, *,
                   threads: Optional[int] = None) -> Tuple[object, List[Dict[str, object]]]:
     """Meet ``target`` (a fraction of ``dense``'s latency) as measured, not as predicted: the structure built for
-    the predicted ``target`` is timed against ``dense`` (:func:`compare`); when its measured ratio is above the
-    target, or more than ``TARGET_WINDOW`` of it below (more compressed than needed), the goal handed to
-    ``build`` is scaled by target / measured and the new structure measured, up to ``MEASURED_TRIES``
-    structures. A prediction's error is largely shared by the structures near the target (what timing a layer
-    alone misses of its time in the model), so the scaled goal lands close to it.
+    the predicted ``target`` is timed against ``dense`` (:func:`compare`); until one measures within
+    ``[(1 - TARGET_WINDOW) * target, target]``, the goal handed to ``build`` is corrected toward the middle of
+    that window and the new structure measured, up to ``MEASURED_TRIES`` structures (one already measured ends
+    the loop). The correction (:func:`next_goal`) scales the goal by the measured error while all tries fall
+    on one side of the window, and interpolates between the closest tries on either side once they bracket it
+    (the measured ratio is a step function of the goal: scaling alone can jump back and forth over it).
 
     Returns ``(decision, tries)``: the decision of the least compressed structure measured within the target
     (none within: the fastest measured), and every try's goal, record, measured ratio and spread, the chosen
@@ -236,15 +238,28 @@ def meet_measured(build: Build, dense: nn.Module, example_inputs, runtime: str, 
         decisions.append((len(tries), decision))
         tries.append({"goal": goal, **record, "measured_ratio": measured["ratio"],
                       "measured_p10": measured["ratio_p10"], "measured_p90": measured["ratio_p90"]})
-        ratio = measured["ratio"]
-        if (1.0 - TARGET_WINDOW) * target <= ratio <= target:
+        if (1.0 - TARGET_WINDOW) * target <= measured["ratio"] <= target:
             break
-        goal = min(goal * target / ratio, 1.0)
+        goal = next_goal([(t["goal"], t["measured_ratio"]) for t in tries if "measured_ratio" in t], target)
     within = [(i, d) for i, d in decisions if tries[i]["measured_ratio"] <= target]
     index, decision = (max(within, key=lambda pair: tries[pair[0]]["measured_ratio"]) if within
                        else min(decisions, key=lambda pair: tries[pair[0]]["measured_ratio"]))
     tries[index]["chosen"] = True
     return decision, tries
+
+
+def next_goal(measured: List[Tuple[float, float]], target: float) -> float:
+    """The next goal of :func:`meet_measured` from the ``(goal, measured ratio)`` pairs so far, aiming at the middle
+    of the window below ``target``: the last goal scaled by aim / measured while every try is on one side, else
+    the linear interpolation between the highest goal measured below the aim and the lowest measured above it."""
+    aim = (1.0 - TARGET_WINDOW / 2) * target
+    below = [pair for pair in measured if pair[1] < aim]
+    above = [pair for pair in measured if pair[1] >= aim]
+    if not below or not above:
+        goal, ratio = measured[-1]
+        return min(goal * aim / ratio, 1.0)
+    (g0, r0), (g1, r1) = max(below), min(above)
+    return g0 + (aim - r0) * (g1 - g0) / (r1 - r0)  # r0 < aim <= r1
 
 
 def _device_of(model: nn.Module, example_inputs) -> torch.device:
