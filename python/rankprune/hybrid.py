@@ -22,7 +22,10 @@ One plan (``{"method": "compress", "steps": [prune plan, decompose plan]}``) reb
 With ``target_latency`` instead (a fraction of the dense model's measured latency in ``runtime``) the split is
 of the latency's log: ``prune(target_latency=t**share)``, then ``decompose(target_latency=...)`` of the pruned
 model to the rest of the way (relative to the pruned model's predicted latency); a split that cannot reach
-its part (a ``ValueError`` of either step) is recorded as unreachable and left out of the comparison.
+its part (a ``ValueError`` of either step) is recorded as unreachable and left out of the comparison. The
+steps run on the latency model's prediction alone (``measure_latency=False``; ``prune`` and ``decompose`` on
+their own close the loop on measurements), so the result can miss the target by the prediction's error: the
+final measurement warns with the gap.
 """
 from typing import Any, Dict, Iterable, Optional, Tuple
 
