@@ -173,6 +173,11 @@ def test_latency_targeted_decompose_on_cuda_is_measured_and_reported(runtime):
     measured = report["latency"]
     assert measured["runtime"] == runtime and measured["target"] == target
     assert measured["dense"]["median_ms"] > 0 and measured["compressed"]["median_ms"] > 0 and measured["ratio"] > 0
+    # closed on measurements: the structure (LatencyModel.shaped, on the GPU) was timed in the runtime
+    tries = report["latency_search"]["measured_tries"]
+    assert report["latency_search"]["runtime"] == runtime
+    assert sum(bool(t.get("chosen")) for t in tries) == 1 and all(t["measured_ratio"] > 0 for t in tries
+                                                                   if "unreachable" not in t)
     with torch.no_grad():
         y, y_small = model(x), small(x)
     assert torch.isfinite(y_small).all() and y_small.shape == y.shape
@@ -202,3 +207,6 @@ def test_latency_targeted_prune_on_cuda_allocates_per_measured_millisecond():
     assert plan["criterion"] == "output_error"
     assert plan["latency_search"]["allocation"] == "output error per measured millisecond saved"
     assert plan["latency"]["runtime"] == "eager" and plan["latency"]["ratio"] > 0
+    tries = plan["latency_search"]["measured_tries"]
+    chosen = [t for t in tries if t.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["ratio"] == plan["ratio"]
