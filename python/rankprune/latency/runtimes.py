@@ -240,7 +240,7 @@ def meet_measured(build: Build, dense: nn.Module, example_inputs, runtime: str, 
                       "measured_p10": measured["ratio_p10"], "measured_p90": measured["ratio_p90"]})
         if (1.0 - TARGET_WINDOW) * target <= measured["ratio"] <= target:
             break
-        goal = next_goal([(t["goal"], t["measured_ratio"]) for t in tries if "measured_ratio" in t], target)
+        goal = next_goal([(t["goal"], t["measured_ratio"]) for t in tries], target)  # all measured so far
     within = [(i, d) for i, d in decisions if tries[i]["measured_ratio"] <= target]
     index, decision = (max(within, key=lambda pair: tries[pair[0]]["measured_ratio"]) if within
                        else min(decisions, key=lambda pair: tries[pair[0]]["measured_ratio"]))

@@ -77,7 +77,7 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
       layer; layers with no rank faster than the dense layer stay dense. ValueError naming the closest
       reachable latency when the target is below it. Unless ``measure_latency=False``, the structure of the
       allocation is timed end to end against dense and, where it missed the target (or beat it by more
-      than 5%), the allocation is redone on a goal corrected by the measured error (at most 3 structures,
+      than 5%), the allocation is redone on a goal corrected by the measured error (at most 4 structures,
       ``rankprune.latency.meet_measured``; ``report["latency_search"] = plan["latency_search"]``).
 
     ``energy``, ``rank_ratio`` and the budgets never give a layer less than ``min_rank`` (an int, or a fraction

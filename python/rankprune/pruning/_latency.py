@@ -62,6 +62,8 @@ def measured_ratio_for_latency(model: nn.Module, example_inputs: Any, attempt: A
     """:func:`ratio_for_latency` on the prediction, then, when ``measure``, closed on measurements of the pruned
     copies (``meet_measured``, ``model`` the dense reference): the chosen ratio and the search's record, with
     ``"measured_tries"`` (each goal, ratio, predicted and measured fraction) when measured."""
+    if not measure:
+        return ratio_for_latency(model, attempt, latency_model, target_latency, max_layer_ratio)
     searches: Dict[float, Dict[str, object]] = {}
 
     def build(goal: float):
@@ -71,8 +73,6 @@ def measured_ratio_for_latency(model: nn.Module, example_inputs: Any, attempt: A
         attempt(ratio, candidate)
         return candidate, ratio, {"ratio": ratio, "predicted_ratio": record["predicted_ratio"]}
 
-    if not measure:
-        return ratio_for_latency(model, attempt, latency_model, target_latency, max_layer_ratio)
     ratio, tries = meet_measured(build, model, example_inputs, latency_model.runtime, target_latency,
                                  threads=latency_model.threads)
     return ratio, {**searches[ratio], "measured_tries": tries}

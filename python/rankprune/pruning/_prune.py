@@ -82,7 +82,7 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
             disk), the channel ratio is searched on the latency the timings predict for each pruned structure
             (``pruning._latency``); unless ``measure_latency=False``, the copy pruned at that ratio is timed
             end to end against dense and, where it missed the target (or beat it by more than 5%), the search
-            is redone on a goal corrected by the measured error (at most 3 structures measured,
+            is redone on a goal corrected by the measured error (at most 4 structures measured,
             ``rankprune.latency.meet_measured``). The model is pruned at the chosen ratio and measured end to
             end against dense (``plan["latency"]``, with a warning when the target is missed;
             ``plan["latency_search"]`` holds the search and its ``measured_tries``). ValueError naming the closest predicted latency when ``max_layer_ratio`` cannot reach
