@@ -95,9 +95,19 @@ def _reference(model, data):
     return work
 
 
-def test_staged_refit_equals_the_layer_by_layer_reference(seed):
-    model, data = _net(), _data()
+@pytest.mark.parametrize("batches,n", [(3, 4), (1, 1), (2, 1)])
+def test_staged_refit_equals_the_layer_by_layer_reference(seed, batches, n, monkeypatch):
+    # (3, 4): every refitted layer sees more columns than it has inputs (its products are accumulated);
+    # (1, 1): 64 columns for a's 72 and mid's 108 inputs and 1 sample for fc's 8, all fitted in the sample
+    # space; (2, 1): a and mid start in the sample space and fold into the products at the second batch.
+    in_sample_space = set()
+    original = rankprune.lowrank.passes.sample_space_factors
+    monkeypatch.setattr(rankprune.lowrank.passes, "sample_space_factors",
+                        lambda h, y, damping, name, kernel: in_sample_space.add(name) or original(h, y, damping,
+                                                                                                   name, kernel))
+    model, data = _net(), _data(batches=batches, n=n)
     new, plan, report = rankprune.decompose(model, ranks=RANKS, data=data, damping=DAMPING, progress=False)
+    assert in_sample_space == {(3, 4): set(), (1, 1): {"a", "mid", "fc"}, (2, 1): {"fc"}}[(batches, n)]
     assert all(isinstance(new.get_submodule(n), (LowRankConv2d, LowRankLinear)) for n in RANKS)
     assert [n for n, e in report["layers"].items() if e["refitted"]] == ["a", "b", "mid", "fc"]
     want = _reference(model, data)

@@ -481,6 +481,35 @@ def test_refit_never_grows_a_weight_past_the_limit():
         assert float(symmetric[2].dense_weight().norm()) <= dense_norm * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("case", ["random", "rank_deficient", "more_outputs_than_columns", "zero", "graded"])
+def test_sample_space_refit_equals_the_input_space_refit(case):
+    # With fewer calibration columns n than inputs d, the refit is fitted from the n x n kernel H^T H
+    # (sample_space_factors) instead of the d x d covariance H H^T: the same rank-r weights, float64.
+    from types import SimpleNamespace
+
+    from rankprune.lowrank.factoring import sample_space_factors, whitened_factors
+
+    gen = torch.Generator().manual_seed(3)
+    n, d, m = (20, 50, 30) if case == "more_outputs_than_columns" else (20, 50, 8)
+    h = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    if case == "rank_deficient":
+        h = torch.randn(n, 5, generator=gen, dtype=torch.float64) @ torch.randn(5, d, generator=gen, dtype=torch.float64)
+    elif case == "zero":
+        h = torch.zeros(n, d, dtype=torch.float64)
+    elif case == "graded":
+        h = h * torch.logspace(0, -12, d, dtype=torch.float64)
+    y = torch.randn(n, m, generator=gen, dtype=torch.float64) + h[:, :m] * 3
+    layer = SimpleNamespace(name="layer", energy=0.0)
+    for damping in (1e-4, 1e-1):
+        wanted = whitened_factors(layer, damping, None, h.T @ y, h.T @ h)
+        got = sample_space_factors(h, y, damping, "layer")
+        for r in (1, 3, 5, m):
+            weights = [(U[:, :r] * S[:r]) @ V[:, :r].T for U, S, V in (wanted, got)]
+            torch.testing.assert_close(weights[1], weights[0], rtol=1e-8, atol=1e-10 * (1 + float(weights[0].abs().max())))
+        if case == "zero":
+            assert float(got[1].abs().max()) == 0 and float(got[2].abs().max()) == 0
+
+
 def test_refit_of_a_well_determined_layer_keeps_the_default_damping(seed):
     # 256 samples for 24 features and a mild truncation: the refit's weight stays near the dense one, so it
     # is kept as fitted.
@@ -612,15 +641,18 @@ def test_small_ranks_of_large_layers_use_the_randomized_svd(with_data, seed, mon
         assert 0.97 * exact <= report["layers"]["0"]["energy_kept"] <= exact * (1 + 1e-9)
 
 
-def test_data_aware_layers_with_fewer_outputs_are_projected_to_the_optimum(seed, monkeypatch):
+@pytest.mark.parametrize("images", [(3, 6, 10), (1, 1, 8)])
+def test_data_aware_layers_with_fewer_outputs_are_projected_to_the_optimum(seed, monkeypatch, images):
     # A 3x3 conv of 8 input channels (d = 72 inputs) with 48 outputs (n <= d). The projection
     # U_r U_r^T W (U: eigenvectors of W C W^T) is the optimal rank-r weight for the output error on the data:
     # compared with the float64 reference (the SVD of W L, L the Cholesky of the damped covariance), with no
-    # Cholesky of the 72 x 72 covariance taken.
+    # Cholesky of the 72 x 72 covariance taken. (1, 1, 8): one 8x8 image gives 64 columns, fewer than the 72
+    # inputs, so the columns are kept and W C W^T is formed from them (ColumnStatistics).
     monkeypatch.setattr(torch.linalg, "cholesky_ex", None)  # the projected path never calls it
     conv = nn.Conv2d(8, 48, 3, padding=1).double()
-    data = [torch.randn(6, 8, 10, 10, dtype=torch.float64) * torch.linspace(0.1, 2, 8).view(1, 8, 1, 1)
-            for _ in range(3)]
+    batches, n, side = images
+    data = [torch.randn(n, 8, side, side, dtype=torch.float64) * torch.linspace(0.1, 2, 8).view(1, 8, 1, 1)
+            for _ in range(batches)]
     model = nn.Sequential(conv)
     new, _, report = rankprune.decompose(model, ranks={"0": 12}, data=data, damping=1e-4, progress=False)
     X = torch.cat([nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 72) for x in data]).T
@@ -657,17 +689,49 @@ def test_calibration_patches_are_unfold_rows_at_the_sampled_positions(conv, shap
     assert torch.equal(got, rows)
 
 
+@pytest.mark.parametrize("splits", [(10,), (4, 6), (30,), (12, 12, 6)])
+def test_column_statistics_equal_the_float64_products_in_both_forms(splits):
+    # d = 24 inputs: up to 24 rows are kept as rows, beyond that the products are accumulated (the rows kept so
+    # far folded in at the batch that crosses d). Every quantity the factoring reads equals the float64
+    # reference, in either form.
+    from rankprune.lowrank.statistics import ColumnStatistics
+
+    gen = torch.Generator().manual_seed(5)
+    d, m = 24, 7
+    x = torch.randn(sum(splits), d, generator=gen, dtype=torch.float64) * torch.logspace(0, -6, d, dtype=torch.float64)
+    y = torch.randn(sum(splits), m, generator=gen, dtype=torch.float64)
+    stats = ColumnStatistics(d, m, "cpu", keep_columns=True)
+    start = 0
+    for k in splits:
+        stats.add(x[start:start + k], y[start:start + k])
+        start += k
+    assert stats.in_sample_space == (sum(splits) <= d) and stats.samples == sum(splits)
+    C = x.T @ x
+    B = torch.randn(d, 3, generator=gen, dtype=torch.float64)
+    W = torch.randn(5, d, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(stats.diagonal(), C.diagonal(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(stats.times(B), C @ B, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(stats.quadratic(W), W @ C @ W.T, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(stats.matrix(), C, rtol=1e-13, atol=1e-18)
+    if stats.in_sample_space:
+        rows, targets = stats.rows()
+        assert torch.equal(rows, x) and torch.equal(targets, y)
+        torch.testing.assert_close(stats.kernel(), x @ x.T, rtol=1e-13, atol=0)
+    else:
+        torch.testing.assert_close(stats.cross, x.T @ y, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("dtype, d, tolerance", [(torch.float64, 2500, 1e-13), (torch.float32, 2500, 1e-6),
                                                  (torch.float64, 300, 1e-13)])
 def test_blocked_gram_products_equal_the_float64_reference(dtype, d, tolerance, seed):
     # off-diagonal blocks are multiplied once and mirrored; the diagonal blocks are GEMMs, symmetric only up to
     # rounding (Cholesky reads one triangle, projected_factors symmetrises its n x n product)
-    from rankprune.lowrank import passes
+    from rankprune.lowrank import statistics
 
     rows = torch.randn(700, d, dtype=dtype) * torch.logspace(-3, 1, d, dtype=dtype)  # graded columns
     rows[:, 5] = 0  # a dead input
     total = torch.eye(d, dtype=torch.float64)  # accumulated onto what is there
-    passes._accumulate_gram(total, rows)
+    statistics.accumulate_gram(total, rows)
     reference = rows.double().T @ rows.double() + torch.eye(d, dtype=torch.float64)
     assert bool((total[5] == reference[5]).all())
     assert float((total - reference).abs().max()) <= tolerance * float(reference.abs().max())

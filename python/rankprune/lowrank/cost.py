@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..nn import _explicit_padding as explicit_padding
 from ..nn import weight_matrix
+from .statistics import ColumnStatistics
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -47,7 +48,7 @@ class Candidate:
     S: Optional[Tensor] = None
     factors: Optional[Tuple[Tensor, Tensor, Tensor]] = None
     # data-aware: the float64 input covariance X X^T (None: weight SVD) and the number of columns in it
-    covariance: Optional[Tensor] = None
+    covariance: Optional[ColumnStatistics] = None
     samples: int = 0
     # data-aware: tr(W C W^T), the dense layer's output energy on the calibration inputs (set with the factors)
     output_energy: Optional[float] = None

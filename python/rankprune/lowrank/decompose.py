@@ -341,8 +341,7 @@ def _replace_all(model: nn.Module, layers: List[Candidate], chosen: Dict[str, in
                 stats = refit_stage(engine, refit, replaced, lambda name, m: set_submodule(model, name, m),
                                     f"refit stage {number}/{len(stages)}")
             with clock.phase("refit factorization"):
-                refits = {l.name: refit_factors(l, stats[l.name].inputs, stats[l.name].outputs_cross, damping,
-                                                chosen[l.name]) for l in refit}
+                refits = {l.name: refit_factors(l, stats[l.name].fit, damping, chosen[l.name]) for l in refit}
         with clock.phase("replace"):
             _replace_stage(model, stage, chosen, refits, engine, damping, replaced, planned, reported, weight_only)
     order = [l.name for l in layers]

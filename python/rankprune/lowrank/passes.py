@@ -1,14 +1,15 @@
 """The calibration passes of a data-aware decomposition, run by the calibration engine
 (:mod:`rankprune.calibration`):
 
-1. **statistics** (one full pass): each layer's float64 input covariance ``X X^T`` of its calibration columns,
+1. **statistics** (one full pass): each layer's float64 input covariance ``X X^T`` of its calibration columns
+   (or the columns themselves, where they are no more than its inputs: ``statistics.ColumnStatistics``),
    its first call in execution order, its refit stage, and (for the refit) its dense columns, kept within the
    engine's cache budget;
 2. **sensitivity** (on a probe of the first batch): the change of the model's output with only one layer
    decomposed, each layer's pass starting from the cached outputs of the modules before it;
 3. **refit** (one stage pass per stage, each starting from the frontier cache): ``H H^T`` and ``H Y^T`` of the
    inputs ``H`` the layer gets once the layers before it are decomposed and the dense outputs ``Y = W X`` at
-   the same sampled columns; the layers of a stage are refitted and replaced at its end.
+   the same sampled columns (or ``H`` and ``Y`` themselves, likewise); the layers of a stage are refitted and replaced at its end.
 """
 import math
 from typing import Callable, Dict, List, Tuple
@@ -21,20 +22,12 @@ from ..calibration import Calibration, SameInputStages
 from ..columns import column_generator, input_columns
 from ..fidelity import output_tensor
 from .cost import Candidate
-from .factoring import lowrank_module
+from .factoring import lowrank_module, sample_space_factors, whitened_factors
+from .statistics import ColumnStatistics
 
 # Layers whose input dimension d exceeds this keep weight SVD even with data: the float64 covariance is d^2
 # (8192: 512 MiB).
 MAX_COVARIANCE_DIM = 8192
-# Layers with at least this many inputs form each batch's products (X^T X, H^T H, H^T Y) in the model's dtype
-# before adding them to the float64 accumulators: these GEMMs (rows x d^2 per call) dominate the statistics
-# of large layers (ResNet-50's 4608-input convolutions), and float32 runs them twice as fast on CPUs. The
-# rounding (about 1e-7 * sqrt(rows) of an entry) stays far below the default damping (1e-4 of the mean
-# diagonal); smaller layers, which cost little, keep float64 products (exact enough for damping=0 fits).
-FLOAT64_PRODUCT_MAX_DIM = 1024
-# Inputs per block of a blocked Gram product (``_accumulate_gram``): smaller blocks skip more of the product but
-# run below the GEMM's peak.
-GRAM_BLOCK = 1024
 # The sensitivity probe runs 1/PROBE_SHARE of the calibration samples (``probe_samples``).
 PROBE_SHARE = 16
 
@@ -48,9 +41,7 @@ def collect_statistics(engine: Calibration, layers: List[Candidate], keep_dense_
     device = engine.device
     stages = SameInputStages()
     for layer in layers:
-        d = layer.in_dim
-        layer.covariance = torch.zeros(d, d, dtype=torch.float64, device=device)
-        layer.samples = 0
+        layer.covariance = ColumnStatistics(layer.in_dim, 0, device, keep_columns=not engine.distributed)
     order = [0]
 
     def capture(layer: Candidate) -> Callable[[int, int, Tensor], None]:
@@ -60,20 +51,19 @@ def collect_statistics(engine: Calibration, layers: List[Candidate], keep_dense_
                 order[0] += 1
                 stages.assign(layer, x)
             rows = _columns(layer, batch, call, x)
-            _accumulate_gram(layer.covariance, rows)
-            layer.samples += rows.shape[0]
+            layer.covariance.add(rows)
             if keep_dense_rows:
                 _keep_dense_rows(engine, layer, batch, call, rows)
         return hook
 
     with engine.phase("statistics"):
         engine.trace({layer.module: capture(layer) for layer in layers}, "statistics")
-        engine.all_reduce([layer.covariance for layer in layers])
+        engine.all_reduce([t for layer in layers for t in layer.covariance.products()])  # products, if distributed
         if engine.distributed:
-            counts = torch.tensor([float(layer.samples) for layer in layers], dtype=torch.float64)
+            counts = torch.tensor([float(layer.covariance.samples) for layer in layers], dtype=torch.float64)
             engine.all_reduce([counts])
             for layer, count in zip(layers, counts.tolist()):
-                layer.samples = int(count)
+                layer.covariance.samples = int(count)
     # A NaN or Inf input leaves its layer's float64 covariance non-finite, its diagonal (the sums of squares of
     # each input) among the first: one check of the diagonals after the pass, then the diagnosis names where it
     # first appears (the weights were checked before any data ran).
@@ -81,40 +71,9 @@ def collect_statistics(engine: Calibration, layers: List[Candidate], keep_dense_
     if bad:
         raise_non_finite(engine.model, engine.data, "decompose", f"the input covariance of layer {bad[0].name!r}")
     for layer in layers:
+        layer.samples = layer.covariance.samples
         if layer.samples == 0:
             layer.covariance = None
-
-
-def _product_dtype(a: Tensor) -> torch.dtype:
-    """The dtype ``a``'s products are formed in (see ``FLOAT64_PRODUCT_MAX_DIM``)."""
-    return torch.float64 if a.shape[1] < FLOAT64_PRODUCT_MAX_DIM else a.dtype
-
-
-def _accumulate(total: Tensor, a: Tensor, b: Tensor) -> None:
-    """``total += a^T b`` (float64 ``total``; the product in ``_product_dtype(a)``)."""
-    if _product_dtype(a) == torch.float64:
-        total.addmm_(a.T.to(torch.float64), b.to(torch.float64))
-    else:
-        total += (a.T @ b.to(a.dtype)).to(torch.float64)
-
-
-def _accumulate_gram(total: Tensor, a: Tensor) -> None:
-    """``total += a^T a``. From ``GRAM_BLOCK`` inputs on, only the blocks on and above the diagonal are multiplied
-    (each off-diagonal one added twice, transposed), which saves up to half of the product (torch has no
-    symmetric rank-k update): 5 blocks of a 4608-input layer cost 15/25 of the full product."""
-    d = a.shape[1]
-    if d < GRAM_BLOCK:
-        _accumulate(total, a, a)
-        return
-    a = a.to(_product_dtype(a))
-    edges = [round(i * d / math.ceil(d / GRAM_BLOCK)) for i in range(math.ceil(d / GRAM_BLOCK) + 1)]
-    blocks = list(zip(edges[:-1], edges[1:]))
-    for i, (r0, r1) in enumerate(blocks):
-        for c0, c1 in blocks[i:]:
-            product = (a[:, r0:r1].mT @ a[:, c0:c1]).to(torch.float64)
-            total[r0:r1, c0:c1] += product
-            if c0 != r0:
-                total[c0:c1, r0:r1] += product.mT
 
 
 def _keep_dense_rows(engine: Calibration, layer: Candidate, batch: int, call: int, rows: Tensor) -> None:
@@ -165,7 +124,9 @@ def measure_sensitivities(engine: Calibration, model: nn.Module, layers: List[Ca
         dense = output_tensor(dense[0]) if dense else None
         if dense is None:
             return measured
-        dense = dense.double()
+        # Differences and sums in float32 (at least): the difference of two float32 outputs is exact where
+        # they are close, and a float64 copy of each output cost a third of GPT-2's probe (vocabulary 8192).
+        dense = dense.float() if dense.element_size() < 4 else dense
         scale = float(dense.square().sum())
         values = torch.zeros(len(layers), dtype=torch.float64)
         for i, layer in enumerate(engine_progress(engine, layers, "sensitivity")):
@@ -175,7 +136,7 @@ def measure_sensitivities(engine: Calibration, model: nn.Module, layers: List[Ca
                 continue
             set_module(layer.name, lowrank_module(layer, rank))
             try:
-                changed = output_tensor(runner.outputs_from(layer.module, "sensitivity")[0]).double()
+                changed = output_tensor(runner.outputs_from(layer.module, "sensitivity")[0]).to(dense.dtype)
             finally:
                 set_module(layer.name, layer.module)
             values[i] = float((changed - dense).square().sum()) / scale / lost
@@ -193,22 +154,30 @@ def engine_progress(engine: Calibration, items, desc: str):
 
 # ------------------------------------------------------------------------------------------------------ refit
 class _RefitStatistics:
-    """``H H^T`` and ``H Y^T`` of one layer over the calibration batches (float64, streaming)."""
+    """A layer's refit statistics over the calibration batches: ``H H^T`` and ``H Y^T`` of the inputs ``H`` it gets
+    in the partly decomposed model and the dense outputs ``Y`` (a ``ColumnStatistics``: the columns themselves
+    while there are no more of them than inputs, for ``sample_space_factors``)."""
 
-    def __init__(self, layer: Candidate, device):
+    def __init__(self, layer: Candidate, device, keep_columns: bool):
+        self.layer = layer
         self.weight = layer.matrix().to(torch.float64)  # converted once, not per batch and call
-        d, n = layer.in_dim, self.weight.shape[0]
-        self.inputs = torch.zeros(d, d, dtype=torch.float64, device=device)
-        self.outputs_cross = torch.zeros(d, n, dtype=torch.float64, device=device)
+        m = self.weight.shape[0]
+        # the sample-space fit takes m <= d: its m x m eigenproblem then costs no more than the d x d one
+        self.products = ColumnStatistics(layer.in_dim, m, device, keep_columns and m <= layer.in_dim)
         self.dense: Dict[Tuple[int, int], Tensor] = {}  # recomputed dense columns of the current batch
 
     def add(self, layer: Candidate, batch: int, call: int, x: Tensor) -> None:
         h = _columns(layer, batch, call, x)
         y = layer.dense_rows[(batch, call)] if layer.dense_rows is not None else self.dense.pop((batch, call))
-        if not layer.dense_rows_are_outputs:
-            y = y.to(torch.float64) @ self.weight.T
-        _accumulate_gram(self.inputs, h)
-        _accumulate(self.outputs_cross, h, y)
+        y = y.to(torch.float64) if layer.dense_rows_are_outputs else y.to(torch.float64) @ self.weight.T
+        self.products.add(h, y)
+
+    def fit(self, damping: float, rank: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """The refit's factors at ``damping``, of which rank ``rank`` is used (see ``refit_factors``)."""
+        if self.products.in_sample_space:
+            h, y = self.products.rows()
+            return sample_space_factors(h, y, damping, self.layer.name, self.products.kernel())
+        return whitened_factors(self.layer, damping, rank, self.products.cross, self.products.gram)
 
 
 def refit_stage(engine: Calibration, stage: List[Candidate], dense_modules: Dict[str, nn.Module],
@@ -216,7 +185,8 @@ def refit_stage(engine: Calibration, stage: List[Candidate], dense_modules: Dict
     """One stage pass accumulating the refit statistics of ``stage``'s layers. Dense columns that were not
     kept are recomputed per batch by a forward through the dense layers (``dense_modules``, swapped in for
     it), which starts from the model's inputs."""
-    stats = {layer.name: _RefitStatistics(layer, engine.device) for layer in stage}
+    stats = {layer.name: _RefitStatistics(layer, engine.device, keep_columns=not engine.distributed)
+             for layer in stage}
     missing = [layer for layer in stage if layer.dense_rows is None]
 
     def dense_capture(layer: Candidate):
@@ -238,5 +208,5 @@ def refit_stage(engine: Calibration, stage: List[Candidate], dense_modules: Dict
 
     captures = {layer.module: (lambda b, c, x, layer=layer: stats[layer.name].add(layer, b, c, x)) for layer in stage}
     engine.stage_pass(captures, desc, before_batch=recompute if missing else None)
-    engine.all_reduce([t for s in stats.values() for t in (s.inputs, s.outputs_cross)])
+    engine.all_reduce([t for s in stats.values() for t in s.products.products()])  # products, if distributed
     return stats
