@@ -44,7 +44,9 @@ CUDA runtimes, the targets of ``--targets``. The CUDA run needs a build of rankp
 (``rankprune.ops.cuda_kernels_built()``; it stops at once without one).
 
 Needs torchvision (and onnx, onnxscript, onnxruntime for the ONNX Runtime rows). Writes
-``benchmarks/results/bench_latency_true[-quick]-<cpu|cuda>-<stamp>.json`` with a Markdown table (README).
+``benchmarks/results/bench_latency_true[-quick]-<cpu|cuda>-<stamp>.json`` with a Markdown table (README); a run
+without batch 1 (``--batches 8``) writes ``bench_latency_true-b8-...``, a table of its own, so that it does not
+replace batch 1's.
 """
 import argparse
 import contextlib
@@ -313,7 +315,8 @@ def markdown(rows: List[dict], config: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated torchvision models ({','.join(MODELS)})")
-    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8; a run without 1 "
+                   "writes bench_latency_true-b<sizes>-...json, a README table of its own)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where models run (default cpu)")
     p.add_argument("--runtimes", help="comma-separated runtimes (default eager,onnxruntime on cpu, eager,cuda_graph "
                                       "on cuda)")
@@ -361,7 +364,9 @@ def main(argv=None) -> int:
     md = markdown(rows, config)
     print(md)
     payload = {"environment": environment(device), "config": config, "rows": rows, "markdown": md}
-    name = "bench_latency_true-quick" if args.quick else "bench_latency_true"
+    # a run without batch 1 gets a name (and README table) of its own, so that it does not replace batch 1's
+    name = ("bench_latency_true-quick" if args.quick else "bench_latency_true" if 1 in batches
+            else "bench_latency_true-b" + "_".join(str(b) for b in batches))
     print(f"wrote {write_results(name, payload, args.out or os.path.join(ROOT, 'benchmarks', 'results'))}")
     return 0
 
