@@ -289,7 +289,7 @@ class _Structure(nn.Module):
 
 @pytest.fixture
 def fake_compare(monkeypatch):
-    def compare(dense, candidate, example_inputs, runtime, threads=None, rounds=5):
+    def compare(dense, candidate, example_inputs, runtime, threads=None, rounds=5, dense_timer=None):
         return {"ratio": candidate.measured, "ratio_p10": candidate.measured, "ratio_p90": candidate.measured}
 
     monkeypatch.setattr(runtimes, "compare", compare)
@@ -323,6 +323,18 @@ def test_meet_measured_keeps_the_fastest_when_none_is_within(fake_compare):
     assert len(tries) == runtimes.MEASURED_TRIES
     assert [t["measured_ratio"] for t in tries] == sorted((t["measured_ratio"] for t in tries), reverse=True)
     assert tries[-1].get("chosen") and decision == pytest.approx(tries[-1]["goal"])
+
+
+def test_meet_measured_makes_the_dense_timer_once_for_all_tries(monkeypatch):
+    # ONNX Runtime exports the model a timer times: the dense model's timer is made at the first comparison and
+    # handed to every later one
+    made, handed = [], []
+    monkeypatch.setattr(runtimes, "dense_timer", lambda *a, **k: made.append(object()) or made[-1])
+    monkeypatch.setattr(runtimes, "compare", lambda dense, candidate, *a, dense_timer=None, **k: handed.append(
+        dense_timer) or {"ratio": candidate.measured, "ratio_p10": candidate.measured, "ratio_p90": candidate.measured})
+    _, tries = runtimes.meet_measured(biased_build(lambda g: g + 0.3), nn.Identity(), X, "eager", 0.5)
+    assert len(tries) == runtimes.MEASURED_TRIES and len(made) == 1
+    assert handed == [made[0]] * runtimes.MEASURED_TRIES
 
 
 def test_meet_measured_interpolates_once_bracketed_and_keeps_the_least_compressed_within(fake_compare):
@@ -426,6 +438,39 @@ def test_compress_target_latency_splits_the_latency_budget(fake_timer):
         assert torch.equal(rebuilt(X), small(X))
     with pytest.raises(ValueError, match="give exactly one of target_flops"):
         rankprune.compress(net, X, data=data, target_flops=0.5, target_latency=0.5, progress=False)
+
+
+def test_compress_target_latency_closes_the_loop_on_measurements(fake_timer, monkeypatch):
+    # As for prune: end to end the model costs a fixed 0.2 fake ms more than its layers, which the prediction
+    # the splits are compared on cannot see; the chosen split is run again for corrected goals until its result
+    # measures within the window below the target, and that result is the model returned.
+    pytest.importorskip("torch_pruning")
+    make_layer_timer = runtimes.make_timer
+
+    def make_timer(module, inputs, runtime, device, threads):
+        if not isinstance(module, nn.Sequential):
+            return make_layer_timer(module, inputs, runtime, device, threads)
+        ms = fake_ms(module) + 0.2 * fake_ms(tiny_net())
+        return lambda warmup, repeats: Timing(median_ms=ms, p10_ms=ms, p90_ms=ms, repeats=repeats)
+
+    monkeypatch.setattr(runtimes, "make_timer", make_timer)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 8, 8, 8, generator=g) for _ in range(4)]
+    net = tiny_net()
+    small, plan, report = rankprune.compress(net, X, data=data, target_latency=0.7, shares=(1.0,), progress=False)
+    tries = plan["latency_search"]["measured_tries"]
+    assert plan["latency_search"]["runtime"] == "eager"
+    assert tries[0]["goal"] == 0.7 and tries[0]["measured_ratio"] > 0.7 and len(tries) >= 2
+    chosen = [t for t in tries if t.get("chosen")]
+    assert len(chosen) == 1 and (1 - runtimes.TARGET_WINDOW) * 0.7 <= chosen[0]["measured_ratio"] <= 0.7
+    assert plan["latency"]["ratio"] == pytest.approx(chosen[0]["measured_ratio"]) and plan["latency"]["warning"] is None
+    rebuilt = rankprune.apply_plan(tiny_net(), plan)
+    rebuilt.load_state_dict(small.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(X), small(X))
+    _, quiet, _ = rankprune.compress(net, X, data=data, target_latency=0.7, shares=(1.0,), measure_latency=False,
+                                     progress=False)
+    assert "latency_search" not in quiet and "latency" not in quiet
 
 
 def test_prediction_of_a_pruned_model_takes_the_rest_of_the_pass_down_with_the_layers_inputs(fake_timer):

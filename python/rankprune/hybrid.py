@@ -23,9 +23,13 @@ With ``target_latency`` instead (a fraction of the dense model's measured latenc
 of the latency's log: ``prune(target_latency=t**share)``, then ``decompose(target_latency=...)`` of the pruned
 model to the rest of the way (relative to the pruned model's predicted latency); a split that cannot reach
 its part (a ``ValueError`` of either step) is recorded as unreachable and left out of the comparison. The
-steps run on the latency model's prediction alone (``measure_latency=False``; ``prune`` and ``decompose`` on
-their own close the loop on measurements), so the result can miss the target by the prediction's error: the
-final measurement warns with the gap.
+splits are compared on the latency model's prediction alone (each step with ``measure_latency=False``). The
+chosen split's run on all the data is then closed on measurements as ``prune`` and ``decompose`` close
+theirs (``rankprune.latency.meet_measured``): its result is timed end to end against the dense model and,
+where it misses the window below the target, the split is run again for a goal corrected by the measured
+error (up to ``MEASURED_TRIES`` results, kept in memory until one is chosen; ``plan["latency_search"]``
+records every try). ``measure_latency=False`` keeps the prediction's result, which can miss the target by
+the prediction's error.
 """
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -34,7 +38,7 @@ from torch import nn
 from ._inputs import check_finite_weights, check_fraction, first_samples, model_inputs, reusable
 from ._inputs import progress as progress_bar
 from .fidelity import RULE, divergences, select, split_holdout
-from .latency import latency_settings, verify
+from .latency import latency_settings, meet_measured, verify
 from .lowrank import decompose
 from .plan_format import PLAN_VERSION
 from .report import count_flops
@@ -64,8 +68,9 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
         runtime: where the result's latency is measured against the dense model's (``rankprune.latency``:
             ``"eager"`` by default, ``"cuda_graph"``, ``"onnxruntime"``).
         measure_latency: time the result against the dense model and put it in ``plan["latency"]`` (median,
-            spread, runtime, device, batch), with a warning when it is not faster or misses ``target_latency``
-            (None: yes).
+            spread, runtime, device, batch), with a warning when it is not faster or misses ``target_latency``;
+            with ``target_latency``, the chosen split is also closed on measurements (module doc,
+            ``plan["latency_search"]``) (None: yes).
         progress: progress bars.
 
     Returns:
@@ -99,10 +104,16 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
         raise ValueError(f"target_latency={target} cannot be met on runtime {runtime!r} by any split of pruning and "
                          "decomposition: " + "; ".join(f"share {u['prune_share']:.2f}: {u['error']}" for u in unreachable))
     best, reference = _choose(compared, per_sample)
-    compressed, steps = split.run(best["prune_share"], fit + held)
+    latency_search = None
+    if budget == "latency" and measure_latency:
+        compressed, steps, latency_search = _measured_split(split, best["prune_share"], fit + held, runtime)
+    else:
+        compressed, steps = split.run(best["prune_share"], fit + held)
     plan = {"method": "compress", "version": PLAN_VERSION, "steps": steps, "target_flops": target_flops,
             "target_latency": target_latency, "prune_share": best["prune_share"],
             "flops": [count_flops(model, example_inputs), count_flops(compressed, example_inputs)]}
+    if latency_search is not None:
+        plan["latency_search"] = latency_search
     if measure_latency:
         plan["latency"] = verify(model, compressed, example_inputs, runtime, target=target_latency, verb="compress")
     report = {"candidates": compared, "unreachable": unreachable, "chosen": best, "held_out_batches": len(held),
@@ -121,6 +132,23 @@ def _choose(compared: list, per_sample: Dict[float, Any]) -> Tuple[dict, float]:
     for c, flag in zip(compared, closer):
         c["clearly_closer"] = flag
     return compared[chosen], reference
+
+
+def _measured_split(split: "_Split", share: float, batches, runtime: str) -> Tuple[nn.Module, list, Dict[str, Any]]:
+    """The split at ``share`` run on ``batches`` for the target as measured (``meet_measured``): the chosen
+    result, its steps' plans and the search's record (``{"runtime", "measured_tries"}``)."""
+    built: Dict[Tuple, Tuple[nn.Module, list]] = {}
+
+    def build(goal: float):
+        candidate, steps = split.run(share, batches, target=goal)
+        # the structure, whatever the weights: a goal that gives the same shapes again ends the loop
+        structure = tuple((name, tuple(p.shape)) for name, p in candidate.named_parameters())
+        built[structure] = (candidate, steps)
+        return candidate, structure, {"prune_share": share}
+
+    structure, tries = meet_measured(build, split.model, split.example_inputs, runtime, split.target)
+    compressed, steps = built[structure]
+    return compressed, steps, {"runtime": runtime, "measured_tries": tries}
 
 
 def _check_arguments(model: nn.Module, target_flops: Optional[float], target_latency: Optional[float],
@@ -150,10 +178,12 @@ class _Split:
         self.cache_bytes = cache_bytes
         self.timing = {} if budget == "flops" else {"runtime": runtime}
 
-    def run(self, share: float, batches) -> Tuple[nn.Module, list]:
+    def run(self, share: float, batches, target: Optional[float] = None) -> Tuple[nn.Module, list]:
+        """``(compressed model, steps' plans)`` for ``target`` (default: the budget's)."""
         from .pruning import prune  # at call time: rankprune.pruning needs torch-pruning
 
-        pruned_to, steps, current = self.target ** share, [], self.model
+        target = self.target if target is None else target
+        pruned_to, steps, current = target ** share, [], self.model
         if share > 0:
             current, pruned_plan = prune(self.model, self.example_inputs, data=batches,
                                          **{f"target_{self.budget}": pruned_to}, cache_bytes=self.cache_bytes,
@@ -161,9 +191,9 @@ class _Split:
             steps.append(pruned_plan)
             pruned_to = (pruned_plan["flops"][1] / pruned_plan["flops"][0] if self.budget == "flops"
                          else pruned_plan["latency_search"]["predicted_ratio"])
-        if share < 1 and self.target < pruned_to:
+        if share < 1 and target < pruned_to:
             current, decomposed_plan, _ = decompose(current, data=batches,
-                                                    **{f"target_{self.budget}": self.target / pruned_to},
+                                                    **{f"target_{self.budget}": target / pruned_to},
                                                     example_inputs=self.example_inputs, cache_bytes=self.cache_bytes,
                                                     measure_latency=False, progress=False, **self.timing)
             steps.append(decomposed_plan)

@@ -138,18 +138,19 @@ def round_ratios(dense: List[Timing], other: List[Timing]) -> Dict[str, float]:
 
 
 def compare(dense: nn.Module, compressed: nn.Module, example_inputs, runtime: str = "eager", *,
-            threads: Optional[int] = None, rounds: int = DEFAULT_ROUNDS, repeats: int = 5) -> Dict[str, object]:
+            threads: Optional[int] = None, rounds: int = DEFAULT_ROUNDS, repeats: int = 5,
+            dense_timer: Optional[Timer] = None) -> Dict[str, object]:
     """Measured end-to-end latency of ``compressed`` against ``dense`` on ``example_inputs``: ``rounds`` rounds
-    alternating the two (``repeats`` timed calls each), in ``runtime`` on the models' device.
+    alternating the two (``repeats`` timed calls each), in ``runtime`` on the models' device. ``dense_timer``:
+    ``dense``'s timer from an earlier comparison (:func:`dense_timer`), reused (ONNX Runtime then exports the
+    dense model once for all of them).
 
     Returns ``{"runtime", "device", "batch", "threads", "dense": Timing dict, "compressed": Timing dict, "ratio",
     "ratio_p10", "ratio_p90", "rounds"}``: the Timings pool the rounds' medians; ``ratio`` is the median over
     rounds of compressed / dense (each round's own pair), with its 10th and 90th percentiles. Neither model is
     changed (each runs in eval mode, its training flags restored)."""
-    device = _device_of(dense, example_inputs)
-    check_runtime(runtime, device)
-    threads = runtime_threads(runtime, threads)
-    timers = {"dense": make_timer(dense, example_inputs, runtime, device, threads),
+    device, threads = _timing_settings(dense, example_inputs, runtime, threads)
+    timers = {"dense": dense_timer or make_timer(dense, example_inputs, runtime, device, threads),
               "compressed": make_timer(compressed, example_inputs, runtime, device, threads)}
     results = interleaved(timers, rounds, repeats)
     return {
@@ -162,6 +163,20 @@ def compare(dense: nn.Module, compressed: nn.Module, example_inputs, runtime: st
         **round_ratios(results["dense"], results["compressed"]),
         "rounds": rounds,
     }
+
+
+def _timing_settings(dense: nn.Module, example_inputs, runtime: str, threads: Optional[int]
+                     ) -> Tuple[torch.device, int]:
+    """The device a comparison runs on (checked against ``runtime``) and its threads."""
+    device = _device_of(dense, example_inputs)
+    check_runtime(runtime, device)
+    return device, runtime_threads(runtime, threads)
+
+
+def dense_timer(dense: nn.Module, example_inputs, runtime: str, threads: Optional[int] = None) -> Timer:
+    """``dense``'s timer for :func:`compare` (``dense_timer=``), made once for several comparisons."""
+    device, threads = _timing_settings(dense, example_inputs, runtime, threads)
+    return make_timer(dense, example_inputs, runtime, device, threads)
 
 
 def warn_if_slow(measured: Dict[str, object], target: Optional[float], verb: str) -> Optional[str]:
@@ -223,6 +238,7 @@ def meet_measured(build: Build, dense: nn.Module, example_inputs, runtime: str, 
     tries: List[Dict[str, object]] = []
     decisions: List[Tuple[int, object]] = []
     goal = target
+    reference = None  # dense's timer, made at the first comparison and reused by the others
     for _ in range(MEASURED_TRIES):
         try:
             candidate, decision, record = build(goal)
@@ -233,7 +249,9 @@ def meet_measured(build: Build, dense: nn.Module, example_inputs, runtime: str, 
             break
         if any(decision == seen for _, seen in decisions):  # the same structure again: nothing new to measure
             break
-        measured = compare(dense, candidate, example_inputs, runtime, threads=threads, rounds=LOOP_ROUNDS)
+        reference = reference or dense_timer(dense, example_inputs, runtime, threads)
+        measured = compare(dense, candidate, example_inputs, runtime, threads=threads, rounds=LOOP_ROUNDS,
+                           dense_timer=reference)
         del candidate
         decisions.append((len(tries), decision))
         tries.append({"goal": goal, **record, "measured_ratio": measured["ratio"],
