@@ -381,9 +381,10 @@ def test_meet_measured_unreachable_goals(fake_compare):
                         "unreachable": f"target_latency={0.5 * AIM / 0.6:.3f} cannot be met"}
 
 
-def test_prune_target_latency_closes_the_loop_on_measurements(fake_timer, monkeypatch):
-    # End to end the model costs a fixed 0.2 fake ms more than the layers (what the prediction cannot see), so
-    # the structure predicted at the target measures slower than it; the corrected goals prune further.
+@pytest.fixture
+def overhead_timer(fake_timer, monkeypatch):
+    """The fake timer, with a whole model costing a fixed 0.2 of the tiny net's fake ms more than its layers:
+    an overhead the prediction cannot see, so the structure predicted at a target measures slower than it."""
     make_layer_timer = runtimes.make_timer
 
     def make_timer(module, inputs, runtime, device, threads):
@@ -393,6 +394,11 @@ def test_prune_target_latency_closes_the_loop_on_measurements(fake_timer, monkey
         return lambda warmup, repeats: Timing(median_ms=ms, p10_ms=ms, p90_ms=ms, repeats=repeats)
 
     monkeypatch.setattr(runtimes, "make_timer", make_timer)
+
+
+def test_prune_target_latency_closes_the_loop_on_measurements(overhead_timer):
+    # the structure predicted at the target measures slower than it (overhead_timer); the corrected goals prune
+    # further
     net = tiny_net()
     pruned, plan = rankprune.prune(net, X, "l1", target_latency=0.7, progress=False)
     tries = plan["latency_search"]["measured_tries"]
@@ -440,20 +446,11 @@ def test_compress_target_latency_splits_the_latency_budget(fake_timer):
         rankprune.compress(net, X, data=data, target_flops=0.5, target_latency=0.5, progress=False)
 
 
-def test_compress_target_latency_closes_the_loop_on_measurements(fake_timer, monkeypatch):
-    # As for prune: end to end the model costs a fixed 0.2 fake ms more than its layers, which the prediction
-    # the splits are compared on cannot see; the chosen split is run again for corrected goals until its result
-    # measures within the window below the target, and that result is the model returned.
+def test_compress_target_latency_closes_the_loop_on_measurements(overhead_timer):
+    # As for prune (overhead_timer): the splits are compared on the prediction, which cannot see the overhead;
+    # the chosen split is run again for corrected goals until its result measures within the window below the
+    # target, and that result is the model returned.
     pytest.importorskip("torch_pruning")
-    make_layer_timer = runtimes.make_timer
-
-    def make_timer(module, inputs, runtime, device, threads):
-        if not isinstance(module, nn.Sequential):
-            return make_layer_timer(module, inputs, runtime, device, threads)
-        ms = fake_ms(module) + 0.2 * fake_ms(tiny_net())
-        return lambda warmup, repeats: Timing(median_ms=ms, p10_ms=ms, p90_ms=ms, repeats=repeats)
-
-    monkeypatch.setattr(runtimes, "make_timer", make_timer)
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(4, 8, 8, 8, generator=g) for _ in range(4)]
     net = tiny_net()
