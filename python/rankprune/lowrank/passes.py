@@ -9,7 +9,8 @@
    decomposed, each layer's pass starting from the cached outputs of the modules before it;
 3. **refit** (one stage pass per stage, each starting from the frontier cache): ``H H^T`` and ``H Y^T`` of the
    inputs ``H`` the layer gets once the layers before it are decomposed and the dense outputs ``Y = W X`` at
-   the same sampled columns (or ``H`` and ``Y`` themselves, likewise); the layers of a stage are refitted and replaced at its end.
+   the same sampled columns (or ``H`` and ``Y`` themselves, likewise); the layers of a stage are refitted and
+   replaced at its end.
 """
 import math
 from typing import Callable, Dict, List, Tuple
