@@ -559,7 +559,8 @@ def main(argv=None) -> int:
     summarize_rows(rows)
     config = {"models": models, "images": images, "batch_size": args.batch_size, "size": args.size,
               "seq_len": args.seq_len, "measure": measures, "target_flops": args.target_flops,
-              "repeats": args.repeats, "calls": args.calls, "threads": args.threads, "seed": args.seed, "timeout_s": timeout,
+              "repeats": args.repeats, "calls": args.calls, "threads": args.threads, "seed": args.seed,
+              "timeout_s": timeout,
               "quick": args.quick, "gpt2_configs": {k: dict(zip(("layers", "width", "heads", "vocab"), v))
                                                     for k, v in GPT2_CONFIGS.items() if k in models}}
     env = environment(args.device)  # on cuda: the first CUDA use of this process, after the measurements

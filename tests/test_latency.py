@@ -329,7 +329,7 @@ def test_meet_measured_makes_the_dense_timer_once_for_all_tries(monkeypatch):
     # ONNX Runtime exports the model a timer times: the dense model's timer is made at the first comparison and
     # handed to every later one
     made, handed = [], []
-    monkeypatch.setattr(runtimes, "dense_timer", lambda *a, **k: made.append(object()) or made[-1])
+    monkeypatch.setattr(runtimes, "reference_timer", lambda *a, **k: made.append(object()) or made[-1])
     monkeypatch.setattr(runtimes, "compare", lambda dense, candidate, *a, dense_timer=None, **k: handed.append(
         dense_timer) or {"ratio": candidate.measured, "ratio_p10": candidate.measured, "ratio_p90": candidate.measured})
     _, tries = runtimes.meet_measured(biased_build(lambda g: g + 0.3), nn.Identity(), X, "eager", 0.5)

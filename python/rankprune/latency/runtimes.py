@@ -142,7 +142,7 @@ def compare(dense: nn.Module, compressed: nn.Module, example_inputs, runtime: st
             dense_timer: Optional[Timer] = None) -> Dict[str, object]:
     """Measured end-to-end latency of ``compressed`` against ``dense`` on ``example_inputs``: ``rounds`` rounds
     alternating the two (``repeats`` timed calls each), in ``runtime`` on the models' device. ``dense_timer``:
-    ``dense``'s timer from an earlier comparison (:func:`dense_timer`), reused (ONNX Runtime then exports the
+    ``dense``'s timer from an earlier comparison (:func:`reference_timer`), reused (ONNX Runtime then exports the
     dense model once for all of them).
 
     Returns ``{"runtime", "device", "batch", "threads", "dense": Timing dict, "compressed": Timing dict, "ratio",
@@ -173,7 +173,7 @@ def _timing_settings(dense: nn.Module, example_inputs, runtime: str, threads: Op
     return device, runtime_threads(runtime, threads)
 
 
-def dense_timer(dense: nn.Module, example_inputs, runtime: str, threads: Optional[int] = None) -> Timer:
+def reference_timer(dense: nn.Module, example_inputs, runtime: str, threads: Optional[int] = None) -> Timer:
     """``dense``'s timer for :func:`compare` (``dense_timer=``), made once for several comparisons."""
     device, threads = _timing_settings(dense, example_inputs, runtime, threads)
     return make_timer(dense, example_inputs, runtime, device, threads)
@@ -249,7 +249,7 @@ def meet_measured(build: Build, dense: nn.Module, example_inputs, runtime: str, 
             break
         if any(decision == seen for _, seen in decisions):  # the same structure again: nothing new to measure
             break
-        reference = reference or dense_timer(dense, example_inputs, runtime, threads)
+        reference = reference or reference_timer(dense, example_inputs, runtime, threads)
         measured = compare(dense, candidate, example_inputs, runtime, threads=threads, rounds=LOOP_ROUNDS,
                            dense_timer=reference)
         del candidate

@@ -133,8 +133,8 @@ class ColumnStatistics:
     def times(self, B: Tensor) -> Tensor:
         """``X X^T B`` for a float64 ``B`` ``[d, k]``."""
         if self.in_sample_space:
-            x = self.rows()[0]
-            return x.mT.to(torch.float64) @ (x.to(torch.float64) @ B)
+            x = self.rows()[0].to(torch.float64)
+            return x.mT @ (x @ B)
         return self.gram @ B
 
     def quadratic(self, W: Tensor) -> Tensor:
