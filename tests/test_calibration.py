@@ -184,8 +184,8 @@ def test_cache_survives_writes_into_served_outputs(late):
         seen = _captured_inputs(engine, model.c, f"c {attempt}")
         for b, x in enumerate(data):
             torch.testing.assert_close(seen[b], expected[b], rtol=0, atol=1e-12)
-    # a's outputs are written into: from now on it is served copies, and its cache holds a's outputs as they were
-    assert engine.cached[model.a].written and engine.cached[model.a].complete
+    # the writes landed in copy-on-write aliases: the cache still holds a's outputs as they were
+    assert engine.cached[model.a].complete
     for b in range(len(data)):
         torch.testing.assert_close(engine.cached[model.a].per_batch[b][0], expected_a[b], rtol=0, atol=0)
 
@@ -196,11 +196,33 @@ def test_outputs_nothing_writes_into_are_served_without_a_copy():
     data = [torch.randn(2, 3, 5, 5, dtype=torch.float64) for _ in range(2)]
     engine = Calibration(model, data, progress=False)
     engine.trace({}, "trace")
-    _captured_inputs(engine, model[2], "record")
-    seen = _captured_inputs(engine, model[2], "serve")
+    recorded = _captured_inputs(engine, model[2], "record")
+    served = _captured_inputs(engine, model[2], "serve")
     cached = engine.cached[model[1]]
-    assert not cached.written
-    assert all(seen[b].data_ptr() == cached.per_batch[b][0].data_ptr() for b in range(len(data)))
+    for b in range(len(data)):
+        # still sharing the cached storage (an alias that nothing wrote into is never copied)
+        assert torch._C._is_cow_tensor(recorded[b]) and torch._C._is_cow_tensor(served[b])
+        assert served[b] is not cached.per_batch[b][0]
+        torch.testing.assert_close(served[b], cached.per_batch[b][0], rtol=0, atol=0)
+
+
+class FromNumpy(nn.Module):
+    """Returns a tensor whose storage numpy owns: PyTorch cannot alias it copy-on-write."""
+
+    def forward(self, x):
+        return torch.from_numpy(x.numpy() * 2)
+
+
+def test_outputs_that_cannot_be_aliased_are_copied():
+    model = nn.Sequential(FromNumpy(), nn.ReLU(inplace=True), nn.Linear(3, 2).double()).eval()
+    data = [torch.randn(2, 3, dtype=torch.float64) for _ in range(2)]
+    engine = Calibration(model, data, progress=False)
+    engine.trace({}, "trace")
+    for desc in ("record", "serve"):  # the in-place ReLU writes into what the model gets, never into the cache
+        seen = _captured_inputs(engine, model[2], desc)
+        for b, x in enumerate(data):
+            torch.testing.assert_close(seen[b], (2 * x).relu(), rtol=0, atol=0)
+            torch.testing.assert_close(engine.cached[model[0]].per_batch[b][0], 2 * x, rtol=0, atol=0)
 
 
 def test_budget_too_small_for_the_dense_inputs_recomputes_them(seed):
