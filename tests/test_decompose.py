@@ -737,3 +737,20 @@ def test_blocked_gram_products_equal_the_float64_reference(dtype, d, tolerance, 
     reference = rows.double().T @ rows.double() + torch.eye(d, dtype=torch.float64)
     assert bool((total[5] == reference[5]).all())
     assert float((total - reference).abs().max()) <= tolerance * float(reference.abs().max())
+
+
+def test_damped_cholesky_takes_the_first_shift_that_factors():
+    from rankprune._linalg import damped_cholesky
+    torch.manual_seed(0)
+    a = torch.randn(6, 3, dtype=torch.float64)
+    singular = a @ a.T  # rank 3 of 6
+    L, shift = damped_cholesky(singular, [0.0, 1e-3, 1.0], "test matrix")
+    assert shift == 1e-3
+    torch.testing.assert_close(L @ L.T, singular + 1e-3 * torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-12)
+    # the shift on the first 5 diagonal entries only: the last one is left as it is
+    augmented = torch.block_diag(singular[:5, :5], torch.ones(1, 1, dtype=torch.float64))
+    L, shift = damped_cholesky(augmented, [1e-2], "test matrix", damped=5)
+    expected = augmented + torch.diag(torch.tensor([1e-2] * 5 + [0.0], dtype=torch.float64))
+    torch.testing.assert_close(L @ L.T, expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"^test matrix is not positive definite even with a shift of 0 on"):
+        damped_cholesky(singular, [0.0], "test matrix")

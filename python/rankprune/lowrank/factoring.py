@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._linalg import damped_cholesky
 from ..nn import LowRankConv2d, LowRankLinear
 from .cost import Candidate, linear_features
 
@@ -64,19 +65,12 @@ def cholesky(C: Tensor, damping: float, name: str) -> Tensor:
 
 def shifted_cholesky(C: Tensor, damping: float, scale: float, name: str) -> Tuple[Tensor, float]:
     """``(L, shift)`` with ``L L^T = C + shift * I`` and ``shift = damping * scale``, the damping raised tenfold
-    until the factorisation succeeds (dead inputs make C singular); ``(I, 0)`` where ``scale`` is 0 (a layer
-    that only ever saw zeros: every rank gives the same, zero, output error)."""
+    (7 times at most) until the factorisation succeeds; ``(I, 0)`` where ``scale`` is 0 (a layer that only ever
+    saw zeros: every rank gives the same, zero, output error)."""
     if not scale > 0:
         return torch.eye(C.shape[0], dtype=C.dtype, device=C.device), 0.0
-    for attempt in range(8):
-        shift = (damping * 10 ** attempt) * scale
-        damped = C.clone()  # the damping added on the diagonal only: no d x d identity formed and added
-        damped.diagonal().add_(shift)
-        L, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            return L, shift
-    raise ValueError(f"decompose: the input covariance of layer {name!r} is not positive definite even with "
-                     f"damping {damping * 10 ** 7:g}; it cannot be factored on this data")
+    return damped_cholesky(C, (damping * 10 ** attempt * scale for attempt in range(8)),
+                           f"decompose: the input covariance of layer {name!r}")
 
 
 def whitened_factors(layer: Candidate, damping: float, rank: Optional[int] = None,

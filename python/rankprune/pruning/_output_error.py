@@ -42,7 +42,7 @@ from ..fidelity import output_tensor
 from . import _torch_pruning as tpa
 from ._errors import torch_pruning_errors
 from ._importance import root_positions
-from ._reconstruct import DEFAULT_DAMPING, MAX_INPUT_DIM, damped_cholesky
+from ._reconstruct import DEFAULT_DAMPING, MAX_INPUT_DIM, ridge_cholesky
 
 # Relative energy of the noise added to a consumer's output to measure its sensitivity (small enough to stay
 # in the linear regime of the rest of the network, large enough to be far above float32 rounding).
@@ -204,7 +204,7 @@ class _Fit:
                  sensitivity: float):
         self.weight = module.weight.detach().reshape(module.weight.shape[0], -1).to(gram)
         self.dead = not float(gram.diagonal().mean()) > 0  # the layer only saw zeros: removing costs nothing
-        self.precision = torch.cholesky_inverse(damped_cholesky(gram, damping, name))
+        self.precision = torch.cholesky_inverse(ridge_cholesky(gram, damping, name))
         self.scale = sensitivity / max(float(((self.weight @ gram) * self.weight).sum()), 1e-300)
         self.columns = {r: torch.tensor(c, device=gram.device) for r, c in columns.items()}
         by_size: Dict[int, List[int]] = {}

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .._inputs import call_model, eval_mode, first_samples, holds_non_finite, raise_non_finite, removed_after
+from .._linalg import damped_cholesky
 from ..calibration import Calibration, SameInputStages
 from ..columns import column_generator, input_columns
 
@@ -252,27 +253,23 @@ def _stage_statistics(engine: Calibration, dense_engine: Calibration, stage: Lis
     engine.all_reduce([t for c in stage for s in (c.fit, c.holdout) for t in (s.gram, s.cross)])
 
 
-def damped_cholesky(gram: Tensor, damping: float, name: str, damped: Optional[int] = None) -> Tensor:
+def ridge_cholesky(gram: Tensor, damping: float, name: str, damped: Optional[int] = None) -> Tensor:
     """Lower ``L`` with ``L L^T = gram + r * mean(diag) * I`` on the first ``damped`` diagonal entries (all by
-    default): ``r = damping``, raised tenfold until the factorization succeeds (dead or duplicate inputs make
-    the Gram singular; with ``damping=0`` the escalation starts at 1e-12)."""
+    default): ``r = damping``, raised tenfold (9 times at most) until the factorization succeeds (dead or
+    duplicate inputs make the Gram singular; with ``damping=0`` the escalation starts at 1e-11)."""
     d = gram.shape[0] if damped is None else damped
     mean_diagonal = float(gram.diagonal()[:d].mean()) if d else 0.0
     unit = mean_diagonal if mean_diagonal > 0 else 1.0
-    ridge = torch.zeros(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    for attempt in range(10):
-        ridge[:d] = (damping * 10 ** attempt if damping > 0 else (1e-12 * 10 ** attempt if attempt else 0.0)) * unit
-        L, info = torch.linalg.cholesky_ex(gram + torch.diag(ridge))
-        if int(info) == 0:
-            return L
-    raise ValueError(f"prune: the input statistics of layer {name!r} cannot be factored (not positive definite "
-                     "even with the damping raised 1e9-fold)")
+    ratios = (damping * 10 ** attempt if damping > 0 else (1e-12 * 10 ** attempt if attempt else 0.0)
+              for attempt in range(10))
+    return damped_cholesky(gram, (r * unit for r in ratios), f"prune: the input statistics of layer {name!r}",
+                           damped=d)[0]
 
 
 def _solve(stats: _Statistics, damping: float, name: str) -> Tensor:
     """The ridge solution ``[W', b']`` (module doc) from augmented statistics, float64; the intercept is never
     damped."""
-    L = damped_cholesky(stats.gram, damping, name, damped=stats.gram.shape[0] - 1)
+    L = ridge_cholesky(stats.gram, damping, name, damped=stats.gram.shape[0] - 1)
     return torch.cholesky_solve(stats.cross, L).T
 
 
