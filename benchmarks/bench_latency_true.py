@@ -52,7 +52,6 @@ import argparse
 import contextlib
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -66,7 +65,7 @@ sys.path.append(os.path.join(ROOT, "python"))
 
 import rankprune  # noqa: E402
 from rankprune import latency  # noqa: E402
-from rankprune.benchmark import environment, markdown_table, write_results  # noqa: E402
+from rankprune.benchmark import environment, markdown_table, spread, write_results  # noqa: E402
 from rankprune.latency.runtimes import DEFAULT_ROUNDS, interleaved, make_timer  # noqa: E402
 from rankprune.nn import LowRankConv2d  # noqa: E402
 
@@ -196,15 +195,6 @@ def _on_path(timer, setting: Optional[str], pair_modules=()):
     return run
 
 
-def _spread(values: List[float]) -> Tuple[float, float, float]:
-    """Median, 10th and 90th percentiles."""
-    values = sorted(values)
-    if len(values) < 2:
-        return values[0], values[0], values[0]
-    q = statistics.quantiles(values, n=10, method="inclusive")
-    return statistics.median(values), q[0], q[-1]
-
-
 def path_ratios(dense, small, x, runtime: str, rounds: int = DEFAULT_ROUNDS, repeats: int = 5) -> dict:
     """CUDA: ``small`` on the default path, on the fused kernel (where it covers a layer; the cuDNN pair
     elsewhere) and on the cuDNN pair, interleaved with ``dense`` in ``rounds`` rounds; each ratio is the median
@@ -230,11 +220,11 @@ def path_ratios(dense, small, x, runtime: str, rounds: int = DEFAULT_ROUNDS, rep
         return row
     row["paths_s"] = time.perf_counter() - start
     dense_ms = [t.median_ms for t in results.pop("dense")]
-    row["paths_dense_ms"] = _spread(dense_ms)[0]
+    row["paths_dense_ms"] = spread(dense_ms)[0]
     for path, timings in results.items():
         ms = [t.median_ms for t in timings]
-        ratio, low, high = _spread([c / d for c, d in zip(ms, dense_ms)])
-        row.update({f"{path}_ms": _spread(ms)[0], f"ratio_{path}": ratio, f"ratio_{path}_p10": low,
+        ratio, low, high = spread([c / d for c, d in zip(ms, dense_ms)])
+        row.update({f"{path}_ms": spread(ms)[0], f"ratio_{path}": ratio, f"ratio_{path}_p10": low,
                     f"ratio_{path}_p90": high})
     return row
 

@@ -61,6 +61,26 @@ def test_measure_cuda_events_and_graph():
         assert t.repeats >= 10 and t.median_ms > 0
 
 
+def test_spread_is_the_median_and_the_inclusive_deciles():
+    values = [float(v) for v in (11, 1, 6, 2, 10, 3, 9, 4, 8, 5, 7)]  # 1..11, shuffled
+    assert benchmark.spread(values) == (6.0, 2.0, 10.0)
+    assert benchmark.spread([4.5]) == (4.5, 4.5, 4.5)
+    assert values[0] == 11.0  # the caller's list is left in its order
+
+
+def test_bench_latency_true_names_a_partial_run_apart():
+    """A run of part of the matrix gets its own result name (and README table): it must not replace the full
+    run's table."""
+    bench = _script("bench_latency_true")
+    everything = list(bench.MODELS)
+    assert bench.result_name(everything, [1, 8], quick=False) == "bench_latency_true"
+    assert bench.result_name(everything, [8], quick=False) == "bench_latency_true-b8"
+    assert bench.result_name(["resnet18"], [8], quick=False) == "bench_latency_true-b8-resnet18"
+    two = bench.result_name(["resnet50", "mobilenet_v2"], [1], quick=False)
+    assert two == "bench_latency_true-resnet50_mobilenet_v2"
+    assert bench.result_name(["resnet50"], [8], quick=True) == "bench_latency_true-quick"
+
+
 def test_markdown_table_aligns_and_formats():
     text = benchmark.markdown_table(["a", "b"], [["x", 1.23456], ["longer", None], ["n", 1234567]])
     lines = text.splitlines()

@@ -76,9 +76,16 @@ def measure(
         calls = len(times)
     else:
         times, calls = _cpu_times(fn, repeats, min_time_s, last_call_s)
-    times.sort()
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
-    return Timing(median_ms=statistics.median(times), p10_ms=q[0], p90_ms=q[-1], repeats=calls)
+    median, p10, p90 = spread(times)
+    return Timing(median_ms=median, p10_ms=p10, p90_ms=p90, repeats=calls)
+
+
+def spread(values: List[float]) -> Tuple[float, float, float]:
+    """``(median, 10th percentile, 90th percentile)`` of ``values`` (inclusive method; one value: itself)."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), q[0], q[-1]
 
 
 def _graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:

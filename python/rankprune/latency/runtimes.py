@@ -6,7 +6,6 @@ call captured into a CUDA graph and replayed: no launch overhead) and ``"onnxrun
 to ONNX and run by an ONNX Runtime CPU session).
 """
 import os
-import statistics
 import tempfile
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
@@ -16,7 +15,7 @@ from torch import nn
 
 from .._inputs import batch_size, model_device_dtype
 from .._version import __version__
-from ..benchmark import Timing, environment, latency, measure
+from ..benchmark import Timing, environment, latency, measure, spread
 
 RUNTIMES = ("eager", "cuda_graph", "onnxruntime")
 ORT_INSTALL = "pip install onnxruntime onnx"
@@ -118,23 +117,15 @@ def interleaved(timers: Dict[str, Timer], rounds: int, repeats: int, warmup: int
 
 def pooled(timings: List[Timing]) -> Timing:
     """One Timing from the rounds' medians: their median, 10th and 90th percentiles."""
-    medians = sorted(t.median_ms for t in timings)
-    return Timing(median_ms=statistics.median(medians), p10_ms=_quantile(medians, 0.1),
-                  p90_ms=_quantile(medians, 0.9), repeats=sum(t.repeats for t in timings))
-
-
-def _quantile(sorted_values: List[float], q: float) -> float:
-    if len(sorted_values) < 2:
-        return sorted_values[0]
-    return statistics.quantiles(sorted_values, n=10, method="inclusive")[round(q * 10) - 1]
+    median, p10, p90 = spread([t.median_ms for t in timings])
+    return Timing(median_ms=median, p10_ms=p10, p90_ms=p90, repeats=sum(t.repeats for t in timings))
 
 
 def round_ratios(dense: List[Timing], other: List[Timing]) -> Dict[str, float]:
     """``{"ratio", "ratio_p10", "ratio_p90"}``: the median over rounds of ``other``'s time over ``dense``'s in the
     same round (``interleaved``), with its 10th and 90th percentiles."""
-    ratios = sorted(o.median_ms / d.median_ms for d, o in zip(dense, other))
-    return {"ratio": statistics.median(ratios), "ratio_p10": _quantile(ratios, 0.1),
-            "ratio_p90": _quantile(ratios, 0.9)}
+    ratio, p10, p90 = spread([o.median_ms / d.median_ms for d, o in zip(dense, other)])
+    return {"ratio": ratio, "ratio_p10": p10, "ratio_p90": p90}
 
 
 def compare(dense: nn.Module, compressed: nn.Module, example_inputs, runtime: str = "eager", *,
