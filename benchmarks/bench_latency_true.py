@@ -46,7 +46,8 @@ CUDA runtimes, the targets of ``--targets``. The CUDA run needs a build of rankp
 Needs torchvision (and onnx, onnxscript, onnxruntime for the ONNX Runtime rows). Writes
 ``benchmarks/results/bench_latency_true[-quick]-<cpu|cuda>-<stamp>.json`` with a Markdown table (README); a run
 of part of the matrix gets a name and a table of its own, so that it does not replace the full run's:
-``--batches 8`` writes ``bench_latency_true-b8-...``, and ``--models resnet18`` adds ``-resnet18`` to the name.
+``--batches 8`` writes ``bench_latency_true-b8-...``, ``--models resnet18`` adds ``-resnet18`` to the name and
+``--runtimes eager`` (on the CPU) ``-eager``.
 """
 import argparse
 import contextlib
@@ -302,20 +303,22 @@ def markdown(rows: List[dict], config: dict) -> str:
     return setting + "\n\n" + markdown_table(headers, lines) + "\n"
 
 
-def result_name(models: List[str], batches: List[int], quick: bool) -> str:
-    """The result file's name: a run of part of the matrix (without batch 1, or of some models) gets a name and a
-    README table of its own, so that it does not replace the full run's table."""
+def result_name(models: List[str], batches: List[int], runtimes: List[str], device: str, quick: bool) -> str:
+    """The result file's name: a run of part of the matrix (without batch 1, of some models, or of some of the
+    device's runtimes) gets a name and a README table of its own, so that it does not replace another run's."""
     if quick:
         return "bench_latency_true-quick"
     name = "bench_latency_true" + ("" if 1 in batches else "-b" + "_".join(str(b) for b in batches))
-    return name + ("" if models == list(MODELS) else "-" + "_".join(models))
+    name += "" if models == list(MODELS) else "-" + "_".join(models)
+    return name + ("" if runtimes == DEFAULT_RUNTIMES[device].split(",") else "-" + "_".join(runtimes))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated torchvision models ({','.join(MODELS)})")
-    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8; a run without 1, or "
-                   "of some models, writes a result of its own name: bench_latency_true-b8-resnet18-...json)")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8; a run without 1, "
+                   "or of some models or runtimes, writes a result of its own name: "
+                   "bench_latency_true-b8-resnet18-...json)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where models run (default cpu)")
     p.add_argument("--runtimes", help="comma-separated runtimes (default eager,onnxruntime on cpu, eager,cuda_graph "
                                       "on cuda)")
@@ -364,7 +367,7 @@ def main(argv=None) -> int:
     print(md)
     payload = {"environment": environment(device), "config": config, "rows": rows, "markdown": md}
     out = args.out or os.path.join(ROOT, "benchmarks", "results")
-    print(f"wrote {write_results(result_name(models, batches, args.quick), payload, out)}")
+    print(f"wrote {write_results(result_name(models, batches, runtimes, device, args.quick), payload, out)}")
     return 0
 
 

@@ -72,13 +72,16 @@ def test_bench_latency_true_names_a_partial_run_apart():
     """A run of part of the matrix gets its own result name (and README table): it must not replace the full
     run's table."""
     bench = _script("bench_latency_true")
-    everything = list(bench.MODELS)
-    assert bench.result_name(everything, [1, 8], quick=False) == "bench_latency_true"
-    assert bench.result_name(everything, [8], quick=False) == "bench_latency_true-b8"
-    assert bench.result_name(["resnet18"], [8], quick=False) == "bench_latency_true-b8-resnet18"
-    two = bench.result_name(["resnet50", "mobilenet_v2"], [1], quick=False)
+    everything, both = list(bench.MODELS), ["eager", "onnxruntime"]
+    assert bench.result_name(everything, [1, 8], both, "cpu", quick=False) == "bench_latency_true"
+    assert bench.result_name(everything, [8], both, "cpu", quick=False) == "bench_latency_true-b8"
+    assert bench.result_name(["resnet18"], [8], both, "cpu", quick=False) == "bench_latency_true-b8-resnet18"
+    two = bench.result_name(["resnet50", "mobilenet_v2"], [1], both, "cpu", quick=False)
     assert two == "bench_latency_true-resnet50_mobilenet_v2"
-    assert bench.result_name(["resnet50"], [8], quick=True) == "bench_latency_true-quick"
+    ort = bench.result_name(["efficientnet_b0"], [8], ["onnxruntime"], "cpu", quick=False)
+    assert ort == "bench_latency_true-b8-efficientnet_b0-onnxruntime"
+    assert bench.result_name(everything, [1, 8], ["eager", "cuda_graph"], "cuda", quick=False) == "bench_latency_true"
+    assert bench.result_name(["resnet50"], [8], both, "cpu", quick=True) == "bench_latency_true-quick"
 
 
 def test_markdown_table_aligns_and_formats():
