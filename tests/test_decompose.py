@@ -303,6 +303,25 @@ def test_data_aware_allocation_honours_min_rank_and_rank_multiple(seed):
     assert report["layers"] and all(e["rank"] >= 8 and e["rank"] % 8 == 0 for e in report["layers"].values())
 
 
+def test_allocation_gives_back_what_its_last_move_overshot():
+    # "a" (16x16) loses almost nothing down to rank 2; "b" (64x64) can only jump to rank 16, saving 4096 FLOPs at
+    # once. Budget 6000 of 8704: the walk takes a to rank 2 (8320), then b's jump (4224), 1776 under the budget.
+    # Giving back the cheapest error first, a returns to dense (384 FLOPs); b's way back (4096) does not fit.
+    from rankprune.lowrank.allocation import allocate
+    from rankprune.lowrank.cost import Candidate
+
+    def layer(name, size, S, multiple, min_rank):
+        return Candidate(name=name, module=nn.Linear(size, size, bias=False), kind="linear", scheme="channel",
+                         inputs=[torch.zeros(1, size)], S=torch.tensor(S, dtype=torch.float64), min_rank=min_rank,
+                         rank_multiple=multiple)
+
+    layers = [layer("a", 16, [1.0] * 2 + [1e-3] * 14, 1, 1), layer("b", 64, [1.0] * 64, 16, 16)]
+    assert sum(l.flops(None) for l in layers) == 8704
+    assert allocate(layers, "flops", 6000.0, 8704.0, 0.0, "target_flops") == {"b": 16}
+    # where the budget leaves room for part of a's way back, a stops at the highest rank that fits
+    assert allocate(layers, "flops", 4096 + 5 * 64 + 10.0, 8704.0, 0.0, "target_flops") == {"a": 5, "b": 16}
+
+
 def test_energy_with_data_keeps_output_energy(seed):
     model = small_resnet().eval()
     images = [torch.randn(4, 3, 16, 16) for _ in range(2)]

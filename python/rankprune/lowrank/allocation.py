@@ -84,7 +84,10 @@ def allocate(layers: List[Candidate], cost_kind: str, budget: float, total: floa
     layer to its largest allowed FLOP-saving rank, or lowering a decomposed layer by ``rank_multiple``, never
     below its lowest allowed rank; the move with the least discarded energy per unit of cost saved goes first.
     The discarded energy of a layer is convex in its rank (singular values descend), so the rank-lowering moves
-    of each layer come in the right order and the result misses the budget by at most one move.
+    of each layer come in the right order and the walk passes the budget by at most one move. That last move can
+    save far more than was still needed (a layer's first move saves its whole dense-to-low-rank difference), so
+    the walk then gives back what fits under the budget (``_refill``): the cost left unspent is then less than
+    any one step back, instead of up to one whole move.
     """
     def cost(layer: Candidate, rank: Optional[int]) -> float:
         return layer.flops(rank) if cost_kind == "flops" else layer.params(rank)
@@ -123,7 +126,39 @@ def allocate(layers: List[Candidate], cost_kind: str, budget: float, total: floa
             f"{arg} cannot be met by decomposing the selected layers: the smallest reachable {cost_kind} is "
             f"{total:.4g}, the budget {budget:.4g} (lower min_rank or rank_multiple, or include more layers)"
         )
+    _refill(layers, ranks, cost, energy2, budget - total, min_flop_saving)
     return {name: rank for name, rank in ranks.items() if rank is not None}
+
+
+def _refill(layers: List[Candidate], ranks: Dict[str, Optional[int]], cost, energy2: Dict, room: float,
+            min_flop_saving: float) -> None:
+    """Spend ``room`` (the budget ``allocate``'s walk left unspent) on steps back, in place: a decomposed layer's
+    rank raised by ``rank_multiple`` up to its largest FLOP-saving rank, or from there back to dense. The
+    step that recovers the most weighted energy per unit of cost goes first; a step that does not fit ends
+    that layer's steps (the next ones recover less per unit of cost, by convexity)."""
+    heap = []
+
+    def push(layer: Candidate) -> None:
+        rank = ranks[layer.name]
+        if rank is None:
+            return
+        higher = rank + layer.rank_multiple
+        if higher <= layer.max_saving_rank(min_flop_saving):
+            added, recovered = cost(layer, higher) - cost(layer, rank), float(energy2[layer.name][rank:higher].sum())
+        else:
+            higher, added, recovered = None, cost(layer, None) - cost(layer, rank), layer.discarded(rank)
+        if added > 0:
+            heapq.heappush(heap, (-layer.sensitivity * recovered / added, layer.name, higher, added))
+
+    by_name = {l.name: l for l in layers}
+    for layer in layers:
+        push(layer)
+    while heap:
+        _, name, higher, added = heapq.heappop(heap)
+        if added <= room:
+            ranks[name] = higher
+            room -= added
+            push(by_name[name])
 
 
 def rank_grid(layer: Candidate, min_flop_saving: float, count: int) -> List[int]:
