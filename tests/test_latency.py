@@ -415,6 +415,29 @@ def test_prune_target_latency_closes_the_loop_on_measurements(overhead_timer):
     assert "measured_tries" not in quiet["latency_search"] and "latency" not in quiet
 
 
+@pytest.mark.filterwarnings("ignore:decompose. target_latency=0.7 missed")  # the overhead the loop cannot beat
+@pytest.mark.parametrize("verb", ["prune", "decompose", "compress"])
+def test_the_dense_model_is_timed_by_one_timer_for_the_loop_and_the_final_check(overhead_timer, monkeypatch, verb):
+    # ONNX Runtime exports the model each timer times: the closed loop (several tries here, overhead_timer) and
+    # the final verify share the dense model's one timer
+    if verb != "decompose":
+        pytest.importorskip("torch_pruning")
+    net, timed = tiny_net(), []
+    make_timer = runtimes.make_timer
+    monkeypatch.setattr(runtimes, "make_timer", lambda module, *a: timed.append(module) or make_timer(module, *a))
+    data = [torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    if verb == "prune":
+        _, plan = rankprune.prune(net, X, "l1", target_latency=0.7, progress=False)
+    elif verb == "decompose":
+        _, plan, _ = rankprune.decompose(net, target_latency=0.7, example_inputs=X, min_rank=1, progress=False)
+    else:
+        _, plan, _ = rankprune.compress(net, X, data=data, target_latency=0.7, shares=(1.0,), progress=False)
+    tries = plan["latency_search"]["measured_tries"]
+    assert "latency" in plan and len(tries) >= (1 if verb == "decompose" else 2)
+    assert sum(module is net for module in timed) == 1
+    assert len(timed) == 1 + len(tries) + 1  # the dense model, each try, the result's final check
+
+
 def test_decompose_target_latency_closes_the_loop_on_measurements(fake_timer):
     net = tiny_net()
     small, plan, report = rankprune.decompose(net, target_latency=0.6, example_inputs=X, min_rank=1, progress=False)

@@ -38,7 +38,7 @@ from torch import nn
 from ._inputs import check_finite_weights, check_fraction, first_samples, model_inputs, reusable
 from ._inputs import progress as progress_bar
 from .fidelity import RULE, divergences, select, split_holdout
-from .latency import latency_settings, meet_measured, verify
+from .latency import latency_settings, meet_measured, reference_timer, verify
 from .lowrank import decompose
 from .plan_format import PLAN_VERSION
 from .report import count_flops
@@ -86,6 +86,8 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
     runtime, measure_latency = latency_settings(model, target_flops, target_latency, runtime, measure_latency,
                                                 example_inputs)
     split = _Split(model, example_inputs, budget, target, runtime, cache_bytes)
+    # one timer of the dense model for the closed loop and the final check (ONNX Runtime: one export)
+    dense_timer = reference_timer(model, example_inputs, runtime) if measure_latency else None
     compared, unreachable, per_sample = [], [], {}
     for share in progress_bar(sorted(set(float(s) for s in shares)), "compress: comparing splits", progress,
                               unit="split"):
@@ -106,7 +108,8 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
     best, reference = _choose(compared, per_sample)
     latency_search = None
     if budget == "latency" and measure_latency:
-        compressed, steps, latency_search = _measured_split(split, best["prune_share"], fit + held, runtime)
+        compressed, steps, latency_search = _measured_split(split, best["prune_share"], fit + held, runtime,
+                                                            dense_timer)
     else:
         compressed, steps = split.run(best["prune_share"], fit + held)
     plan = {"method": "compress", "version": PLAN_VERSION, "steps": steps, "target_flops": target_flops,
@@ -115,7 +118,8 @@ def compress(model: nn.Module, example_inputs: Any = None, *, data: Iterable, ta
     if latency_search is not None:
         plan["latency_search"] = latency_search
     if measure_latency:
-        plan["latency"] = verify(model, compressed, example_inputs, runtime, target=target_latency, verb="compress")
+        plan["latency"] = verify(model, compressed, example_inputs, runtime, target=target_latency, verb="compress",
+                                 dense_timer=dense_timer)
     report = {"candidates": compared, "unreachable": unreachable, "chosen": best, "held_out_batches": len(held),
               "measure": "mean KL(dense || compressed) of the output logits per held-out sample",
               "reference": reference, "rule": RULE,
@@ -134,9 +138,11 @@ def _choose(compared: list, per_sample: Dict[float, Any]) -> Tuple[dict, float]:
     return compared[chosen], reference
 
 
-def _measured_split(split: "_Split", share: float, batches, runtime: str) -> Tuple[nn.Module, list, Dict[str, Any]]:
-    """The split at ``share`` run on ``batches`` for the target as measured (``meet_measured``): the chosen
-    result, its steps' plans and the search's record (``{"runtime", "measured_tries"}``)."""
+def _measured_split(split: "_Split", share: float, batches, runtime: str, dense_timer
+                    ) -> Tuple[nn.Module, list, Dict[str, Any]]:
+    """The split at ``share`` run on ``batches`` for the target as measured (``meet_measured``, each try timed
+    against ``dense_timer``): the chosen result, its steps' plans and the search's record (``{"runtime",
+    "measured_tries"}``)."""
     built: Dict[Tuple, Tuple[nn.Module, list]] = {}
 
     def build(goal: float):
@@ -146,7 +152,8 @@ def _measured_split(split: "_Split", share: float, batches, runtime: str) -> Tup
         built[structure] = (candidate, steps)
         return candidate, structure, {"prune_share": share}
 
-    structure, tries = meet_measured(build, split.model, split.example_inputs, runtime, split.target)
+    structure, tries = meet_measured(build, split.model, split.example_inputs, runtime, split.target,
+                                     reference=dense_timer)
     compressed, steps = built[structure]
     return compressed, steps, {"runtime": runtime, "measured_tries": tries}
 

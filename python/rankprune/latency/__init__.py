@@ -7,7 +7,8 @@
   picks the rank / channel multiples the hardware rewards from measured sweeps.
 - :func:`compare` and :func:`verify`: the measured end-to-end latency of a compressed model against dense
   (interleaved rounds, median and spread); ``verify`` warns when the model is not faster or misses a target;
-  :func:`meet_measured` closes the loop of a latency target on measurements of the structures built for it.
+  :func:`meet_measured` closes the loop of a latency target on measurements of the structures built for it;
+  :func:`reference_timer` makes the dense model's timer once for the loop and the final check.
 - :func:`clear_cache` (also ``rankprune bench clear-cache``), :func:`cache_dir` (``$RANKPRUNE_CACHE_DIR/latency``,
   default ``~/.cache/rankprune/latency``).
 
@@ -15,7 +16,7 @@ See docs/latency.md.
 """
 from .cache import CACHE_ENV, cache_dir, clear_cache
 from .model import DENSE, LatencyModel, Variant, best_multiple
-from .runtimes import RUNTIMES, check_runtime, compare, latency_settings, meet_measured, verify
+from .runtimes import RUNTIMES, check_runtime, compare, latency_settings, meet_measured, reference_timer, verify
 
-__all__ = ["LatencyModel", "Variant", "DENSE", "best_multiple", "compare", "verify", "meet_measured", "check_runtime", "latency_settings", "RUNTIMES",
-           "clear_cache", "cache_dir", "CACHE_ENV"]
+__all__ = ["LatencyModel", "Variant", "DENSE", "best_multiple", "compare", "verify", "meet_measured", "reference_timer",
+           "check_runtime", "latency_settings", "RUNTIMES", "clear_cache", "cache_dir", "CACHE_ENV"]

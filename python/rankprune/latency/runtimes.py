@@ -190,11 +190,13 @@ def warn_if_slow(measured: Dict[str, object], target: Optional[float], verb: str
 
 def verify(dense: nn.Module, compressed: nn.Module, example_inputs, runtime: str = "eager", *,
            target: Optional[float] = None, verb: str = "compress", threads: Optional[int] = None,
-           rounds: int = DEFAULT_ROUNDS) -> Dict[str, object]:
+           rounds: int = DEFAULT_ROUNDS, dense_timer: Optional[Timer] = None) -> Dict[str, object]:
     """:func:`compare`, then a warning naming the gap when ``compressed`` is not faster than ``dense`` or misses
     ``target`` (a fraction of dense latency); returns the comparison with ``"target"`` and ``"warning"`` (the
-    message, or None) added. Call it at the end of any compression that promises speed."""
-    measured = compare(dense, compressed, example_inputs, runtime, threads=threads, rounds=rounds)
+    message, or None) added. Call it at the end of any compression that promises speed; ``dense_timer``: the
+    one its closed loop (:func:`meet_measured`) used, if any."""
+    measured = compare(dense, compressed, example_inputs, runtime, threads=threads, rounds=rounds,
+                       dense_timer=dense_timer)
     measured["target"] = target
     measured["warning"] = warn_if_slow(measured, target, verb)
     return measured
@@ -213,7 +215,8 @@ Build = Callable[[float], Tuple[nn.Module, object, Dict[str, object]]]
 
 
 def meet_measured(build: Build, dense: nn.Module, example_inputs, runtime: str, target: float, *,
-                  threads: Optional[int] = None) -> Tuple[object, List[Dict[str, object]]]:
+                  threads: Optional[int] = None, reference: Optional[Timer] = None
+                  ) -> Tuple[object, List[Dict[str, object]]]:
     """Meet ``target`` (a fraction of ``dense``'s latency) as measured, not as predicted: the structure built for
     the predicted ``target`` is timed against ``dense`` (:func:`compare`); until one measures within
     ``[(1 - TARGET_WINDOW) * target, target]``, the goal handed to ``build`` is corrected toward the middle of
@@ -222,6 +225,10 @@ def meet_measured(build: Build, dense: nn.Module, example_inputs, runtime: str, 
     on one side of the window, and interpolates between the closest tries on either side once they bracket it
     (the measured ratio is a step function of the goal: scaling alone can jump back and forth over it).
 
+    ``reference``: ``dense``'s timer (:func:`reference_timer`), for a caller that times the result against
+    ``dense`` again afterwards (:func:`verify`); by default one is made at the first comparison. Either way
+    every try is timed against the same one (ONNX Runtime exports the dense model once).
+
     Returns ``(decision, tries)``: the decision of the least compressed structure measured within the target
     (none within: the fastest measured), and every try's goal, record, measured ratio and spread, the chosen
     one marked ``"chosen": True``. ``build``'s ValueError (goal unreachable) propagates on the first goal and
@@ -229,7 +236,6 @@ def meet_measured(build: Build, dense: nn.Module, example_inputs, runtime: str, 
     tries: List[Dict[str, object]] = []
     decisions: List[Tuple[int, object]] = []
     goal = target
-    reference = None  # dense's timer, made at the first comparison and reused by the others
     for _ in range(MEASURED_TRIES):
         try:
             candidate, decision, record = build(goal)

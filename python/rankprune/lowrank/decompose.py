@@ -11,7 +11,7 @@ from .. import training
 from .._inputs import (batch_inputs, check_finite_weights, check_fraction, first_samples, model_device_dtype,
                       reusable, to_device)
 from ..calibration import Calibration, PhaseClock
-from ..latency import LatencyModel, latency_settings
+from ..latency import LatencyModel, latency_settings, reference_timer
 from ..nn import SCHEMES
 from ..plan_format import PLAN_VERSION
 from . import allocation
@@ -165,6 +165,8 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
     runtime, measure_latency = latency_settings(model, target_flops, target_latency, runtime, measure_latency,
                                                 example_inputs)
     dense = (model if not inplace else copy.deepcopy(model)) if measure_latency else None
+    # one timer of the dense model for the closed loop and the final check (ONNX Runtime: one export)
+    dense_timer = reference_timer(dense, example_inputs, runtime) if measure_latency else None
     model = model if inplace else copy.deepcopy(model)
     check_finite_weights(model, "decompose")
     layers, skipped = select(model, ranks, include, exclude, scheme, example_inputs)
@@ -193,7 +195,7 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
                 engine, model, candidates, probes, lambda name, m: set_submodule(model, name, m)))
         if target_latency is not None:
             chosen, latency_search = measured_latency_ranks(candidates, latency_model, target_latency,
-                                                            min_flop_saving, dense, example_inputs)
+                                                            min_flop_saving, dense, example_inputs, dense_timer)
         else:
             kind, fraction, total = (("flops", target_flops, float(flops_dense)) if target_flops is not None
                                      else ("params", target_params, float(params_dense)))
@@ -231,7 +233,7 @@ def decompose(  # long: a 100-line docstring documents every argument; the body 
     plan = {"method": "decompose", "version": PLAN_VERSION, "layers": planned}
     if measure_latency:
         report["latency"] = plan["latency"] = measured_latency(dense, model, example_inputs, runtime,
-                                                               target_latency, latency_model)
+                                                               target_latency, latency_model, dense_timer)
     if latency_search is not None:
         report["latency_search"] = plan["latency_search"] = latency_search
     return model, plan, report

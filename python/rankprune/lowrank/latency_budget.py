@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Tuple
 from torch import nn
 
 from ..latency import LatencyModel, Variant, meet_measured, verify
+from ..latency.runtimes import Timer
 from .allocation import allocate_latency, monotone_in_rank, rank_grid
 from .cost import Candidate
 
@@ -30,11 +31,12 @@ def latency_ranks(layers: List[Candidate], latency_model: LatencyModel, target_l
 
 
 def measured_latency_ranks(layers: List[Candidate], latency_model: LatencyModel, target_latency: float,
-                           min_flop_saving: float, dense: Optional[nn.Module], example_inputs
-                           ) -> Tuple[Dict[str, int], Optional[Dict[str, object]]]:
+                           min_flop_saving: float, dense: Optional[nn.Module], example_inputs,
+                           dense_timer: Optional[Timer] = None) -> Tuple[Dict[str, int], Optional[Dict[str, object]]]:
     """:func:`latency_ranks`, closed on measurements when ``dense`` (the dense model) is given: the structure of
-    each allocation (``LatencyModel.shaped``) is timed end to end against ``dense`` and the allocation redone on
-    a goal corrected by the measured error (``rankprune.latency.meet_measured``). Returns the ranks and, when
+    each allocation (``LatencyModel.shaped``) is timed end to end against ``dense`` (``dense_timer``: its timer,
+    made once by the caller) and the allocation redone on a goal corrected by the measured error
+    (``rankprune.latency.meet_measured``). Returns the ranks and, when
     measured, the search's record (runtime, device, dense milliseconds, ``measured_tries``)."""
     if dense is None:
         return latency_ranks(layers, latency_model, target_latency, min_flop_saving), None
@@ -47,7 +49,7 @@ def measured_latency_ranks(layers: List[Candidate], latency_model: LatencyModel,
                              "predicted_ratio": latency_model.predict(twin) / latency_model.dense_ms}
 
     ranks, tries = meet_measured(build, dense, example_inputs, latency_model.runtime, target_latency,
-                                 threads=latency_model.threads)
+                                 threads=latency_model.threads, reference=dense_timer)
     return ranks, {"runtime": latency_model.runtime, "device": latency_model.device_name,
                    "dense_ms": latency_model.dense_ms, "measured_tries": tries}
 
@@ -64,11 +66,13 @@ def not_faster(layers: List[Candidate], latency_model: LatencyModel, chosen: Dic
 
 
 def measured_latency(dense: nn.Module, compressed: nn.Module, example_inputs, runtime: str,
-                     target_latency: Optional[float], latency_model: Optional[LatencyModel]) -> Dict[str, object]:
+                     target_latency: Optional[float], latency_model: Optional[LatencyModel],
+                     dense_timer: Optional[Timer] = None) -> Dict[str, object]:
     """``report["latency"]``: :func:`rankprune.latency.verify` of ``compressed`` against ``dense`` (a warning
     names the gap when it is not faster or misses ``target_latency``), with the latency model's prediction and
     profiling time when one was used."""
-    measured = verify(dense, compressed, example_inputs, runtime, target=target_latency, verb="decompose")
+    measured = verify(dense, compressed, example_inputs, runtime, target=target_latency, verb="decompose",
+                      dense_timer=dense_timer)
     if latency_model is not None:
         predicted = latency_model.predict(compressed)
         measured.update(predicted_ms=predicted, predicted_ratio=predicted / latency_model.dense_ms,

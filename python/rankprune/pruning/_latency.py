@@ -8,11 +8,12 @@ ratio is timed end to end against dense and the search redone on a corrected goa
 (``rankprune.latency.meet_measured``); ``prune`` then prunes at the chosen ratio for real (reconstruction,
 recalibration) and measures the result against dense."""
 import copy
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
 from ..latency import LatencyModel, meet_measured
+from ..latency.runtimes import Timer
 
 # Bisection steps over the channel ratio in [0, max_layer_ratio]: the ratio to within max_layer_ratio / 2**7.
 LATENCY_STEPS = 7
@@ -57,12 +58,13 @@ def ratio_for_latency(model: nn.Module, attempt: Attempt, latency_model: Latency
 
 
 def measured_ratio_for_latency(model: nn.Module, example_inputs: Any, attempt: Attempt, latency_model: LatencyModel,
-                               target_latency: float, max_layer_ratio: float, measure: bool
+                               target_latency: float, max_layer_ratio: float, dense_timer: Optional[Timer]
                                ) -> Tuple[float, Dict[str, object]]:
-    """:func:`ratio_for_latency` on the prediction, then, when ``measure``, closed on measurements of the pruned
-    copies (``meet_measured``, ``model`` the dense reference): the chosen ratio and the search's record, with
-    ``"measured_tries"`` (each goal, ratio, predicted and measured fraction) when measured."""
-    if not measure:
+    """:func:`ratio_for_latency` on the prediction, then, when ``dense_timer`` (the dense model's timer) is given,
+    closed on measurements of the pruned copies against it (``meet_measured``): the chosen ratio and the
+    search's record, with ``"measured_tries"`` (each goal, ratio, predicted and measured fraction) when
+    measured."""
+    if dense_timer is None:
         return ratio_for_latency(model, attempt, latency_model, target_latency, max_layer_ratio)
     searches: Dict[float, Dict[str, object]] = {}
 
@@ -74,5 +76,5 @@ def measured_ratio_for_latency(model: nn.Module, example_inputs: Any, attempt: A
         return candidate, ratio, {"ratio": ratio, "predicted_ratio": record["predicted_ratio"]}
 
     ratio, tries = meet_measured(build, model, example_inputs, latency_model.runtime, target_latency,
-                                 threads=latency_model.threads)
+                                 threads=latency_model.threads, reference=dense_timer)
     return ratio, {**searches[ratio], "measured_tries": tries}

@@ -12,7 +12,7 @@ from .. import scoring
 from .._inputs import call_model, check_data, check_finite_weights, check_fraction, eval_mode, removed_after, reusable
 from .._inputs import progress as progress_bar
 from ..fidelity import RULE, divergences, select, split_holdout
-from ..latency import LatencyModel, latency_settings, verify
+from ..latency import LatencyModel, latency_settings, reference_timer, verify
 from ..plan_format import PLAN_VERSION
 from ..report import count_flops
 from ..training import recalibrate as recalibrate_batchnorm
@@ -135,6 +135,8 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
     runtime, measure_latency = latency_settings(model, target_flops, target_latency, runtime, measure_latency,
                                                 example_inputs)
     dense = copy.deepcopy(model) if measure_latency and inplace else model
+    # one timer of the dense model for the closed loop and the final check (ONNX Runtime: one export)
+    dense_timer = reference_timer(dense, example_inputs, runtime) if measure_latency else None
     reconstruct = _check_reconstruct(reconstruct, damping, data)
     recalibrate = bool(recalibrate) and data is not None
     if data is not None and (recalibrate or reconstruct):  # read more than once: a generator becomes a list
@@ -162,7 +164,7 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
             search_pruner = _pruner(example_inputs, scores, global_ranking, ignored_names, round_to, max_layer_ratio,
                                     {}, normalize=not comparable)
             ratio, latency_search = measured_ratio_for_latency(model, example_inputs, search_pruner, latency_model,
-                                                               target_latency, max_layer_ratio, measure_latency)
+                                                               target_latency, max_layer_ratio, dense_timer)
         attempt = _pruner(example_inputs, scores, global_ranking, ignored_names, round_to, max_layer_ratio,
                           unpruned, normalize=not comparable)
         pruned, kept, flops, ratio = _prune_copy(model, attempt, ratio, target_flops, base_flops, max_layer_ratio,
@@ -202,7 +204,8 @@ def prune(  # long: a 70-line docstring documents every argument; the body is th
                                           else f"the scores of {criterion_name}"))
         plan["latency_search"] = latency_search
     if measure_latency:
-        plan["latency"] = verify(dense, pruned, example_inputs, runtime, target=target_latency, verb="prune")
+        plan["latency"] = verify(dense, pruned, example_inputs, runtime, target=target_latency, verb="prune",
+                                 dense_timer=dense_timer)
         if latency_model is not None:
             plan["latency"]["predicted_ratio"] = latency_model.predict(pruned) / latency_model.dense_ms
     return pruned, plan
