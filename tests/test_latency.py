@@ -415,6 +415,18 @@ def test_prune_target_latency_closes_the_loop_on_measurements(overhead_timer):
     assert "measured_tries" not in quiet["latency_search"] and "latency" not in quiet
 
 
+def test_reference_timer_builds_what_it_times_at_its_first_call(fake_timer, monkeypatch):
+    # made before a compression's work, it holds no ONNX Runtime session or CUDA graph until it measures
+    made = []
+    make_timer = runtimes.make_timer
+    monkeypatch.setattr(runtimes, "make_timer", lambda *a: made.append(a[0]) or make_timer(*a))
+    net = tiny_net()
+    timer = runtimes.reference_timer(net, X, "eager")
+    assert made == []
+    assert timer(0, 3).median_ms == timer(1, 2).median_ms == fake_ms(net)
+    assert made == [net]
+
+
 @pytest.mark.filterwarnings("ignore:decompose. target_latency=0.7 missed")  # the overhead the loop cannot beat
 @pytest.mark.parametrize("verb", ["prune", "decompose", "compress"])
 def test_the_dense_model_is_timed_by_one_timer_for_the_loop_and_the_final_check(overhead_timer, monkeypatch, verb):
