@@ -726,6 +726,8 @@ def test_column_statistics_equal_the_float64_products_in_both_forms(splits):
     for k in splits:
         stats.add(x[start:start + k], y[start:start + k])
         start += k
+        if stats.in_sample_space:  # read between batches: what is formed from the rows follows later ones
+            stats.kernel()
     assert stats.in_sample_space == (sum(splits) <= d) and stats.samples == sum(splits)
     C = x.T @ x
     B = torch.randn(d, 3, generator=gen, dtype=torch.float64)

@@ -87,6 +87,7 @@ class ColumnStatistics:
     def add(self, x: Tensor, y: Optional[Tensor] = None) -> None:
         """Add the rows ``x`` ``[k, d]`` (and their targets ``y`` ``[k, m]``, float64)."""
         self.samples += x.shape[0]
+        self._rows = self._kernel = None  # formed from the rows added so far
         if self._kept is not None:
             if self.samples <= self.d:
                 self._kept.append((x.to(product_dtype(x)), y))
