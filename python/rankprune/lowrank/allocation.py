@@ -134,8 +134,9 @@ def _refill(layers: List[Candidate], ranks: Dict[str, Optional[int]], cost, ener
             min_flop_saving: float) -> None:
     """Spend ``room`` (the budget ``allocate``'s walk left unspent) on steps back, in place: a decomposed layer's
     rank raised by ``rank_multiple`` up to its largest FLOP-saving rank, or from there back to dense. The
-    step that recovers the most weighted energy per unit of cost goes first; a step that does not fit ends
-    that layer's steps (the next ones recover less per unit of cost, by convexity)."""
+    step that recovers the most weighted energy per unit of cost goes first (by convexity, each layer's next
+    step recovers less per unit than its last); a step that does not fit ends that layer's steps (its next rank
+    steps would cost as much: FLOPs and parameters grow linearly with the rank)."""
     heap = []
 
     def push(layer: Candidate) -> None:
