@@ -251,8 +251,9 @@ def test_flops_target_warns_when_the_result_is_not_faster(monkeypatch):
 
     monkeypatch.setattr(runtimes, "make_timer", make_timer)
     with pytest.warns(UserWarning, match=r"decompose: the compressed model is not faster than dense: measured "
-                                         r"2.000x \(eager on .*, batch 2: 2 ms against 1 ms dense"):
+                                         r"2.000x \(eager on .*, batch 2: 2 ms against 1 ms dense") as caught:
         _, plan, report = rankprune.decompose(tiny_net(), target_flops=0.5, example_inputs=X, progress=False)
+    assert [w.filename for w in caught if "not faster" in str(w.message)] == [__file__]  # names the user's call
     assert report["latency"]["ratio"] == 2.0 and report["latency"]["warning"].startswith("decompose: the compressed")
     _, _, quiet = rankprune.decompose(tiny_net(), target_flops=0.5, example_inputs=X, measure_latency=False,
                                       progress=False)

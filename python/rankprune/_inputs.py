@@ -3,6 +3,8 @@ positional inputs, or a dict of keyword inputs: the Torch-Pruning convention), c
 ``(inputs, labels, ...)`` tuples whose first item is the input, or dicts), device and dtype casting, and the
 eval-mode context that every calibration pass runs in."""
 import contextlib
+import os
+import sys
 from typing import Any, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 import torch
@@ -274,3 +276,16 @@ def raise_non_finite(model: nn.Module, data: Iterable, verb: str, statistic: str
                                  "finite)")
     raise ValueError(f"{verb}: {statistic} came out NaN or Inf although the weights, the inputs and every layer's "
                      "input and output are finite (an overflow in the statistic, or another rank's data)")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` in the function calling this one name the first frame
+    outside rankprune (the user's call), however deep in the library the warning is raised: one verb reaches
+    the same check through different call paths."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level

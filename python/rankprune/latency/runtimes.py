@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .._inputs import batch_size, model_device_dtype
+from .._inputs import batch_size, caller_stacklevel, model_device_dtype
 from .._version import __version__
 from ..benchmark import Timing, environment, latency, measure, spread
 
@@ -193,7 +193,7 @@ def warn_if_slow(measured: Dict[str, object], target: Optional[float], verb: str
                    f"({where})")
     else:
         return None
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=caller_stacklevel())
     return message
 
 
