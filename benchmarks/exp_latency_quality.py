@@ -134,7 +134,8 @@ def point_name(point: dict) -> str:
 
 def on_curve(curve: List[tuple], ratio: float) -> Optional[float]:
     """The accuracy of the ``(ratio, acc)`` curve at ``ratio``: linear between the two points on either side
-    (the nearer one's where two share a ratio); None outside the curve's range."""
+    (where two share a ratio, the lower accuracy: the curve is sorted by ratio, then accuracy); None outside
+    the curve's range."""
     for (r0, a0), (r1, a1) in zip(curve, curve[1:]):
         if r0 <= ratio <= r1:
             return a0 if r1 == r0 else a0 + (ratio - r0) * (a1 - a0) / (r1 - r0)
